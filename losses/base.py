@@ -1,0 +1,86 @@
+"""The loss contract: what a loss sees, what it declares it needs, and the registry.
+
+A loss is a per-token function. It receives student logits for completion positions only and a
+LossBatch of aligned tensors, and returns the per-token loss [M] and per-token diagnostics. The
+learner never reduces: `compute_loss` (losses/reduce.py) multiplies by LossBatch.weights (mask
+divided by the global token count) and sums, which is the one place the loss is reduced.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+from typing import Callable, Optional
+
+import torch
+
+
+@dataclass(frozen=True)
+class Needs:
+    """What a loss needs from the rest of the system. The driver asks actors for exactly this."""
+    teacher_sampled: bool = False        # log q(y_t) of the sampled token
+    teacher_topk: int = 0                # teacher's own top-k of this size
+    teacher_at_student_topk: bool = False  # log q at the student's top-k ids (implies student_topk)
+    student_topk: int = 0                # student top-k ids from the rollout, of this size
+    teacher_full: bool = False           # full [.., V] teacher log-probs (co-located teacher only)
+    behaviour_logprobs: bool = False     # log p_old(y_t) from the rollout
+    advantages: bool = False             # per-sequence advantages (verifier rewards)
+    reference_rows: bool = False         # SFT rows (reference / teacher-written tokens)
+    needs_teacher: bool = False
+
+    def union(self, other: "Needs") -> "Needs":
+        vals = {}
+        for f in fields(self):
+            a, b = getattr(self, f.name), getattr(other, f.name)
+            vals[f.name] = max(a, b) if isinstance(a, int) and not isinstance(a, bool) else (a or b)
+        return Needs(**vals)
+
+
+@dataclass
+class LossBatch:
+    """Aligned per-position tensors, flattened to M rows (M = positions in the chunk).
+
+    Optional fields are filled only when the loss declared the matching need."""
+    tokens: torch.Tensor                                   # [M] long, completion token y_t
+    weights: torch.Tensor                                  # [M] float, mask / global token count
+    behaviour_logprobs: Optional[torch.Tensor] = None      # [M]
+    teacher_sampled_logprobs: Optional[torch.Tensor] = None  # [M]
+    teacher_topk_ids: Optional[torch.Tensor] = None        # [M, K] long
+    teacher_topk_logprobs: Optional[torch.Tensor] = None   # [M, K]
+    student_topk_ids: Optional[torch.Tensor] = None        # [M, Ks] long
+    teacher_at_student_topk: Optional[torch.Tensor] = None  # [M, Ks]
+    teacher_full_logprobs: Optional[torch.Tensor] = None   # [M, V]
+    advantages: Optional[torch.Tensor] = None              # [M] (sequence advantage per token)
+    is_reference: Optional[torch.Tensor] = None            # [M] bool, SFT rows
+
+    def rows(self, sl: slice) -> "LossBatch":
+        return LossBatch(**{f.name: (None if getattr(self, f.name) is None else getattr(self, f.name)[sl])
+                            for f in fields(self)})
+
+
+@dataclass
+class LossOutput:
+    per_token: torch.Tensor          # [M] loss per position (unweighted)
+    diagnostics: dict[str, torch.Tensor]  # name -> [M] per-position value (detached)
+
+
+LossFn = Callable[[torch.Tensor, LossBatch], LossOutput]  # (logits [M, V] float32, batch) -> output
+
+
+@dataclass(frozen=True)
+class LossSpec:
+    name: str
+    build: Callable[..., LossFn]     # build(**params) -> LossFn; raises TypeError/ValueError on bad params
+    needs: Callable[..., Needs]      # needs(**params) -> Needs
+    doc: str = ""
+
+
+REGISTRY: dict[str, LossSpec] = {}
+
+
+def register(name: str, needs: Callable[..., Needs]):
+    """Decorator: register `build(**params) -> LossFn` under `name`."""
+    def deco(build):
+        if name in REGISTRY:
+            raise ValueError(f"loss {name!r} registered twice")
+        REGISTRY[name] = LossSpec(name=name, build=build, needs=needs, doc=(build.__doc__ or "").strip())
+        return build
+    return deco

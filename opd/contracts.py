@@ -1,0 +1,115 @@
+"""The data that crosses process boundaries, and nothing else.
+
+Every tensor here lives on CPU and is padded to a rectangle. Shapes use:
+  N = samples in the batch (prompts x samples per prompt), T = longest completion,
+  K = teacher top-k, Ks = student top-k, V = vocabulary.
+
+Flow of one step:  prompts -> Rollout (rollout actors) -> TeacherScores (teacher actors)
+-> TrainBatch (driver) -> learner, which turns it into losses.LossBatch per micro-batch.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field, fields, replace
+from typing import Optional
+
+import torch
+
+
+@dataclass(frozen=True)
+class SamplingSpec:
+    """How to sample. temperature == 0 means greedy. The behaviour log-prob is always
+    log softmax(logits / temperature) of the sampled token (top-p only truncates sampling),
+    which is exactly what the learner recomputes, so the two sides agree."""
+    max_new_tokens: int
+    temperature: float = 1.0
+    top_p: float = 1.0
+    return_topk: int = 0  # student top-k ids per position (0: none)
+    seed: Optional[int] = None
+
+
+@dataclass
+class Rollout:
+    """Completions sampled by the student at one weight version."""
+    prompt_ids: list[list[int]]            # N student prompts (no padding)
+    completion_ids: torch.Tensor           # [N, T] long, right-padded with pad_id
+    completion_mask: torch.Tensor          # [N, T] bool, True on real completion tokens (eos included)
+    behaviour_logprobs: torch.Tensor       # [N, T] float32, log p_old(y_t) at the sampling temperature
+    finish_reasons: list[str]              # N of "stop" | "length"
+    weight_version: int
+    student_topk_ids: Optional[torch.Tensor] = None  # [N, T, Ks] long
+
+    def __len__(self) -> int:
+        return len(self.prompt_ids)
+
+    def completions(self) -> list[list[int]]:
+        return [row[m].tolist() for row, m in zip(self.completion_ids, self.completion_mask)]
+
+
+@dataclass(frozen=True)
+class ScoreRequest:
+    """What the loss needs from the teacher; the driver builds it from the loss's declared needs."""
+    topk: int = 0                    # teacher's own top-k (ids, log-probs)
+    at_student_topk: bool = False    # log-probs at Rollout.student_topk_ids
+    full_vocab: bool = False         # the whole [N, T, V] log-prob tensor (co-located teachers only)
+    temperature: float = 1.0         # applied to teacher logits exactly as to the student's
+
+
+@dataclass
+class TeacherScores:
+    """Teacher log-probs at every completion position (rows align with Rollout rows)."""
+    sampled_logprobs: torch.Tensor                         # [N, T] log q(y_t)
+    topk_ids: Optional[torch.Tensor] = None                # [N, T, K] long
+    topk_logprobs: Optional[torch.Tensor] = None           # [N, T, K]
+    at_student_topk: Optional[torch.Tensor] = None         # [N, T, Ks] log q at student top-k ids
+    full_logprobs: Optional[torch.Tensor] = None           # [N, T, V]
+
+
+@dataclass
+class TrainBatch:
+    """One optimizer step's worth of rows. The learner splits it across ranks and micro-batches.
+
+    Rows with is_reference=True are reference / teacher-written sequences (SFT rows); the rest are
+    on-policy samples. loss_tokens is the global count of tokens the loss is averaged over, so any
+    split gives the same gradient as one big batch."""
+    prompt_ids: list[list[int]]                  # N student prompts
+    completion_ids: torch.Tensor                 # [N, T] long
+    completion_mask: torch.Tensor                # [N, T] bool
+    behaviour_logprobs: Optional[torch.Tensor] = None   # [N, T]
+    student_topk_ids: Optional[torch.Tensor] = None     # [N, T, Ks]
+    teacher: Optional[TeacherScores] = None
+    advantages: Optional[torch.Tensor] = None    # [N] per-sequence (GRPO), broadcast over tokens
+    is_reference: Optional[torch.Tensor] = None  # [N] bool
+    weight_version: int = 0
+
+    @property
+    def loss_tokens(self) -> int:
+        return int(self.completion_mask.sum())
+
+    def __len__(self) -> int:
+        return len(self.prompt_ids)
+
+    def select(self, rows: list[int]) -> "TrainBatch":
+        """A sub-batch of the given rows (tensors and nested TeacherScores sliced alike)."""
+        idx = torch.as_tensor(rows, dtype=torch.long)
+
+        def take(x):
+            if x is None:
+                return None
+            if isinstance(x, TeacherScores):
+                return TeacherScores(**{f.name: take(getattr(x, f.name)) for f in fields(x)})
+            if isinstance(x, torch.Tensor):
+                return x.index_select(0, idx)
+            return [x[i] for i in rows]
+
+        return replace(self, **{f.name: take(getattr(self, f.name)) for f in fields(self)
+                                if f.name != "weight_version"})
+
+
+def pad_rows(rows: list[list], pad, dtype=torch.long, width: Optional[int] = None) -> torch.Tensor:
+    """Right-pad a ragged list of lists into a [len(rows), width] tensor."""
+    width = max((len(r) for r in rows), default=0) if width is None else width
+    out = torch.full((len(rows), width), pad, dtype=dtype)
+    for i, r in enumerate(rows):
+        if r:
+            out[i, : len(r)] = torch.as_tensor(r, dtype=dtype)
+    return out
