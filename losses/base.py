@@ -4,11 +4,16 @@ A loss is a per-token function. It receives student logits for completion positi
 LossBatch of aligned tensors, and returns the per-token loss [M] and per-token diagnostics. The
 learner never reduces: `compute_loss` (losses/reduce.py) multiplies by LossBatch.weights (mask
 divided by the global token count) and sums, which is the one place the loss is reduced.
+
+A LossFn may carry an attribute `prepare(batch) -> batch`. compute_loss runs it once on the whole
+(un-chunked) batch before chunking; it is for per-sequence quantities built from stop-gradient
+inputs (discounted returns), which it stores in LossBatch.extras.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
-from typing import Callable, Optional
+from contextlib import contextmanager
+from dataclasses import dataclass, field, fields
+from typing import Callable, Iterator, Optional
 
 import torch
 
@@ -25,6 +30,7 @@ class Needs:
     advantages: bool = False             # per-sequence advantages (verifier rewards)
     reference_rows: bool = False         # SFT rows (reference / teacher-written tokens)
     needs_teacher: bool = False
+    sequence_ids: bool = False           # LossBatch.seq_ids (whole sequences, rows in time order)
 
     def union(self, other: "Needs") -> "Needs":
         vals = {}
@@ -38,7 +44,8 @@ class Needs:
 class LossBatch:
     """Aligned per-position tensors, flattened to M rows (M = positions in the chunk).
 
-    Optional fields are filled only when the loss declared the matching need."""
+    Optional fields are filled only when the loss declared the matching need. Top-k columns are
+    sorted by descending probability; a loss with parameter k uses the first k columns."""
     tokens: torch.Tensor                                   # [M] long, completion token y_t
     weights: torch.Tensor                                  # [M] float, mask / global token count
     behaviour_logprobs: Optional[torch.Tensor] = None      # [M]
@@ -50,10 +57,31 @@ class LossBatch:
     teacher_full_logprobs: Optional[torch.Tensor] = None   # [M, V]
     advantages: Optional[torch.Tensor] = None              # [M] (sequence advantage per token)
     is_reference: Optional[torch.Tensor] = None            # [M] bool, SFT rows
+    # [M] long: sequence index of each row. Needed (Needs.sequence_ids) only by losses that look
+    # across a sequence (discounting); the micro-batch must then hold whole sequences, each one's
+    # rows contiguous and in time order (row-major flattening of [N, T] gives exactly that).
+    seq_ids: Optional[torch.Tensor] = None
+    # name -> [M, ...]: written by a LossFn's `prepare`, never by the learner.
+    extras: dict[str, torch.Tensor] = field(default_factory=dict)
 
     def rows(self, sl: slice) -> "LossBatch":
-        return LossBatch(**{f.name: (None if getattr(self, f.name) is None else getattr(self, f.name)[sl])
-                            for f in fields(self)})
+        return self._map(lambda t: t[sl])
+
+    def select(self, idx: torch.Tensor) -> "LossBatch":
+        """Rows at the [m] long indices idx."""
+        return self._map(lambda t: t.index_select(0, idx))
+
+    def _map(self, take) -> "LossBatch":
+        vals = {f.name: (None if getattr(self, f.name) is None else take(getattr(self, f.name)))
+                for f in fields(self) if f.name != "extras"}
+        return LossBatch(**vals, extras={k: take(v) for k, v in self.extras.items()})
+
+    def require(self, *names: str) -> None:
+        """Fail clearly when the learner did not fill a field this loss declared it needs."""
+        missing = [n for n in names if getattr(self, n) is None]
+        if missing:
+            raise ValueError(f"LossBatch.{', '.join(missing)} is None but the loss needs it; the learner "
+                             f"must fill every field the loss's Needs asks for")
 
 
 @dataclass
@@ -84,3 +112,21 @@ def register(name: str, needs: Callable[..., Needs]):
         REGISTRY[name] = LossSpec(name=name, build=build, needs=needs, doc=(build.__doc__ or "").strip())
         return build
     return deco
+
+
+# Diagnostics are computed in compute_loss's no-grad forward pass only; the backward pass, which
+# recomputes each chunk, switches them off so it does not pay for them twice.
+_diagnostics_on = [True]
+
+
+def diagnostics_enabled() -> bool:
+    return _diagnostics_on[0]
+
+
+@contextmanager
+def diagnostics_off() -> Iterator[None]:
+    prev, _diagnostics_on[0] = _diagnostics_on[0], False
+    try:
+        yield
+    finally:
+        _diagnostics_on[0] = prev

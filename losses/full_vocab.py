@@ -1,17 +1,77 @@
-"""Full-vocabulary divergences against a co-located teacher's whole distribution."""
+"""Full-vocabulary divergences against a co-located teacher's whole distribution q [M, V].
+
+Teacher log-probs arrive at the loss temperature (the teacher applies it to its own logits).
+Entries with q(v) = 0 (log q = -inf) contribute 0 to q log q terms, by the limit 0 log 0 = 0."""
 from __future__ import annotations
+
+import math
 
 import torch
 
 from losses.base import LossBatch, LossOutput, Needs, register
-from losses.policy_gradient import _entropy
+from losses.diagnostics import standard_diagnostics
+
+_FULL = Needs(teacher_full=True, needs_teacher=True)
 
 
-@register("full_reverse_kl", needs=lambda **_: Needs(teacher_full=True, needs_teacher=True))
+def _q_log_q_minus(logq: torch.Tensor, other: torch.Tensor) -> torch.Tensor:
+    """sum_v q(v) (log q(v) - other(v)), with 0 where q(v) = 0; [M, V] -> [M]."""
+    q = logq.exp()
+    return torch.where(q > 0, q * (logq - other), torch.zeros_like(other)).sum(-1)
+
+
+def _teacher(b: LossBatch, logits: torch.Tensor) -> torch.Tensor:
+    b.require("teacher_full_logprobs")
+    return b.teacher_full_logprobs.to(logits.dtype)
+
+
+@register("full_reverse_kl", needs=lambda **_: _FULL)
 def full_reverse_kl():
     """loss_t = sum_v p(v) (log p(v) - log q(v)): exact reverse KL(p||q) at each position."""
     def fn(logits: torch.Tensor, b: LossBatch) -> LossOutput:
+        logq = _teacher(b, logits)
         logp = torch.log_softmax(logits, -1)
-        kl = (logp.exp() * (logp - b.teacher_full_logprobs)).sum(-1)
-        return LossOutput(kl, {"reverse_kl": kl.detach(), "entropy": _entropy(logp.detach())})
+        kl = (logp.exp() * (logp - logq)).sum(-1)
+        return LossOutput(kl, standard_diagnostics(logp, b))
+    return fn
+
+
+@register("full_forward_kl", needs=lambda **_: _FULL)
+def full_forward_kl():
+    """loss_t = sum_v q(v) (log q(v) - log p(v)): exact forward KL(q||p) (soft cross-entropy minus H(q))."""
+    def fn(logits: torch.Tensor, b: LossBatch) -> LossOutput:
+        logq = _teacher(b, logits)
+        logp = torch.log_softmax(logits, -1)
+        kl = _q_log_q_minus(logq, logp)
+        diags = standard_diagnostics(logp, b)
+        if diags:
+            diags["forward_kl"] = kl.detach()
+        return LossOutput(kl, diags)
+    return fn
+
+
+def _jsd_needs(beta: float = 0.5, **_) -> Needs:
+    return _FULL
+
+
+@register("generalized_jsd", needs=_jsd_needs)
+def generalized_jsd(beta: float = 0.5):
+    """m = beta q + (1-beta) p;  loss_t = beta KL(q||m) + (1-beta) KL(p||m)  (GKD, TRL convention):
+    beta = 0 is DEFINED as forward KL(q||p) and beta = 1 as reverse KL(p||q), since the interior
+    expression tends to 0 at both ends."""
+    if not (isinstance(beta, (int, float)) and 0.0 <= beta <= 1.0):
+        raise ValueError(f"beta={beta!r}; must be in [0, 1]")
+    if beta == 0.0:
+        return full_forward_kl()
+    if beta == 1.0:
+        return full_reverse_kl()
+
+    def fn(logits: torch.Tensor, b: LossBatch) -> LossOutput:
+        logq = _teacher(b, logits)
+        logp = torch.log_softmax(logits, -1)
+        logm = torch.logaddexp(logq + math.log(beta), logp + math.log(1 - beta))
+        kl_teacher = _q_log_q_minus(logq, logm)
+        kl_student = (logp.exp() * (logp - logm)).sum(-1)
+        loss = beta * kl_teacher + (1 - beta) * kl_student
+        return LossOutput(loss, standard_diagnostics(logp, b))
     return fn
