@@ -1,0 +1,1 @@
+"""Rollout actors: engines that sample student trajectories (HF on CPU, vLLM on GPU)."""

@@ -1,0 +1,1 @@
+"""Launching: manifests, the CLI, Ray placement and the driver loop."""

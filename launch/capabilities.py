@@ -1,0 +1,44 @@
+"""Does the configured teacher supply what the configured loss needs? Checked before any work."""
+from __future__ import annotations
+
+from teachers.base import TeacherCapabilities
+
+# What each teacher kind can return. HF teachers run the full forward in-process, so they can give
+# exact log-probs at any id and the whole distribution; vLLM returns only its own top-k.
+TEACHER_CAPABILITIES = {
+    "hf": TeacherCapabilities(full_vocab=True, logprobs_at_any_ids=True, max_topk=1 << 30),
+    "self": TeacherCapabilities(full_vocab=True, logprobs_at_any_ids=True, max_topk=1 << 30),
+    "vllm": TeacherCapabilities(full_vocab=False, logprobs_at_any_ids=False, max_topk=20),
+}
+
+
+def build_configured_loss(cfg):
+    from losses import build_loss
+    return build_loss(cfg.loss.name, dict(cfg.loss.params), temperature=cfg.rollout.temperature)
+
+
+def check_loss(cfg) -> None:
+    from launch.config import ManifestError
+    try:
+        needs = build_configured_loss(cfg).needs
+    except ValueError as e:
+        raise ManifestError(str(e)) from None
+    if cfg.algorithm == "sft" and (needs.needs_teacher or not needs.reference_rows):
+        raise ManifestError(f"loss.name: algorithm 'sft' trains on reference tokens; {cfg.loss.name!r} "
+                            "is not an SFT loss (use loss.name: sft)")
+    if cfg.algorithm == "grpo" and not needs.advantages:
+        raise ManifestError(f"loss.name: algorithm 'grpo' needs a reward loss (grpo), got {cfg.loss.name!r}")
+    if cfg.algorithm == "opd" and not needs.needs_teacher:
+        raise ManifestError(f"loss.name: {cfg.loss.name!r} uses no teacher; algorithm 'opd' needs a distillation loss")
+    if not needs.needs_teacher:
+        return
+    caps = TEACHER_CAPABILITIES[cfg.teacher.kind]
+    if needs.teacher_full and not caps.full_vocab:
+        raise ManifestError(f"loss.name: {cfg.loss.name!r} needs the full teacher distribution, which a "
+                            f"{cfg.teacher.kind!r} teacher cannot supply; use a TopK loss or teacher.kind: hf")
+    if needs.teacher_at_student_topk and not caps.logprobs_at_any_ids:
+        raise ManifestError(f"loss.name: {cfg.loss.name!r} needs teacher log-probs at the student's top-k ids, "
+                            f"which a {cfg.teacher.kind!r} teacher cannot supply; use support: teacher")
+    if needs.teacher_topk > caps.max_topk:
+        raise ManifestError(f"loss.params: top-k {needs.teacher_topk} exceeds the {cfg.teacher.kind!r} "
+                            f"teacher's maximum of {caps.max_topk}")

@@ -1,0 +1,44 @@
+"""A synthetic verifiable task: fixed-width addition, answer written least-significant digit first.
+
+  prompt "047+315="  ->  answer "2630"   (047 + 315 = 0362, reversed)
+
+Writing the sum backwards lets a tiny transformer compute each digit from the carry it has just
+written, so a 0.3M-parameter model can master the task in a few hundred CPU steps; that makes a
+competent teacher cheap to build and leaves a clear gap for a briefly-trained student.
+"""
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+
+def make_example(rng: random.Random, digits: int) -> dict:
+    a, b = rng.randrange(10 ** digits), rng.randrange(10 ** digits)
+    return {"prompt": f"{a:0{digits}d}+{b:0{digits}d}=",
+            "answer": f"{a + b:0{digits + 1}d}"[::-1],
+            # Privileged information for self-distillation experiments: the worked answer.
+            "hint": f"the answer is {f'{a + b:0{digits + 1}d}'[::-1]}. "}
+
+
+def write_split(path: str | Path, n: int, digits: int, seed: int, exclude: set[str] = frozenset()) -> set[str]:
+    """Write n unique examples as JSONL; returns the prompts written (to keep splits disjoint)."""
+    rng, seen = random.Random(seed), set()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("w") as f:
+        while len(seen) < n:
+            ex = make_example(rng, digits)
+            if ex["prompt"] in seen or ex["prompt"] in exclude:
+                continue
+            seen.add(ex["prompt"])
+            f.write(json.dumps(ex) + "\n")
+    return seen
+
+
+def write_task(out_dir: str | Path, digits: int = 3, n_train: int = 20000, n_eval: int = 256,
+               seed: int = 0) -> dict[str, Path]:
+    out_dir = Path(out_dir)
+    held_out = write_split(out_dir / "eval.jsonl", n_eval, digits, seed + 1)
+    write_split(out_dir / "train.jsonl", n_train, digits, seed, exclude=held_out)
+    return {"train": out_dir / "train.jsonl", "eval": out_dir / "eval.jsonl"}
