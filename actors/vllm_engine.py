@@ -1,18 +1,12 @@
-"""The vLLM rollout engine (GPU) and both ends of vLLM's native weight sync.
+"""The vLLM rollout engine (GPU) and both ends of vLLM's native weight sync (docs/vllm.md).
 
-Written against vLLM 0.33.0 (VLLM_VERSION). vLLM is imported lazily, so this module imports on
-machines without it; tests/test_vllm_contract.py parses this file and checks every vLLM class,
-method, keyword and attribute used here against the real 0.33.0 source. Names of vLLM objects are
-annotated (`completion: CompletionOutput`) so that check can see which class an attribute belongs to.
-
-Weight sync, receive side: `VLLMWeightReceiver` (rollout engines and a live self-teacher) wraps
-LLM.init_weight_transfer_engine -> start_weight_update -> update_weights -> finish_weight_update.
-Send side: `WeightSender`, built on every learner rank, gathers ZeRO-3 parameters bucket by bucket
-and hands them to vLLM's trainer engine (NCCL when rollout GPUs are separate, IPC when colocated),
-which drives the receive side through `WeightSyncClient`.
+Written against vLLM 0.33.0 and imported lazily. tests/test_vllm_contract.py checks every vLLM name
+used here against the real source; vLLM objects live in annotated names (`completion:
+CompletionOutput`) so that test can tell which class an attribute belongs to.
 """
 from __future__ import annotations
 
+import itertools
 import math
 from contextlib import nullcontext
 from functools import cached_property
@@ -34,28 +28,15 @@ WIRE_BUFFER_BYTES = 256 << 20    # vLLM packed-broadcast buffer (x2, double-buff
 
 
 def logprobs_mode_for(spec: SamplingSpec) -> str:
-    """The vLLM `logprobs_mode` whose sampled-token log-prob is log softmax(logits / T), untruncated.
-
-    raw_logprobs is log softmax(logits) before temperature; processed_logprobs is taken after
-    temperature *and* top-k/top-p masking (renormalised over the nucleus). So T == 1 (or greedy)
-    needs raw, top_p == 1 needs processed, and T != 1 with top_p < 1 has no exact mode."""
+    """The vLLM `logprobs_mode` whose sampled-token log-prob is log softmax(logits / T), untruncated:
+    raw_logprobs is taken before temperature, processed_logprobs after temperature *and* top-k/top-p
+    masking (renormalised over the nucleus); so T == 1 needs raw and top_p == 1 needs processed."""
     if spec.temperature in (0.0, 1.0):
         return "raw_logprobs"
     if spec.top_p >= 1.0:
         return "processed_logprobs"
     raise ValueError(f"sampling: temperature {spec.temperature} with top_p {spec.top_p} has no exact "
-                     "vLLM logprobs mode (raw ignores temperature, processed renormalises over top-p); "
-                     "use temperature 1.0 or top_p 1.0")
-
-
-def logprobs_exact(mode: str, spec: SamplingSpec) -> bool:
-    """Whether `mode` reports log softmax(logits / T) of the sampled token for this spec (greedy:
-    both modes report log softmax(logits))."""
-    if spec.temperature == 0.0:
-        return mode in ("raw_logprobs", "processed_logprobs")
-    if mode == "raw_logprobs":
-        return spec.temperature == 1.0
-    return mode == "processed_logprobs" and spec.top_p >= 1.0
+                     "vLLM logprobs mode (raw ignores T, processed renormalises over top-p)")
 
 
 def build_llm(model: str, *, logprobs_mode: str, max_logprobs: int,
@@ -63,35 +44,29 @@ def build_llm(model: str, *, logprobs_mode: str, max_logprobs: int,
     """The one place a vllm.LLM is constructed (rollout engines and teachers)."""
     from vllm.config.weight_transfer import WeightTransferConfig
     from vllm.entrypoints.llm import LLM
-
-    transfer = None if weight_transfer_backend is None else WeightTransferConfig(backend=weight_transfer_backend)
+    transfer = WeightTransferConfig(backend=weight_transfer_backend) if weight_transfer_backend else None
     return LLM(model=model, logprobs_mode=logprobs_mode, max_logprobs=max_logprobs,
                weight_transfer_config=transfer, **llm_kwargs)
 
 
 def split_position(entries: dict[int, "Logprob"], token: int, k: int) -> tuple[float, list[int], list[float]]:
-    """One position of vLLM logprobs -> (log-prob of `token`, top-k ids, top-k log-probs).
-
-    vLLM fills the dict with the scored token first (at its true rank), then ranks 1..k; when the
-    scored token is inside the top-k it is the same key, so the dict holds k or k+1 entries. Dict
-    order is therefore not rank order: sort by rank."""
+    """One position of vLLM logprobs -> (log-prob of `token`, top-k ids, top-k log-probs). vLLM puts
+    the scored token first (at its true rank), then ranks 1..k; inside the top-k it is the same key,
+    so the dict holds k or k+1 entries and dict order is not rank order: sort by rank."""
     if token not in entries:
         raise RuntimeError(f"vLLM logprobs miss the scored token {token} (got ids {sorted(entries)})")
     lp: Logprob
-    ranked = []
-    for tok, lp in entries.items():
-        ranked.append((math.inf if lp.rank is None else lp.rank, -lp.logprob, tok, lp.logprob))
-    ranked.sort()
+    ranked = sorted((math.inf if lp.rank is None else lp.rank, -lp.logprob, tok, lp.logprob)
+                    for tok, lp in entries.items())
     if len(ranked) < k:
         raise RuntimeError(f"vLLM returned {len(ranked)} log-probs at a position, asked for top-{k}")
-    lp = entries[token]
-    return lp.logprob, [r[2] for r in ranked[:k]], [r[3] for r in ranked[:k]]
+    return entries[token].logprob, [r[2] for r in ranked[:k]], [r[3] for r in ranked[:k]]
 
 
 def rollout_from_outputs(prompts: list[list[int]], outputs: Sequence["RequestOutput"], topk: int,
                          pad_id: int, version: int) -> Rollout:
     """vLLM RequestOutputs (one completion each, in prompt order) -> Rollout."""
-    ids, lps, tops, reasons = [], [], [], []
+    ids, logps, tops, reasons = [], [], [], []
     out: RequestOutput
     span: WeightVersionSpan
     for out in outputs:
@@ -107,32 +82,25 @@ def rollout_from_outputs(prompts: list[list[int]], outputs: Sequence["RequestOut
                                    f"engine is at version {version}")
         per_pos = [split_position(completion.logprobs[t], tok, topk) for t, tok in enumerate(tokens)]
         ids.append(tokens)
-        lps.append([p[0] for p in per_pos])
+        logps.append([p[0] for p in per_pos])
         tops.append([p[1] for p in per_pos])
         reasons.append(completion.finish_reason)
     width = max((len(r) for r in ids), default=0)
-    lengths = torch.tensor([len(r) for r in ids], dtype=torch.long)
-    student_topk = None
-    if topk > 0:
-        student_topk = torch.zeros(len(ids), width, topk, dtype=torch.long)
-        for i, rows in enumerate(tops):
-            if rows:
-                student_topk[i, : len(rows)] = torch.tensor(rows, dtype=torch.long)
-    return Rollout(prompt_ids=[list(p) for p in prompts],
-                   completion_ids=pad_rows(ids, pad_id, width=width),
-                   completion_mask=torch.arange(width)[None, :] < lengths[:, None],
-                   behaviour_logprobs=pad_rows(lps, 0.0, dtype=torch.float32, width=width),
+    student_topk = None if topk == 0 else torch.tensor(
+        [r + [[0] * topk] * (width - len(r)) for r in tops], dtype=torch.long).view(len(ids), width, topk)
+    return Rollout(prompt_ids=[list(p) for p in prompts], completion_ids=pad_rows(ids, pad_id, width=width),
+                   completion_mask=pad_rows([[True] * len(r) for r in ids], False, torch.bool, width),
+                   behaviour_logprobs=pad_rows(logps, 0.0, torch.float32, width),
                    finish_reasons=reasons, weight_version=version, student_topk_ids=student_topk)
 
 
 class VLLMWeightReceiver:
-    """Receive side of vLLM's native weight transfer, shared by rollout engines and a live teacher.
-    `WeightSyncClient` calls these (the names avoid RolloutEngine.update_weights)."""
+    """Weight updates for a vllm.LLM, shared by rollout engines and a live self-teacher. The native
+    transfer's steps are called by `WeightSyncClient` (names chosen to avoid update_weights)."""
     llm: LLM
     weight_version: int
 
-    def weight_sync_workers(self) -> int:
-        """vLLM workers (TP x PP) this engine adds to the NCCL transfer group."""
+    def weight_sync_workers(self) -> int:  # vLLM workers (TP x PP) this engine adds to the NCCL group
         return self.llm.get_world_size(include_dp=False)
 
     def init_weight_transfer(self, init_info: dict) -> None:
@@ -150,9 +118,16 @@ class VLLMWeightReceiver:
         self.llm.finish_weight_update(weight_version=str(version))
         self._weights_changed(version)
 
+    def update_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]], version: int) -> None:
+        """RolloutEngine / live-teacher object-store path: CPU tensors through vLLM's RPC to each
+        worker. Simple and slow; WeightSender is the fast path."""
+        self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": list(named_tensors),
+                                                          "is_checkpoint_format": True})
+        self.llm.update_weight_version(str(version))
+        self._weights_changed(version)
+
     def _weights_changed(self, version: int) -> None:
-        # vLLM keeps prefix-cache blocks across weight updates; with repeated prompts the next
-        # step would reuse KV computed by the old policy.
+        # vLLM keeps prefix-cache blocks across weight updates: the old policy's KV would be reused.
         self.llm.reset_prefix_cache()
         self.weight_version = version
 
@@ -173,9 +148,9 @@ class VLLMEngine(VLLMWeightReceiver):
     def generate(self, prompts: list[list[int]], spec: SamplingSpec) -> Rollout:
         from vllm.inputs import TokensPrompt
         from vllm.sampling_params import SamplingParams
-
         needed = logprobs_mode_for(spec)  # raises when no mode is exact
-        if not logprobs_exact(self.logprobs_mode, spec):
+        both_exact = spec.temperature == 0.0 or (spec.temperature == 1.0 and spec.top_p >= 1.0)
+        if self.logprobs_mode != needed and not both_exact:
             raise ValueError(f"sampling: temperature {spec.temperature}, top_p {spec.top_p} needs "
                              f"logprobs_mode={needed!r}, engine has {self.logprobs_mode!r}")
         if spec.return_topk > self.max_topk:
@@ -189,13 +164,6 @@ class VLLMEngine(VLLMWeightReceiver):
                                     use_tqdm=False)
         return rollout_from_outputs(prompts, outputs, spec.return_topk, self.pad_id, self.weight_version)
 
-    def update_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]], version: int) -> None:
-        """Object-store path (CPU tensors through vLLM's RPC): simple, slow; WeightSender is the fast one."""
-        self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": list(named_tensors),
-                                                          "is_checkpoint_format": True})
-        self.llm.update_weight_version(str(version))
-        self._weights_changed(version)
-
 
 class WeightSyncClient:
     """vLLM's VLLMWeightSyncClient protocol (the four calls its trainer engine makes) over our
@@ -203,10 +171,7 @@ class WeightSyncClient:
 
     def __init__(self, engines: Sequence[Any], workers_per_engine: Sequence[int]):
         self.engines = list(engines)
-        starts = [0]
-        for n in workers_per_engine[:-1]:
-            starts.append(starts[-1] + n)
-        self.rank_starts = starts
+        self.rank_starts = [0, *itertools.accumulate(workers_per_engine)][: len(self.engines)]
         self.num_workers = sum(workers_per_engine)
         self.version: Optional[int] = None  # set by WeightSender before each send
 
@@ -222,8 +187,8 @@ class WeightSyncClient:
 
     def init_weight_transfer_engine(self, init_info: dict) -> None:
         if "rank_offset" in init_info:
-            # NCCL: vLLM gives every engine rank_offset 1 (it expects one DP deployment); our engines
-            # are independent LLMs, so each one's workers start after those of the engines before it.
+            # NCCL: vLLM gives every engine rank_offset 1 (one DP deployment); ours are independent
+            # LLMs, so each one's workers take the ranks after those of the engines before it.
             per = [({**init_info, "rank_offset": init_info["rank_offset"] + s},) for s in self.rank_starts]
         else:
             per = [(init_info,)] * len(self.engines)
@@ -309,7 +274,6 @@ class WeightSender:
         from vllm.distributed.weight_transfer.factory import WeightTransferTrainerFactory
         from vllm.distributed.weight_transfer.ipc_engine import IPCTrainerInitInfo
         from vllm.distributed.weight_transfer.nccl_engine import NCCLTrainerInitInfo
-
         if rank == 0 and client is None:
             raise ValueError("WeightSender: rank 0 sends and needs a WeightSyncClient")
         if backend == "nccl":
