@@ -16,7 +16,7 @@ import torch
 
 from losses.base import LossBatch, LossFn, diagnostics_off
 
-CHUNK_BYTES = 32 * 2**20  # one [chunk, V] float32 tensor; a chunk's working set is a few of these
+CHUNK_BYTES = 16 * 2**20  # one [chunk, V] float32 tensor; a chunk's working set is ~10-16 of these
 
 
 def auto_chunk_rows(vocab: int) -> int:
