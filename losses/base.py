@@ -45,7 +45,9 @@ class LossBatch:
     """Aligned per-position tensors, flattened to M rows (M = positions in the chunk).
 
     Optional fields are filled only when the loss declared the matching need. Top-k columns are
-    sorted by descending probability; a loss with parameter k uses the first k columns."""
+    sorted by descending probability; a loss with parameter k uses the first k columns. Rows with
+    weight 0 (padding) must still hold finite values (pad with 0): 0 * nan is nan. weighted_sum
+    shows its components only their own rows, so SFT rows may leave teacher fields unfilled."""
     tokens: torch.Tensor                                   # [M] long, completion token y_t
     weights: torch.Tensor                                  # [M] float, mask / global token count
     behaviour_logprobs: Optional[torch.Tensor] = None      # [M]
