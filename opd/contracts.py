@@ -113,3 +113,25 @@ def pad_rows(rows: list[list], pad, dtype=torch.long, width: Optional[int] = Non
         if r:
             out[i, : len(r)] = torch.as_tensor(r, dtype=dtype)
     return out
+
+
+def concat_rollouts(parts: list[Rollout]) -> Rollout:
+    """Join rollouts from several actors (re-padding completions to the longest)."""
+    width = max(p.completion_ids.shape[1] for p in parts)
+
+    def cat(name, pad):
+        xs = [getattr(p, name) for p in parts]
+        if xs[0] is None:
+            return None
+        grow = lambda x: torch.nn.functional.pad(x, (0, 0) * (x.dim() - 2) + (0, width - x.shape[1]), value=pad)  # noqa: E731
+        return torch.cat([grow(x) for x in xs])
+
+    return Rollout(
+        prompt_ids=[p for r in parts for p in r.prompt_ids],
+        completion_ids=cat("completion_ids", 0),
+        completion_mask=cat("completion_mask", False),
+        behaviour_logprobs=cat("behaviour_logprobs", 0.0),
+        finish_reasons=[f for r in parts for f in r.finish_reasons],
+        weight_version=min(r.weight_version for r in parts),
+        student_topk_ids=cat("student_topk_ids", 0),
+    )

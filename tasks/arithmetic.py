@@ -23,6 +23,9 @@ def make_example(rng: random.Random, digits: int) -> dict:
 
 def write_split(path: str | Path, n: int, digits: int, seed: int, exclude: set[str] = frozenset()) -> set[str]:
     """Write n unique examples as JSONL; returns the prompts written (to keep splits disjoint)."""
+    possible = 10 ** (2 * digits) - len(exclude)
+    if n > possible:
+        raise ValueError(f"{n} unique {digits}-digit examples requested but only {possible} exist")
     rng, seen = random.Random(seed), set()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -36,9 +39,11 @@ def write_split(path: str | Path, n: int, digits: int, seed: int, exclude: set[s
     return seen
 
 
-def write_task(out_dir: str | Path, digits: int = 3, n_train: int = 20000, n_eval: int = 256,
+def write_task(out_dir: str | Path, digits: int = 2, n_train: int = 20000, n_eval: int = 256,
                seed: int = 0) -> dict[str, Path]:
+    """Held-out eval prompts never appear in train; train takes n_train or every remaining prompt."""
     out_dir = Path(out_dir)
     held_out = write_split(out_dir / "eval.jsonl", n_eval, digits, seed + 1)
+    n_train = min(n_train, 10 ** (2 * digits) - n_eval)
     write_split(out_dir / "train.jsonl", n_train, digits, seed, exclude=held_out)
     return {"train": out_dir / "train.jsonl", "eval": out_dir / "eval.jsonl"}

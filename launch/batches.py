@@ -1,0 +1,73 @@
+"""From dataset rows to prompts, and from rollouts + teacher scores to a TrainBatch."""
+from __future__ import annotations
+
+from collections import Counter
+
+import torch
+
+from losses import group_normalised_advantages
+from opd.contracts import Rollout, ScoreRequest, TeacherScores, TrainBatch, pad_rows
+
+
+class PromptFormatter:
+    """Renders the student's and the teacher's prompts from one row. For OPSD the teacher's template
+    carries privileged fields the student's never sees; completions are shared token for token."""
+
+    def __init__(self, tokenizer, student_template: str, teacher_template: str):
+        self.tok, self.student_template, self.teacher_template = tokenizer, student_template, teacher_template
+
+    def encode(self, text: str) -> list[int]:
+        ids = self.tok(text, add_special_tokens=False).input_ids
+        bos = self.tok.bos_token_id
+        return ([bos] if bos is not None else []) + ids
+
+    def student(self, row: dict) -> list[int]:
+        return self.encode(self.student_template.format(**row))
+
+    def teacher(self, row: dict) -> list[int]:
+        return self.encode(self.teacher_template.format(**row))
+
+    def text(self, ids: list[int]) -> str:
+        return self.tok.decode(ids, skip_special_tokens=True)
+
+
+def score_request(needs, temperature: float) -> ScoreRequest:
+    return ScoreRequest(topk=needs.teacher_topk, at_student_topk=needs.teacher_at_student_topk,
+                        full_vocab=needs.teacher_full, temperature=temperature)
+
+
+def distill_batch(rollout: Rollout, scores: TeacherScores) -> TrainBatch:
+    return TrainBatch(prompt_ids=rollout.prompt_ids, completion_ids=rollout.completion_ids,
+                      completion_mask=rollout.completion_mask, behaviour_logprobs=rollout.behaviour_logprobs,
+                      student_topk_ids=rollout.student_topk_ids, teacher=scores,
+                      weight_version=rollout.weight_version)
+
+
+def reward_batch(rollout: Rollout, rewards: list[float], group_ids: list[int]) -> TrainBatch:
+    adv = group_normalised_advantages(torch.tensor(rewards), torch.tensor(group_ids))
+    return TrainBatch(prompt_ids=rollout.prompt_ids, completion_ids=rollout.completion_ids,
+                      completion_mask=rollout.completion_mask, behaviour_logprobs=rollout.behaviour_logprobs,
+                      advantages=adv, weight_version=rollout.weight_version)
+
+
+def sft_batch(fmt: PromptFormatter, rows: list[dict], target_field: str) -> TrainBatch:
+    """Reference rows: the completion is the row's target text followed by EOS."""
+    targets = [fmt.tok(r[target_field], add_special_tokens=False).input_ids + [fmt.tok.eos_token_id] for r in rows]
+    ids = pad_rows(targets, fmt.tok.pad_token_id)
+    mask = pad_rows([[1] * len(t) for t in targets], 0).bool()
+    return TrainBatch(prompt_ids=[fmt.student(r) for r in rows], completion_ids=ids, completion_mask=mask,
+                      is_reference=torch.ones(len(rows), dtype=torch.bool))
+
+
+def rollout_stats(rollout: Rollout) -> dict[str, float]:
+    """Length, how often generation stopped by itself, and the 3-gram repetition rate (the paper's
+    symptom of a collapsing student)."""
+    comps = rollout.completions()
+    repeats = total = 0
+    for c in comps:
+        grams = Counter(tuple(c[i:i + 3]) for i in range(len(c) - 2))
+        total += sum(grams.values())
+        repeats += sum(v - 1 for v in grams.values())
+    return {"rollout/response_length": sum(map(len, comps)) / max(1, len(comps)),
+            "rollout/stop_fraction": sum(f == "stop" for f in rollout.finish_reasons) / max(1, len(rollout)),
+            "rollout/repetition_3gram": repeats / max(1, total)}

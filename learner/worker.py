@@ -1,0 +1,173 @@
+"""The learner: one DeepSpeed rank per instance. Ray runs one actor per rank; a test can build a
+single rank in-process.
+
+Reduction rule: every token's loss is weighted by 1 / (completion tokens in the *global* batch),
+and DeepSpeed's own averaging over micro-steps and ranks is undone, so any split of a TrainBatch
+across ranks x micro-batches x accumulation gives the gradient of one big batch.
+"""
+from __future__ import annotations
+
+import math
+import os
+from typing import Optional
+
+import torch
+
+from actors.hf_engine import DTYPES, left_pad, load_named_tensors, positions
+from launch.capabilities import build_configured_loss
+from losses import LossBatch
+from opd.contracts import TrainBatch
+
+
+def lr_lambda(schedule: str, total: int, warmup_ratio: float, min_ratio: float):
+    warmup = int(round(total * warmup_ratio))
+
+    def f(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / (warmup + 1)
+        frac = (step - warmup) / max(1, total - warmup)
+        if schedule == "constant":
+            return 1.0
+        decay = 1 - frac if schedule == "linear" else 0.5 * (1 + math.cos(math.pi * frac))
+        return min_ratio + (1 - min_ratio) * decay
+    return f
+
+
+def deepspeed_config(cfg, rows_per_step: int) -> dict:
+    lc = cfg.learner
+    gas = rows_per_step // (lc.micro_batch_size * lc.num_ranks)
+    return {
+        "train_batch_size": rows_per_step,
+        "train_micro_batch_size_per_gpu": lc.micro_batch_size,
+        "gradient_accumulation_steps": gas,
+        "gradient_clipping": lc.grad_clip,
+        "zero_optimization": {"stage": lc.zero_stage},
+        "zero_allow_untested_optimizer": True,
+        "bf16": {"enabled": cfg.model.dtype == "bfloat16"},
+        "steps_per_print": 1 << 30,
+    }
+
+
+def loss_batch(b: TrainBatch, loss_tokens: int) -> LossBatch:
+    """Flatten a micro-batch's [n, T, ...] tensors to the loss's [n*T, ...] rows."""
+    n, T = b.completion_ids.shape
+    flat = lambda x: None if x is None else x.reshape(n * T, *x.shape[2:])  # noqa: E731
+    per_row = lambda x: None if x is None else x[:, None].expand(n, T).reshape(-1)  # noqa: E731
+    t = b.teacher
+    return LossBatch(
+        tokens=flat(b.completion_ids),
+        weights=flat(b.completion_mask.float()) / loss_tokens,
+        behaviour_logprobs=flat(b.behaviour_logprobs),
+        teacher_sampled_logprobs=None if t is None else flat(t.sampled_logprobs),
+        teacher_topk_ids=None if t is None else flat(t.topk_ids),
+        teacher_topk_logprobs=None if t is None else flat(t.topk_logprobs),
+        student_topk_ids=flat(b.student_topk_ids),
+        teacher_at_student_topk=None if t is None else flat(t.at_student_topk),
+        teacher_full_logprobs=None if t is None else flat(t.full_logprobs),
+        advantages=per_row(b.advantages),
+        is_reference=per_row(b.is_reference),
+    )
+
+
+class LearnerWorker:
+    def __init__(self, cfg, rank: int, world_size: int, master_addr: str, master_port: int,
+                 rows_per_step: int):
+        os.environ.update(RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK="0",
+                          MASTER_ADDR=master_addr, MASTER_PORT=str(master_port))
+        torch.set_num_threads(cfg.cluster.threads_per_actor)
+        torch.manual_seed(cfg.run.seed)
+        import deepspeed
+        from transformers import AutoModelForCausalLM
+        deepspeed.init_distributed(dist_backend="gloo" if cfg.cluster.num_gpus == 0 else "nccl")
+        self.cfg, self.rank, self.world_size = cfg, rank, world_size
+        model = AutoModelForCausalLM.from_pretrained(cfg.model.path, dtype=DTYPES[cfg.model.dtype])
+        lc = cfg.learner
+        decay = [p for n, p in model.named_parameters() if p.ndim >= 2]
+        no_decay = [p for n, p in model.named_parameters() if p.ndim < 2]
+        opt = torch.optim.AdamW([{"params": decay, "weight_decay": lc.weight_decay},
+                                 {"params": no_decay, "weight_decay": 0.0}], lr=lc.lr, betas=tuple(lc.betas))
+        sched = torch.optim.lr_scheduler.LambdaLR(
+            opt, lr_lambda(lc.schedule, cfg.run.steps, lc.warmup_ratio, lc.min_lr_ratio))
+        ds_cfg = deepspeed_config(cfg, rows_per_step)
+        self.gas = ds_cfg["gradient_accumulation_steps"]
+        self.engine, _, _, _ = deepspeed.initialize(model=model, optimizer=opt, lr_scheduler=sched,
+                                                    config=ds_cfg)
+        self.loss = build_configured_loss(cfg)
+        self.pad_id = model.config.pad_token_id or 0
+
+    def student_logits(self, b: TrainBatch) -> torch.Tensor:
+        """Student logits at completion positions only: [n, T, V]."""
+        p_ids, p_mask = left_pad(b.prompt_ids, self.pad_id)
+        ids = torch.cat([p_ids, b.completion_ids.masked_fill(~b.completion_mask, self.pad_id)], 1)
+        mask = torch.cat([p_mask, b.completion_mask.long()], 1)
+        P, T = p_ids.shape[1], b.completion_ids.shape[1]
+        return self.engine(input_ids=ids, attention_mask=mask, position_ids=positions(mask),
+                           logits_to_keep=torch.arange(P - 1, P + T - 1)).logits
+
+    def train_step(self, shard: TrainBatch, loss_tokens: int) -> dict[str, float]:
+        """One optimizer step on this rank's shard; loss_tokens counts the whole global batch."""
+        import torch.distributed as dist
+        self.engine.train()
+        mb = self.cfg.learner.micro_batch_size
+        assert len(shard) == mb * self.gas, f"rank {self.rank}: shard of {len(shard)} rows, expected {mb * self.gas}"
+        sums: dict[str, torch.Tensor] = {}
+        grad_norm = None
+        for start in range(0, len(shard), mb):
+            micro = shard.select(list(range(start, start + mb)))
+            logits = self.student_logits(micro)
+            loss, diags = self.loss(logits.reshape(-1, logits.shape[-1]), loss_batch(micro, loss_tokens))
+            # DeepSpeed divides by gas and averages over ranks; our weights already sum to 1 globally.
+            self.engine.backward(loss * self.gas * self.world_size)
+            if self.engine.is_gradient_accumulation_boundary() and self.cfg.learner.zero_stage == 0:
+                grad_norm = self._grad_norm()  # ZeRO stages report their own; stage 0 does not
+            self.engine.step()
+            for k, v in {"loss": loss.detach(), **diags}.items():
+                sums[k] = sums.get(k, 0.0) + torch.as_tensor(v, dtype=torch.float64)
+        keys = sorted(sums)
+        vec = torch.stack([sums[k] for k in keys])
+        dist.all_reduce(vec)
+        out = {k: float(v) for k, v in zip(keys, vec)}
+        if self.cfg.learner.zero_stage > 0:
+            grad_norm = self.engine.get_global_grad_norm()
+        out["grad_norm"] = float(grad_norm) if grad_norm is not None else float("nan")
+        out["lr"] = float(self.engine.get_lr()[0])
+        return out
+
+    def _grad_norm(self) -> float:
+        """Pre-clipping global gradient norm (stage 0 holds full, all-reduced gradients)."""
+        grads = [p.grad for p in self.engine.module.parameters() if p.grad is not None]
+        return float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads])))
+
+    def _gathered(self):
+        """Yield (name, full tensor) for every parameter; a collective under ZeRO-3, so every rank
+        must iterate. Parameters are gathered one at a time to bound memory."""
+        import deepspeed
+        for name, p in self.engine.module.named_parameters():
+            if self.cfg.learner.zero_stage == 3:
+                with deepspeed.zero.GatheredParameters([p], modifier_rank=None):
+                    yield name, p.detach().clone()
+            else:
+                yield name, p.detach().clone()
+
+    def export_weights(self) -> Optional[dict[str, torch.Tensor]]:
+        """Full student weights on rank 0 (None elsewhere), for weight sync."""
+        weights = {n: t for n, t in self._gathered()}
+        return weights if self.rank == 0 else None
+
+    def save_hf(self, path: str, tokenizer_path: str) -> None:
+        """Write a Hugging Face model directory (rank 0) that from_pretrained loads."""
+        weights = self.export_weights()
+        if self.rank != 0:
+            return
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+        model = AutoModelForCausalLM.from_pretrained(self.cfg.model.path, dtype=DTYPES[self.cfg.model.dtype])
+        load_named_tensors(model, weights)
+        model.save_pretrained(path)
+        AutoTokenizer.from_pretrained(tokenizer_path).save_pretrained(path)
+
+    def save_checkpoint(self, directory: str, tag: str, client_state: dict) -> None:
+        self.engine.save_checkpoint(directory, tag=tag, client_state=client_state)
+
+    def load_checkpoint(self, directory: str, tag: str) -> dict:
+        _, client_state = self.engine.load_checkpoint(directory, tag=tag)
+        return client_state or {}
