@@ -165,3 +165,11 @@ def test_topk_width_smaller_than_k_is_a_clear_error():
     z, b = synthetic_batch(2, 3, 9, k=3, ks=3)
     with pytest.raises(ValueError, match="teacher_topk_ids has 3 columns but the loss uses k=4"):
         build_loss("topk_reverse_kl_sg", {"k": 4})(z, b)
+
+
+def test_sft_without_is_reference_trains_on_every_row():
+    z, b = synthetic_batch(3, 4, 7, seed=4)
+    assert b.is_reference is None
+    value, _ = build_loss("sft")(z, b)
+    nll = -torch.log_softmax(z.detach(), -1).gather(-1, b.tokens[:, None]).squeeze(-1)
+    torch.testing.assert_close(value.detach(), (nll * b.weights).sum())

@@ -38,7 +38,7 @@ def total(z, b, per_row):
 
 
 def kl_terms(a, c, ids):
-    return sum(a[v] * (math.log(1) + torch.log(a[v]) - torch.log(c[v])) for v in ids)
+    return sum(a[v] * (torch.log(a[v]) - torch.log(c[v])) for v in ids)
 
 
 # ---- references: (z, b, **params) -> total loss -------------------------------------------------
