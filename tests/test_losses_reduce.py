@@ -106,3 +106,13 @@ def test_standard_diagnostics_are_token_means():
     assert set(expect) <= set(d)
     for key, val in expect.items():
         assert abs(float(d[key]) - val) < 1e-9, key
+
+
+def test_upstream_gradient_scale_is_applied():
+    """The learner back-propagates loss * (accumulation steps * world size)."""
+    z, b = synthetic_batch(2, 4, 9, k=3, ks=3, seed=3)
+    loss = build_loss("topk_reverse_kl_tail", {"k": 3}, temperature=0.8, chunk_size=3)
+    (g1,) = torch.autograd.grad(loss(z, b)[0], z)
+    (g3,) = torch.autograd.grad(3.0 * loss(z, b)[0], z)
+    torch.testing.assert_close(g3, 3.0 * g1, rtol=1e-12, atol=1e-15)
+    assert g1.abs().max() > 0
