@@ -118,6 +118,9 @@ def load_named_tensors(model: torch.nn.Module, named_tensors) -> None:
     for name, tensor in items:
         if name not in params:
             raise KeyError(f"weight sync: unknown parameter {name!r}")
+        if params[name].shape != tensor.shape:
+            raise ValueError(f"weight sync: {name!r} has shape {tuple(tensor.shape)}, "
+                             f"the model expects {tuple(params[name].shape)}")
         params[name].data.copy_(tensor)
         seen.add(name)
     if seen != set(params):

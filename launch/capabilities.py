@@ -19,10 +19,12 @@ def build_configured_loss(cfg):
 
 def check_loss(cfg) -> None:
     from launch.config import ManifestError
+    from losses import check_teacher
     try:
-        needs = build_configured_loss(cfg).needs
+        loss = build_configured_loss(cfg)
     except ValueError as e:
         raise ManifestError(str(e)) from None
+    needs = loss.needs
     if cfg.algorithm == "sft" and (needs.needs_teacher or not needs.reference_rows):
         raise ManifestError(f"loss.name: algorithm 'sft' trains on reference tokens; {cfg.loss.name!r} "
                             "is not an SFT loss (use loss.name: sft)")
@@ -30,15 +32,8 @@ def check_loss(cfg) -> None:
         raise ManifestError(f"loss.name: algorithm 'grpo' needs a reward loss (grpo), got {cfg.loss.name!r}")
     if cfg.algorithm == "opd" and not needs.needs_teacher:
         raise ManifestError(f"loss.name: {cfg.loss.name!r} uses no teacher; algorithm 'opd' needs a distillation loss")
-    if not needs.needs_teacher:
-        return
-    caps = TEACHER_CAPABILITIES[cfg.teacher.kind]
-    if needs.teacher_full and not caps.full_vocab:
-        raise ManifestError(f"loss.name: {cfg.loss.name!r} needs the full teacher distribution, which a "
-                            f"{cfg.teacher.kind!r} teacher cannot supply; use a TopK loss or teacher.kind: hf")
-    if needs.teacher_at_student_topk and not caps.logprobs_at_any_ids:
-        raise ManifestError(f"loss.name: {cfg.loss.name!r} needs teacher log-probs at the student's top-k ids, "
-                            f"which a {cfg.teacher.kind!r} teacher cannot supply; use support: teacher")
-    if needs.teacher_topk > caps.max_topk:
-        raise ManifestError(f"loss.params: top-k {needs.teacher_topk} exceeds the {cfg.teacher.kind!r} "
-                            f"teacher's maximum of {caps.max_topk}")
+    if needs.needs_teacher:
+        try:
+            check_teacher(loss, TEACHER_CAPABILITIES[cfg.teacher.kind], f"a {cfg.teacher.kind!r} teacher")
+        except ValueError as e:
+            raise ManifestError(str(e)) from None

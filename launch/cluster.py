@@ -55,6 +55,10 @@ class Placement:
         ray.get(self.pg.ready())
         self.next = 0
 
+    def remove(self) -> None:
+        from ray.util.placement_group import remove_placement_group
+        remove_placement_group(self.pg)
+
     def options(self) -> dict:
         opts = dict(self.per_actor, scheduling_strategy=PlacementGroupSchedulingStrategy(
             placement_group=self.pg, placement_group_bundle_index=self.next))

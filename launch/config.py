@@ -7,6 +7,7 @@ here, before Ray, models or data are touched.
 from __future__ import annotations
 
 import difflib
+import dataclasses
 from dataclasses import dataclass, field, fields, is_dataclass
 from pathlib import Path
 from typing import Any, Optional
@@ -65,6 +66,7 @@ class LearnerConfig:
     zero_stage: int = 0
     micro_batch_size: int = 16
     grad_accum: Optional[int] = None  # derived from the batch when null; checked when given
+    optimizer: str = "adamw"      # adamw | sgd (plain SGD makes the update equal lr x gradient)
     lr: float = 1e-4
     schedule: str = "cosine"      # cosine | linear | constant (after warm-up)
     warmup_ratio: float = 0.1
@@ -138,8 +140,8 @@ def _all_keys(cls=ExperimentConfig, prefix="") -> list[str]:
     for f in fields(cls):
         key = f"{prefix}{f.name}"
         out.append(key)
-        if is_dataclass(f.default_factory() if f.default_factory is not MISSING else None):
-            out += _all_keys(f.default_factory().__class__, key + ".")
+        if f.default_factory is not dataclasses.MISSING and is_dataclass(f.default_factory()):
+            out += _all_keys(type(f.default_factory()), key + ".")
     return out
 
 
@@ -210,6 +212,7 @@ def validate(cfg: ExperimentConfig) -> None:
     _choice("teacher.kind", cfg.teacher.kind, ("hf", "vllm", "self", "none"))
     _choice("rollout.engine", cfg.rollout.engine, ("hf", "vllm"))
     _choice("learner.zero_stage", cfg.learner.zero_stage, (0, 1, 2, 3))
+    _choice("learner.optimizer", cfg.learner.optimizer, ("adamw", "sgd"))
     _choice("learner.schedule", cfg.learner.schedule, ("cosine", "linear", "constant"))
     _choice("model.dtype", cfg.model.dtype, ("float32", "bfloat16", "float16"))
     for key in ("run.steps", "rollout.prompts_per_step", "rollout.samples_per_prompt",

@@ -66,6 +66,7 @@ def loss_batch(b: TrainBatch, loss_tokens: int) -> LossBatch:
         teacher_full_logprobs=None if t is None else flat(t.full_logprobs),
         advantages=per_row(b.advantages),
         is_reference=per_row(b.is_reference),
+        seq_ids=torch.arange(n)[:, None].expand(n, T).reshape(-1),  # for discounting within a sequence
     )
 
 
@@ -84,8 +85,9 @@ class LearnerWorker:
         lc = cfg.learner
         decay = [p for n, p in model.named_parameters() if p.ndim >= 2]
         no_decay = [p for n, p in model.named_parameters() if p.ndim < 2]
-        opt = torch.optim.AdamW([{"params": decay, "weight_decay": lc.weight_decay},
-                                 {"params": no_decay, "weight_decay": 0.0}], lr=lc.lr, betas=tuple(lc.betas))
+        groups = [{"params": decay, "weight_decay": lc.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+        opt = (torch.optim.AdamW(groups, lr=lc.lr, betas=tuple(lc.betas)) if lc.optimizer == "adamw"
+               else torch.optim.SGD(groups, lr=lc.lr))
         sched = torch.optim.lr_scheduler.LambdaLR(
             opt, lr_lambda(lc.schedule, cfg.run.steps, lc.warmup_ratio, lc.min_lr_ratio))
         ds_cfg = deepspeed_config(cfg, rows_per_step)

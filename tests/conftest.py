@@ -1,0 +1,62 @@
+"""Shared fixtures: tiny HF models, the arithmetic task, manifests, and one Ray session."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import yaml
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+os.environ.setdefault("DS_ACCELERATOR", "cpu")
+
+
+@pytest.fixture(scope="session")
+def assets(tmp_path_factory) -> dict[str, Path]:
+    """Tiny models (random init, saved in HF format) and a small arithmetic task."""
+    from tasks.arithmetic import write_task
+    from tasks.tiny import write_tiny_models
+    root = tmp_path_factory.mktemp("assets")
+    models = write_tiny_models(root / "models")
+    data = write_task(root / "data", digits=2, n_train=512, n_eval=16)
+    return {**models, **data}
+
+
+@pytest.fixture
+def write_manifest(tmp_path, assets):
+    """write_manifest(**sections) -> path of a runnable tiny OPD manifest with those overrides."""
+    def make(**over):
+        doc = {
+            "algorithm": "opd",
+            "run": {"name": "t", "output_dir": str(tmp_path / "runs"), "steps": 2},
+            "cluster": {"mode": "local", "num_cpus": 2},
+            "model": {"path": str(assets["tiny"])},
+            "teacher": {"kind": "hf", "path": str(assets["tiny"])},
+            "rollout": {"prompts_per_step": 4, "samples_per_prompt": 2, "max_new_tokens": 4},
+            "learner": {"micro_batch_size": 4, "lr": 1e-3},
+            "loss": {"name": "sampled_token_rkl"},
+            "data": {"train": str(assets["train"]), "eval": str(assets["eval"])},
+            "eval": {"interval": 1, "size": 8},
+            "logging": {"tensorboard": True},
+        }
+        for section, value in over.items():
+            if isinstance(value, dict) and isinstance(doc.get(section), dict):
+                doc[section].update(value)
+            else:
+                doc[section] = value
+        path = tmp_path / "manifest.yaml"
+        path.write_text(yaml.safe_dump(doc))
+        return path
+    return make
+
+
+@pytest.fixture(scope="session")
+def ray_session():
+    import ray
+    ray.init(num_cpus=2, include_dashboard=False, configure_logging=False,
+             runtime_env={"env_vars": {"DS_ACCELERATOR": "cpu", "HF_HUB_OFFLINE": "1",
+                                       "HF_HUB_DISABLE_PROGRESS_BARS": "1", "TRANSFORMERS_VERBOSITY": "error"}})
+    yield ray
+    ray.shutdown()
