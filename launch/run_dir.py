@@ -56,8 +56,10 @@ class RunDir:
         acc = "-" if self.last_eval is None else f"{self.last_eval:.3f}"
         line = (f"step {step}/{total}  loss {m.get('train/loss', float('nan')):+.4f}  eval acc {acc}  "
                 f"{m.get('perf/tokens_per_s', 0):.0f} tok/s  {m.get('perf/step_s', 0):.2f}s/step  ETA {eta:.0f}s")
-        end = "\n" if not sys.stdout.isatty() or step == total else "\r"
-        print(line, end=end, flush=True)
+        if sys.stdout.isatty():
+            print(line, end="\n" if step == total else "\r", flush=True)
+        elif step % max(1, total // 10) == 0 or step == total:  # logs and CI: ten lines per run
+            print(line, flush=True)
 
     def checkpoint_dirs(self) -> list[Path]:
         if not self.checkpoints.exists():

@@ -1,0 +1,62 @@
+"""`opd train` end to end on tiny models with real Ray, DeepSpeed and transformers: run outputs,
+skipped rows, checkpoint/resume, OPSD with a live self-teacher, GRPO and SFT."""
+import json
+import shutil
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from launch.cli import main
+
+
+def read_metrics(run_dir):
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_opd_run_writes_everything_and_resumes(ray_session, write_manifest, assets, tmp_path):
+    train = tmp_path / "train.jsonl"
+    shutil.copy(assets["train"], train)
+    with train.open("a") as f:
+        f.write('{"prompt": "1+1="}\n{"answer": "2"}\nnot json\n')
+    manifest = write_manifest(data={"train": str(train)}, checkpoint={"interval": 1, "keep": 1},
+                              loss={"name": "topk_reverse_kl_sg", "params": {"k": 4}})
+    assert main(["train", str(manifest)]) == 0
+    run = tmp_path / "runs" / "t"
+    assert (run / "manifest.yaml").read_text().count("topk_reverse_kl_sg") == 1
+    rows = read_metrics(run)
+    steps = [r for r in rows if "train/loss" in r]
+    assert [r["step"] for r in steps] == [1, 2]
+    for key in ("train/student_mass_on_support", "train/teacher_mass_on_support", "train/entropy",
+                "rollout/response_length", "rollout/repetition_3gram", "time/rollout_s", "time/teacher_s",
+                "time/learner_s", "time/sync_s", "perf/tokens_per_s", "train/grad_norm"):
+        assert key in steps[0], key
+    assert steps[0]["data/skipped_rows"] == 3
+    assert [r["step"] for r in rows if "eval/accuracy" in r] == [0, 1, 2]
+    assert list((run / "tensorboard").glob("events.out.tfevents.*"))
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["steps"] == 2 and 0 <= summary["end_eval_accuracy"] <= 1
+    assert [p.name for p in (run / "checkpoints").iterdir() if p.name.startswith("step")] == ["step2"]
+
+    model = AutoModelForCausalLM.from_pretrained(run / "final")
+    tok = AutoTokenizer.from_pretrained(run / "final")
+    out = model.generate(torch.tensor([[tok.bos_token_id] + tok("12+34=").input_ids]), max_new_tokens=3,
+                         do_sample=False, pad_token_id=tok.pad_token_id)
+    assert out.shape[1] > 7
+
+    assert main(["train", str(manifest), "run.steps=3", "run.resume=true"]) == 0
+    resumed = [r["step"] for r in read_metrics(run) if "train/loss" in r]
+    assert resumed == [1, 2, 3]  # continued from the step-2 checkpoint, not from scratch
+
+
+@pytest.mark.parametrize("over", [
+    # OPSD: the student's own weights as a live teacher, privileged hint in the teacher's prompt only.
+    dict(teacher={"kind": "self", "live": True, "prompt_template": "{hint}{prompt}"}),
+    dict(algorithm="grpo", loss={"name": "grpo"}, teacher={"kind": "none"}),
+    dict(algorithm="sft", loss={"name": "sft"}, teacher={"kind": "none"}, learner={"micro_batch_size": 2}),
+    dict(loss={"name": "full_reverse_kl"}, learner={"num_ranks": 2, "zero_stage": 3, "micro_batch_size": 2}),
+], ids=["opsd-live-self-teacher", "grpo", "sft", "zero3-two-ranks"])
+def test_algorithms_run(ray_session, write_manifest, tmp_path, over):
+    assert main(["train", str(write_manifest(**over)), "eval.interval=0"]) == 0
+    steps = [r for r in read_metrics(tmp_path / "runs" / "t") if "train/loss" in r]
+    assert len(steps) == 2 and all(torch.isfinite(torch.tensor(r["train/loss"])) for r in steps)
