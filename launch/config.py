@@ -250,5 +250,10 @@ def validate(cfg: ExperimentConfig) -> None:
         if cfg.cluster.num_gpus == 0 and "vllm" in (cfg.rollout.engine, cfg.teacher.kind):
             raise ManifestError("rollout.engine / teacher.kind: vllm needs GPUs (cluster.num_gpus > 0); "
                                 "use 'hf' on CPU")
+    if "vllm" in (cfg.rollout.engine, cfg.teacher.kind):
+        # The adapters exist and are contract-tested (actors/vllm_engine.py, teachers/vllm_teacher.py),
+        # but the driver does not place them yet: refuse rather than silently run the HF engine.
+        raise ManifestError("rollout.engine / teacher.kind: 'vllm' is not wired into the driver yet; "
+                            "use 'hf' (see docs/vllm.md)")
     from launch.capabilities import check_loss  # the loss registry is heavier; import late
     check_loss(cfg)
