@@ -1,0 +1,418 @@
+"""Step time of our local mode against TRL's DistillationTrainer, same tiny models, same settings.
+
+    python benchmarks/bench_vs_trl.py                         # 20 steps, 64 sequences/step, 8 new tokens, 2 pairs
+    python benchmarks/bench_vs_trl.py --steps 30 --batch 32 --max-new-tokens 16 --repeats 3
+
+What runs. Tiny random-init Llama models ("student" and "teacher" from tasks.tiny, char-level
+tokenizer) and the arithmetic task's prompts are written to a temp dir once. Then, `--repeats`
+times, ours and TRL each run in a fresh subprocess, interleaved (ours, TRL, ours, TRL, ...), so
+load from other jobs on the machine hits both alike:
+
+  ours  `python -m launch.cli train <manifest>`: local Ray mode, one HF rollout actor, one HF
+        teacher actor, one DeepSpeed (ZeRO-0) learner rank; loss.name=full_reverse_kl; no eval
+        (data.eval: null, eval.interval: 0). Step times come from runs/<name>/metrics.jsonl
+        (perf/step_s, which already excludes eval and the final save), stages from time/*_s.
+  TRL   `trl.DistillationTrainer` (tested with trl 1.16.0, where it is the stable, always on-policy
+        distillation trainer; earlier releases had GKDTrainer / trl.experimental.distillation),
+        one process, generation with `model.generate`, teacher forward and the chunked divergence
+        in `compute_loss`. Step time is on_step_begin -> on_step_end of a TrainerCallback (the
+        generation happens inside training_step, so it is included). Its "rollout" and "teacher"
+        columns come from timing `_generate_and_score_completions` and the teacher's
+        `_get_last_hidden_state`; "learner" is the rest of the step.
+
+The first `--warmup` (2) steps of every run are dropped; the table pools the remaining steps of
+all repeats. tokens/s = completion tokens that carry loss (EOS included, padding excluded), summed
+over the measured steps, divided by the summed step time.
+
+Settings matched (both sides get the same numbers):
+  * objective: exact full-vocabulary reverse KL(student || teacher) per completion token, averaged
+    over the step's completion tokens. TRL: beta=1.0, which in DistillationTrainer (and its
+    ChunkedDivergenceFunction) is DEFINED as reverse KL; beta=0 is forward KL, in between the
+    generalized JSD with mixture (1-beta) p_student + beta p_teacher. Ours: full_reverse_kl. A
+    numerical check of the two on the same logits is printed first (`--skip-loss-check` skips it).
+  * on-policy: every completion is sampled by the current student (TRL's DistillationTrainer has
+    no lmbda: it is always on-policy, i.e. GKD's lmbda=1.0), one completion per prompt (ours:
+    samples_per_prompt=1), temperature 1.0, top_p 1.0, no top-k, stop at EOS or max_new_tokens.
+  * batch: `--batch` sequences per optimizer step; ours prompts_per_step=batch, micro_batch=batch
+    unless `--micro-batch`; TRL per_device_train_batch_size=micro, gradient_accumulation=batch/micro.
+  * prompt: identical token ids, <bos> + "ab+cd=" (7 tokens); TRL gets the text "<bos>ab+cd=",
+    which the tokenizer maps to the same ids our PromptFormatter produces (checked in the child).
+  * optimiser: AdamW lr 1e-3, betas (0.9, 0.999), eps 1e-8, weight decay 0, constant schedule,
+    no warm-up, grad clip 1.0; float32; no gradient checkpointing (TRL's default is on: turned
+    off); no bf16 (TRL's default: turned off).
+  * threads: `--threads` torch intra-op threads per process (default 1). TRL is one process; ours
+    gives each actor that many threads (cluster.threads_per_actor) and runs its stages one after
+    another, so at any moment both use the same number of cores. With 2 threads on a 2-core box
+    that another job is also using, OpenMP oversubscription made TRL ~40x slower (11 s/step vs
+    0.27), which would flatter us; 1 thread avoids that.
+
+Differences that remain (by design of the two systems, not settings):
+  * TRL runs everything in one process on one copy of the weights: no weight sync, no IPC. Ours
+    pays Ray IPC (prompts/rollouts/teacher log-probs through the object store), a full-vocab
+    teacher log-prob tensor [B, T, V] shipped from the teacher actor to the learner, and a weight
+    sync to the rollout actor every step; and it overlaps nothing yet (stages are sequential).
+  * Rollout: our own KV-cached sampling loop vs HF `generate` (also KV-cached).
+  * Learner: ours a DeepSpeed engine (ZeRO-0, torch AdamW) that materialises the student logits;
+    TRL accelerate + fused torch AdamW and a chunked divergence kernel (torch fallback on CPU)
+    that re-projects hidden states through both LM heads.
+  * Ours computes rewards/rollout stats per step (small); TRL logs its completion stats.
+  * Different RNG streams, so the sampled completions (and their lengths) differ; lengths are
+    reported per system so a length difference is visible.
+
+Results: printed table, plus JSON (and each run's log) under runs/bench/.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+ENV = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_VERBOSITY": "error", "TOKENIZERS_PARALLELISM": "false",
+       "HF_HUB_DISABLE_PROGRESS_BARS": "1", "PYTHONWARNINGS": "ignore", "HF_DATASETS_OFFLINE": "1"}
+STAGES = ("rollout", "teacher", "learner", "sync")
+
+
+# ----------------------------------------------------------------------------- helpers
+
+def median(xs):
+    xs = sorted(xs)
+    n = len(xs)
+    return float("nan") if n == 0 else (xs[n // 2] if n % 2 else 0.5 * (xs[n // 2 - 1] + xs[n // 2]))
+
+
+def percentile(xs, q):
+    """Linear interpolation between closest ranks (numpy's default)."""
+    xs = sorted(xs)
+    if not xs:
+        return float("nan")
+    pos = (len(xs) - 1) * q / 100
+    lo, hi = int(pos), min(int(pos) + 1, len(xs) - 1)
+    return xs[lo] + (xs[hi] - xs[lo]) * (pos - lo)
+
+
+def run_logged(cmd, log_path: Path, timeout: float, cwd=ROOT) -> float:
+    """Run cmd in its own session with output to log_path; kill its process group on timeout."""
+    env = dict(os.environ, **ENV, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    t = time.time()
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        try:
+            rc = proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+            raise RuntimeError(f"{cmd[:4]}... timed out after {timeout:.0f}s; log: {log_path}")
+    if rc != 0:
+        tail = "".join(open(log_path).readlines()[-30:])
+        raise RuntimeError(f"{' '.join(map(str, cmd[:5]))}... exited {rc}; log {log_path}:\n{tail}")
+    return time.time() - t
+
+
+# ----------------------------------------------------------------------------- ours
+
+def write_manifest(path: Path, a, paths: dict, out_dir: Path, name: str) -> None:
+    import yaml
+    micro = a.micro_batch or a.batch
+    manifest = {
+        "algorithm": "opd",
+        "run": {"name": name, "steps": a.steps, "output_dir": str(out_dir), "seed": a.seed},
+        "cluster": {"mode": "local", "num_cpus": a.num_cpus, "threads_per_actor": a.threads},
+        "model": {"path": str(paths["student"]), "dtype": "float32"},
+        "teacher": {"kind": "hf", "path": str(paths["teacher"])},
+        "loss": {"name": "full_reverse_kl"},
+        "data": {"train": str(paths["train"]), "eval": None},
+        "rollout": {"engine": "hf", "prompts_per_step": a.batch, "samples_per_prompt": 1,
+                    "max_new_tokens": a.max_new_tokens, "temperature": 1.0, "top_p": 1.0},
+        "learner": {"micro_batch_size": micro, "optimizer": "adamw", "lr": a.lr, "schedule": "constant",
+                    "warmup_ratio": 0.0, "weight_decay": 0.0, "betas": [0.9, 0.999], "grad_clip": 1.0,
+                    "zero_stage": 0},
+        "eval": {"interval": 0},
+        "checkpoint": {"interval": 0},
+        "logging": {"tensorboard": False, "console": True, "jsonl": True, "wandb": False},
+    }
+    path.write_text(yaml.safe_dump(manifest, sort_keys=False))
+
+
+def run_ours(a, paths, work: Path, logs: Path, rep: int) -> dict:
+    name = f"bench-ours-r{rep}"
+    manifest = work / f"{name}.yaml"
+    write_manifest(manifest, a, paths, work / "runs", name)
+    cmd = [sys.executable, "-m", "launch.cli", "train", str(manifest),
+           f"run.steps={a.steps}", "eval.interval=0", "logging.tensorboard=false"]
+    wall = run_logged(cmd, logs / f"{name}.log", a.timeout)
+    rows = [json.loads(line) for line in open(work / "runs" / name / "metrics.jsonl")]
+    steps = [r for r in rows if "perf/step_s" in r]
+    if len(steps) != a.steps:
+        raise RuntimeError(f"ours: {len(steps)} step rows in metrics.jsonl, expected {a.steps}")
+    kept = [r for r in steps if r["step"] > a.warmup]
+    return {
+        "system": "ours", "repeat": rep, "wall_s": wall,
+        "step_s": [r["perf/step_s"] for r in kept],
+        # perf/tokens_per_s = batch.loss_tokens / step time, so the product is the step's loss tokens
+        "tokens": [r["perf/tokens_per_s"] * r["perf/step_s"] for r in kept],
+        "stages": {s: [r.get(f"time/{s}_s", 0.0) for r in kept] for s in STAGES},
+        "completion_len": [r["rollout/response_length"] for r in kept],
+        "warmup_step_s": [r["perf/step_s"] for r in steps if r["step"] <= a.warmup],
+    }
+
+
+# ----------------------------------------------------------------------------- TRL (child process)
+
+def trl_child(a) -> None:
+    import torch
+    torch.set_num_threads(a.threads)
+    import trl
+    from datasets import Dataset
+    from transformers import AutoTokenizer, TrainerCallback
+    from trl import DistillationConfig, DistillationTrainer
+
+    from launch.batches import PromptFormatter
+    paths = json.loads(a.child_paths)
+    rows = [json.loads(line) for line in open(paths["train"])]
+    tok = AutoTokenizer.from_pretrained(paths["student"], padding_side="left")
+    # Same ids as our PromptFormatter (<bos> + prompt): the tokenizer maps the "<bos>" text to the bos id.
+    ours_ids = PromptFormatter(tok, "{prompt}", "{prompt}").student(rows[0])
+    trl_ids = tok(text=[tok.bos_token + rows[0]["prompt"]])["input_ids"][0]
+    assert trl_ids == ours_ids, f"prompt ids differ: TRL {trl_ids} vs ours {ours_ids}"
+    dataset = Dataset.from_list([{"prompt": tok.bos_token + r["prompt"]} for r in rows])
+
+    micro = a.micro_batch or a.batch
+    record = {"step_s": [], "end_to_end_s": [], "gen_s": [], "teacher_s": [], "tokens": [], "completion_len": []}
+
+    class Timed(DistillationTrainer):
+        """Adds timers only; the computation is DistillationTrainer's."""
+        def _generate_and_score_completions(self, inputs):
+            t = time.perf_counter()
+            out = super()._generate_and_score_completions(inputs)
+            self._bench_gen += time.perf_counter() - t
+            self._bench_tokens += int(out["num_items_in_batch"].item())
+            self._bench_len.append(float(out["completion_mask"].sum(1).float().mean()))
+            return out
+
+        def _get_last_hidden_state(self, unwrapped_model, *args, **kwargs):
+            t = time.perf_counter()
+            out = super()._get_last_hidden_state(unwrapped_model, *args, **kwargs)
+            if unwrapped_model is self._bench_teacher:
+                self._bench_teacher_s += time.perf_counter() - t
+            return out
+
+    class StepTimer(TrainerCallback):
+        def __init__(self):
+            self.t_begin = self.t_end = None
+
+        def on_step_begin(self, args, state, control, **kw):
+            tr.__dict__.update(_bench_gen=0.0, _bench_teacher_s=0.0, _bench_tokens=0, _bench_len=[])
+            self.t_begin = time.perf_counter()
+
+        def on_step_end(self, args, state, control, **kw):
+            now = time.perf_counter()
+            record["step_s"].append(now - self.t_begin)
+            record["end_to_end_s"].append(now - self.t_end if self.t_end is not None else float("nan"))
+            self.t_end = now
+            record["gen_s"].append(tr._bench_gen)
+            record["teacher_s"].append(tr._bench_teacher_s)
+            record["tokens"].append(tr._bench_tokens)
+            record["completion_len"].append(sum(tr._bench_len) / max(1, len(tr._bench_len)))
+
+    cfg = DistillationConfig(
+        output_dir=str(Path(a.child_out).parent / "trl_out"), use_cpu=True, report_to=[], seed=a.seed,
+        max_steps=a.steps, per_device_train_batch_size=micro, gradient_accumulation_steps=a.batch // micro,
+        max_completion_length=a.max_new_tokens, temperature=1.0, top_p=1.0, top_k=0, beta=1.0,
+        learning_rate=a.lr, lr_scheduler_type="constant", warmup_steps=0, weight_decay=0.0,
+        adam_beta1=0.9, adam_beta2=0.999, adam_epsilon=1e-8, max_grad_norm=1.0,
+        gradient_checkpointing=False, bf16=False, fp16=False,
+        logging_strategy="no", save_strategy="no", eval_strategy="no", disable_tqdm=True,
+        dataloader_num_workers=0)
+    tr = Timed(model=paths["student"], teacher_model=paths["teacher"], args=cfg, train_dataset=dataset,
+               processing_class=tok, callbacks=[StepTimer()])
+    tr._bench_teacher = tr.accelerator.unwrap_model(tr.teacher_model)
+    assert tr.beta == 1.0 and tr.args.gradient_accumulation_steps * micro == a.batch
+    t = time.time()
+    tr.train()
+    record.update(train_s=time.time() - t, trl_version=trl.__version__, trl_class=f"trl.{DistillationTrainer.__name__}",
+                  optimizer=type(tr.optimizer.optimizer).__name__, torch_threads=torch.get_num_threads(),
+                  student_dtype=str(tr.model.dtype), gradient_checkpointing=tr.args.gradient_checkpointing)
+    Path(a.child_out).write_text(json.dumps(record))
+
+
+def run_trl(a, paths, work: Path, logs: Path, rep: int) -> dict:
+    out = work / f"trl-r{rep}.json"
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--child-trl", "--child-out", str(out),
+           "--child-paths", json.dumps({k: str(v) for k, v in paths.items()}),
+           "--steps", str(a.steps), "--batch", str(a.batch), "--max-new-tokens", str(a.max_new_tokens),
+           "--threads", str(a.threads), "--lr", str(a.lr), "--seed", str(a.seed),
+           "--micro-batch", str(a.micro_batch or a.batch)]
+    wall = run_logged(cmd, logs / f"bench-trl-r{rep}.log", a.timeout)
+    rec = json.loads(out.read_text())
+    if len(rec["step_s"]) != a.steps:
+        raise RuntimeError(f"TRL: {len(rec['step_s'])} steps timed, expected {a.steps}")
+    keep = slice(a.warmup, None)
+    step = rec["step_s"][keep]
+    gen, teach = rec["gen_s"][keep], rec["teacher_s"][keep]
+    return {
+        "system": "trl", "repeat": rep, "wall_s": wall, "step_s": step, "tokens": rec["tokens"][keep],
+        "end_to_end_s": rec["end_to_end_s"][keep],
+        "stages": {"rollout": gen, "teacher": teach,
+                   "learner": [s - g - t for s, g, t in zip(step, gen, teach)], "sync": [0.0] * len(step)},
+        "completion_len": rec["completion_len"][keep], "warmup_step_s": rec["step_s"][:a.warmup],
+        **{k: rec[k] for k in ("trl_version", "trl_class", "optimizer", "torch_threads", "student_dtype",
+                               "gradient_checkpointing")},
+    }
+
+
+# ----------------------------------------------------------------------------- loss check
+
+def loss_check() -> dict:
+    """TRL's beta=1.0 divergence vs our full_reverse_kl on the same logits: value and gradient."""
+    import torch
+    from trl.kernels.chunked_divergence import ChunkedDivergenceFunction
+
+    from losses import LossBatch, build_loss
+    torch.manual_seed(0)
+    M, H, V = 48, 16, 55
+    hs, ht = torch.randn(M, H, dtype=torch.float64), torch.randn(M, H, dtype=torch.float64)
+    ws, wt = torch.randn(V, H, dtype=torch.float64), torch.randn(V, H, dtype=torch.float64)
+    h1 = hs.clone().requires_grad_()
+    per_tok, _ = ChunkedDivergenceFunction.apply(h1, ws, None, ht, wt, None, 1.0, 1.0, 1.0, None, 1.0, None)
+    trl_loss = per_tok.sum() / M
+    trl_loss.backward()
+    h2 = hs.clone().requires_grad_()
+    logits = h2 @ ws.T
+    batch = LossBatch(tokens=torch.zeros(M, dtype=torch.long), weights=torch.full((M,), 1.0 / M, dtype=torch.float64),
+                      teacher_full_logprobs=torch.log_softmax(ht @ wt.T, -1))
+    ours_loss, _ = build_loss("full_reverse_kl")(logits, batch)
+    ours_loss.backward()
+    trl_loss, ours_loss = trl_loss.item(), ours_loss.item()
+    return {"trl_loss": trl_loss, "ours_loss": ours_loss, "loss_abs_diff": abs(trl_loss - ours_loss),
+            "grad_max_abs_diff": float((h1.grad - h2.grad).abs().max()),
+            "grad_max_abs": float(h2.grad.abs().max())}
+
+
+# ----------------------------------------------------------------------------- main
+
+def summarise(runs: list[dict]) -> dict:
+    step = [x for r in runs for x in r["step_s"]]
+    tokens = [x for r in runs for x in r["tokens"]]
+    return {"median_step_s": median(step), "p90_step_s": percentile(step, 90), "n_steps": len(step),
+            "tokens_per_s": sum(tokens) / sum(step), "mean_loss_tokens_per_step": sum(tokens) / len(tokens),
+            "mean_completion_len": sum(x for r in runs for x in r["completion_len"]) / len(step),
+            "stages_median_s": {s: median([x for r in runs for x in r["stages"][s]]) for s in STAGES},
+            "per_repeat_median_step_s": [median(r["step_s"]) for r in runs],
+            "wall_s": [r["wall_s"] for r in runs]}
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--steps", type=int, default=20, help="optimizer steps per run (default 20)")
+    p.add_argument("--batch", type=int, default=64, help="sequences per optimizer step (default 64)")
+    p.add_argument("--micro-batch", type=int, default=None, help="sequences per forward/backward (default: --batch)")
+    p.add_argument("--max-new-tokens", type=int, default=8, help="completion length cap (default 8)")
+    p.add_argument("--repeats", type=int, default=2, help="interleaved (ours, TRL) pairs (default 2)")
+    p.add_argument("--warmup", type=int, default=2, help="leading steps of each run not timed (default 2)")
+    p.add_argument("--threads", type=int, default=1, help="torch threads per process / per actor (default 1)")
+    p.add_argument("--num-cpus", type=int, default=2, help="our cluster.num_cpus (default 2)")
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--timeout", type=float, default=600, help="seconds per run before it is killed")
+    p.add_argument("--out-dir", default=str(ROOT / "runs" / "bench"))
+    p.add_argument("--skip-loss-check", action="store_true")
+    p.add_argument("--child-trl", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--child-out", help=argparse.SUPPRESS)
+    p.add_argument("--child-paths", help=argparse.SUPPRESS)
+    a = p.parse_args(argv)
+    os.environ.update(ENV)
+    if a.child_trl:
+        trl_child(a)
+        return 0
+    micro = a.micro_batch or a.batch
+    if a.batch % micro:
+        p.error(f"--batch {a.batch} is not a multiple of --micro-batch {micro}")
+    if a.steps <= a.warmup:
+        p.error("--steps must exceed --warmup")
+
+    from trl import DistillationTrainer  # noqa: F401  (fail early if this trl lacks it)
+
+    out_dir = Path(a.out_dir)
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    logs = out_dir / "logs" / stamp
+    logs.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix="bench_vs_trl_"))
+    try:
+        return _bench(a, micro, out_dir, stamp, logs, work)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def _bench(a, micro, out_dir: Path, stamp: str, logs: Path, work: Path) -> int:
+    import trl
+
+    from tasks.arithmetic import write_task
+    from tasks.tiny import SIZES, write_tiny_models
+    from transformers import AutoTokenizer
+
+    from launch.batches import PromptFormatter
+    paths = {**write_tiny_models(work / "models", seed=a.seed), **write_task(work / "data", seed=a.seed)}
+    paths = {k: paths[k] for k in ("student", "teacher", "train")}
+    first = json.loads(open(paths["train"]).readline())
+    prompt_len = len(PromptFormatter(AutoTokenizer.from_pretrained(paths["student"]), "{prompt}", "{prompt}").student(first))
+
+    check = None if a.skip_loss_check else loss_check()
+    if check:
+        print(f"loss check (TRL beta=1.0 vs ours full_reverse_kl, same logits): loss {check['trl_loss']:.6f} vs "
+              f"{check['ours_loss']:.6f}, max |grad diff| {check['grad_max_abs_diff']:.1e} "
+              f"(max |grad| {check['grad_max_abs']:.1e})")
+    print(f"trl {trl.__version__} DistillationTrainer | student {SIZES['student']} teacher {SIZES['teacher']} "
+          f"(hidden, layers, heads) | batch {a.batch} (micro {micro}) | prompt {prompt_len} tok | max_new_tokens "
+          f"{a.max_new_tokens} | steps {a.steps} (first {a.warmup} dropped) x {a.repeats} pairs | "
+          f"threads {a.threads}", flush=True)
+
+    runs = {"ours": [], "trl": []}
+    for rep in range(a.repeats):
+        for system, fn in (("ours", run_ours), ("trl", run_trl)):
+            r = fn(a, paths, work, logs, rep)
+            runs[system].append(r)
+            print(f"  pair {rep + 1}/{a.repeats} {system:4s}: median step {median(r['step_s']):.3f}s "
+                  f"(run wall {r['wall_s']:.0f}s)", flush=True)
+
+    s = {k: summarise(v) for k, v in runs.items()}
+    ratio = s["ours"]["median_step_s"] / s["trl"]["median_step_s"]
+    lines = [
+        "",
+        f"{'system':<34} {'median step s':>13} {'p90 s':>8} {'tokens/s':>9} {'tok/step':>9}",
+        *(f"{label:<34} {s[k]['median_step_s']:>13.3f} {s[k]['p90_step_s']:>8.3f} {s[k]['tokens_per_s']:>9.0f} "
+          f"{s[k]['mean_loss_tokens_per_step']:>9.1f}"
+          for k, label in (("ours", "ours (local Ray, full_reverse_kl)"),
+                           ("trl", f"TRL {trl.__version__} DistillationTrainer"))),
+        "",
+        f"{'median s per stage':<28}" + " ".join(f"{st:>8}" for st in STAGES) + f" {'other':>8}",
+        *(f"{label:<28}" + " ".join(f"{s[k]['stages_median_s'][st]:>8.3f}" for st in STAGES)
+          + f" {s[k]['median_step_s'] - sum(s[k]['stages_median_s'].values()):>8.3f}"
+          for k, label in (("ours", "ours"), ("trl", "TRL (generate/teacher/rest)"))),
+        "",
+        "per-pair median step s: ours " + ", ".join(f"{x:.3f}" for x in s["ours"]["per_repeat_median_step_s"])
+        + " | TRL " + ", ".join(f"{x:.3f}" for x in s["trl"]["per_repeat_median_step_s"]),
+        f"ratio ours/TRL = {ratio:.2f} (target <= 1.0)",
+    ]
+    print("\n".join(lines))
+
+    result = {"args": {k: v for k, v in vars(a).items() if not k.startswith("child")}, "trl_version": trl.__version__,
+              "models": {k: SIZES[k] for k in ("student", "teacher")}, "prompt_tokens": prompt_len, "loss_check": check,
+              "summary": s, "ratio_ours_over_trl": ratio, "runs": runs, "logs": str(logs), "table": "\n".join(lines)}
+    path = out_dir / f"bench_vs_trl-{stamp}.json"
+    path.write_text(json.dumps(result, indent=2))
+    print(f"\nresults: {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
