@@ -21,6 +21,13 @@ from teachers.hf_teacher import HFTeacher
 
 def train(cfg: ExperimentConfig) -> dict:
     run, s = RunDir(cfg), Setup(cfg)
+    try:
+        return _loop(cfg, run, s)
+    finally:
+        s.shutdown()
+
+
+def _loop(cfg: ExperimentConfig, run: RunDir, s: "Setup") -> dict:
     step = s.resume(run)
     start_acc = s.evaluate(run, step)
     for step in range(step + 1, cfg.run.steps + 1):
@@ -96,7 +103,8 @@ class Setup:
         self.eval_sampling = SamplingSpec(max_new_tokens=cfg.eval.max_new_tokens or rc.max_new_tokens,
                                           temperature=cfg.eval.temperature, seed=cfg.run.seed)
         has_teacher = cfg.algorithm == "opd"
-        placement = Placement(cfg, rc.num_actors + cfg.learner.num_ranks + (cfg.teacher.num_actors if has_teacher else 0))
+        self.teachers = None
+        self.placement = placement = Placement(cfg, rc.num_actors + cfg.learner.num_ranks + (cfg.teacher.num_actors if has_teacher else 0))
         rows_per_step = rc.prompts_per_step * (1 if cfg.algorithm == "sft" else rc.samples_per_prompt)
         self.learner = LearnerGroup(cfg, rows_per_step, placement)  # first: its ranks rendezvous while the rest load
         threads = cfg.cluster.threads_per_actor
@@ -112,6 +120,13 @@ class Setup:
                 for _ in range(cfg.teacher.num_actors)])
             if cfg.teacher.live:
                 self.sync_targets += self.teachers.actors
+
+    def shutdown(self) -> None:
+        """Free this run's actors and CPUs (a Ray session may outlive the run: tests, notebooks)."""
+        actors = self.learner.ranks + self.rollouts.actors + (self.teachers.actors if self.teachers else [])
+        for actor in actors:
+            ray.kill(actor)
+        self.placement.remove()
 
     def _load(self, source: str, required: set[str]):
         dc = self.cfg.data
