@@ -120,11 +120,15 @@ class Setup:
                 for _ in range(cfg.teacher.num_actors)])
             if cfg.teacher.live:
                 self.sync_targets += self.teachers.actors
+        # Wait for every actor to load, so step 1's stage timings measure work, not start-up.
+        ray.get([a.__ray_ready__.remote() for a in self._actors()])
+
+    def _actors(self) -> list:
+        return self.learner.ranks + self.rollouts.actors + (self.teachers.actors if self.teachers else [])
 
     def shutdown(self) -> None:
         """Free this run's actors and CPUs (a Ray session may outlive the run: tests, notebooks)."""
-        actors = self.learner.ranks + self.rollouts.actors + (self.teachers.actors if self.teachers else [])
-        for actor in actors:
+        for actor in self._actors():
             ray.kill(actor)
         self.placement.remove()
 
