@@ -32,6 +32,10 @@ def check_loss(cfg) -> None:
         raise ManifestError(f"loss.name: algorithm 'grpo' needs a reward loss (grpo), got {cfg.loss.name!r}")
     if cfg.algorithm == "opd" and not needs.needs_teacher:
         raise ManifestError(f"loss.name: {cfg.loss.name!r} uses no teacher; algorithm 'opd' needs a distillation loss")
+    if cfg.algorithm != "sft" and needs.reference_rows:
+        raise ManifestError(f"loss.params: {cfg.loss.name!r} has an sft component, which needs reference rows; "
+                            f"the {cfg.algorithm!r} driver does not add them yet. Warm-start with algorithm: sft "
+                            "instead (as configs/demo/student_sft.yaml does)")
     if needs.needs_teacher:
         try:
             check_teacher(loss, TEACHER_CAPABILITIES[cfg.teacher.kind], f"a {cfg.teacher.kind!r} teacher")

@@ -30,6 +30,8 @@ def test_extends_merges_parent_then_child(tmp_path, write_manifest):
     (["loss.name=topk_reverse_klsg"], r"loss.name: unknown loss 'topk_reverse_klsg'.*did you mean"),
     (["teacher.kind=none"], r"teacher.kind: algorithm 'opd' needs a teacher"),
     (["algorithm=sft"], r"loss.name: algorithm 'sft'"),
+    (["loss.name=weighted_sum", "loss.params.components=[{name: sampled_token_rkl}, {name: sft, weight: 0.1}]"],
+     r"loss.params: 'weighted_sum' has an sft component"),
 ])
 def test_bad_manifest_names_the_key(write_manifest, override, message):
     with pytest.raises(ManifestError, match=message):
