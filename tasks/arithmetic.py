@@ -3,8 +3,8 @@
   prompt "047+315="  ->  answer "2630"   (047 + 315 = 0362, reversed)
 
 Writing the sum backwards lets a tiny transformer compute each digit from the carry it has just
-written, so a 0.7M-parameter model (4 layers, width 128) masters it in about 600 CPU steps; that makes a
-competent teacher cheap to build and leaves a clear gap for a briefly-trained student.
+written, so a 0.7M-parameter model (4 layers, width 128) masters it in about 600 CPU steps; that
+makes a competent teacher cheap to build and leaves a clear gap for a briefly-trained student.
 """
 from __future__ import annotations
 
