@@ -8,11 +8,11 @@ from __future__ import annotations
 import socket
 
 import ray
-import torch
 from ray.util.placement_group import placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
-from opd.contracts import Rollout, SamplingSpec, ScoreRequest, TeacherScores, TrainBatch, concat_rollouts
+from opd.contracts import (Rollout, SamplingSpec, ScoreRequest, TeacherScores, TrainBatch, concat_rollouts,
+                           concat_scores)
 
 QUIET_ENV = {"TRANSFORMERS_VERBOSITY": "error", "HF_HUB_OFFLINE": "1", "HF_HUB_DISABLE_PROGRESS_BARS": "1",
              "TOKENIZERS_PARALLELISM": "false", "PYTHONWARNINGS": "ignore"}
@@ -89,9 +89,7 @@ class TeacherGroup:
             topk = None if rollout.student_topk_ids is None else rollout.student_topk_ids[s]
             return teacher_prompts[s], rollout.completion_ids[s], rollout.completion_mask[s], request, topk
         refs = [a.score.remote(*args(s)) for a, s in zip(self.actors, _split(len(rollout), len(self.actors)))]
-        parts = ray.get(refs)
-        return TeacherScores(**{k: None if getattr(parts[0], k) is None else torch.cat([getattr(p, k) for p in parts])
-                                for k in TeacherScores.__dataclass_fields__})
+        return concat_scores(ray.get(refs))
 
 
 class LearnerGroup:

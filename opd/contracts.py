@@ -135,3 +135,9 @@ def concat_rollouts(parts: list[Rollout]) -> Rollout:
         weight_version=min(r.weight_version for r in parts),
         student_topk_ids=cat("student_topk_ids", 0),
     )
+
+
+def concat_scores(parts: list[TeacherScores]) -> TeacherScores:
+    """Join teacher scores row-wise (all parts share the completion width T)."""
+    return TeacherScores(**{f.name: None if getattr(parts[0], f.name) is None
+                            else torch.cat([getattr(p, f.name) for p in parts]) for f in fields(TeacherScores)})

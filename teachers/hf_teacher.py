@@ -8,7 +8,7 @@ import torch
 
 from actors.hf_engine import load_model, load_named_tensors, left_pad, positions
 from launch.capabilities import TEACHER_CAPABILITIES
-from opd.contracts import ScoreRequest, TeacherScores
+from opd.contracts import ScoreRequest, TeacherScores, concat_scores
 
 
 def check_same_tokenizer(teacher_tok, student_tok, key: str = "teacher.path") -> None:
@@ -43,9 +43,7 @@ class HFTeacher:
                              completion_mask[s:s + self.micro_batch], request,
                              None if student_topk_ids is None else student_topk_ids[s:s + self.micro_batch])
                  for s in range(0, len(teacher_prompts), self.micro_batch)]
-        cat = lambda name: (None if getattr(parts[0], name) is None  # noqa: E731
-                            else torch.cat([getattr(p, name) for p in parts]))
-        return TeacherScores(**{k: cat(k) for k in TeacherScores.__dataclass_fields__})
+        return concat_scores(parts)
 
     def _score(self, prompts, completion_ids, completion_mask, request, student_topk_ids) -> TeacherScores:
         p_ids, p_mask = left_pad(prompts, self.pad_id)
