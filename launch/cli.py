@@ -32,21 +32,33 @@ def cmd_train(args) -> int:
 
 
 def cmd_eval(args) -> int:
-    from actors.hf_engine import HFEngine
     from launch.batches import PromptFormatter
     from opd.contracts import SamplingSpec
     from tasks.data import load_dataset
     from tasks.verifiers import get_verifier
     from transformers import AutoTokenizer
     rows = load_dataset(args.data, [args.prompt_field, args.answer_field]).rows[:args.size]
-    fmt = PromptFormatter(AutoTokenizer.from_pretrained(args.model), args.prompt_template, "{prompt}")
+    tok = AutoTokenizer.from_pretrained(args.model)
+    fmt = PromptFormatter(tok, args.prompt_template, "{prompt}")
     for r in rows:
         r["prompt"], r["answer"] = r[args.prompt_field], r[args.answer_field]
-    engine = HFEngine(args.model)
-    out = engine.generate([fmt.student(r) for r in rows], SamplingSpec(max_new_tokens=args.max_new_tokens, temperature=0))
+    spec = SamplingSpec(max_new_tokens=args.max_new_tokens, temperature=0, behaviour_logprobs=False)
+    if args.engine == "vllm":
+        import torch
+        from actors.vllm_engine import VLLMEngine
+        from opd.vllm_llm import LLMSpec
+        cpu = not torch.cuda.is_available()
+        engine = VLLMEngine(LLMSpec(model=args.model, dtype="float32" if cpu else "bfloat16",
+                                    kv_cache_memory_gb=0.25 if cpu else None, enforce_eager=cpu), spec, tok.pad_token_id)
+    else:
+        from actors.hf_engine import HFEngine
+        import torch
+        engine = HFEngine(args.model, use_gpu=torch.cuda.is_available())
+    out = engine.generate([fmt.student(r) for r in rows], spec)
     verify = get_verifier(args.verifier)
     acc = sum(verify(fmt.text(c), r["answer"]) for c, r in zip(out.completions(), rows)) / len(rows)
-    print(json.dumps({"model": args.model, "data": args.data, "size": len(rows), "accuracy": acc}))
+    print(json.dumps({"model": args.model, "engine": args.engine, "data": args.data, "size": len(rows),
+                      "accuracy": acc}))
     return 0
 
 
@@ -76,6 +88,7 @@ def main(argv=None) -> int:
     e.add_argument("--answer-field", default="answer")
     e.add_argument("--prompt-template", default="{prompt}")
     e.add_argument("--max-new-tokens", type=int, default=16)
+    e.add_argument("--engine", choices=["hf", "vllm"], default="hf")
     e.set_defaults(fn=cmd_eval)
     m = sub.add_parser("make-tiny", help="write tiny HF models, tokenizer and the arithmetic task")
     m.add_argument("--out", default="runs/tiny")

@@ -1,16 +1,17 @@
-"""Ray placement: start or join Ray, place rollout, teacher and learner actors, and fan calls out.
+"""Ray: start or join it, start the rollout, teacher and learner actors, fan calls out to them,
+and wire weight sync between them.
 
-The actor classes are plain (HFEngine, HFTeacher, LearnerWorker); this file is the only place that
-knows they run under Ray.
+The actor classes are plain (HFEngine, VLLMEngine, HFTeacher, VLLMTeacher, LearnerWorker); this
+file is the only place that knows they run under Ray. Where they run is launch/placement.py.
 """
 from __future__ import annotations
 
 import socket
 
 import ray
-from ray.util.placement_group import placement_group
-from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
+from launch.config import ExperimentConfig, VLLMConfig
+from launch.placement import Placement
 from opd.contracts import (Rollout, SamplingSpec, ScoreRequest, TeacherScores, TrainBatch, concat_rollouts,
                            concat_scores)
 
@@ -37,33 +38,10 @@ def _free_port() -> int:
 
 @ray.remote
 class _Host:
-    """Tells the driver where the learner's rank 0 lives (its IP and a free port) on any cluster."""
+    """Tells the driver where the learner's rank 0 lives (its IP and a free port for DeepSpeed's
+    rendezvous) on any cluster. Weight sync opens its own port later, from rank 0 itself."""
     def address(self):
         return ray.util.get_node_ip_address(), _free_port()
-
-
-class Placement:
-    """One bundle per actor, packed. Local CPU mode shares the machine's CPUs out fractionally
-    (Ray's CPU counts are logical); on GPUs each actor gets one GPU."""
-
-    def __init__(self, cfg, n_actors: int):
-        gpus = cfg.cluster.num_gpus > 0
-        cpus = 1.0 if cfg.cluster.mode == "ray" else cfg.cluster.num_cpus / n_actors
-        self.per_actor = {"num_cpus": cpus, "num_gpus": 1 if gpus else 0}
-        bundle = {"CPU": cpus, **({"GPU": 1} if gpus else {})}
-        self.pg = placement_group([dict(bundle) for _ in range(n_actors)], strategy="PACK")
-        ray.get(self.pg.ready())
-        self.next = 0
-
-    def remove(self) -> None:
-        from ray.util.placement_group import remove_placement_group
-        remove_placement_group(self.pg)
-
-    def options(self) -> dict:
-        opts = dict(self.per_actor, scheduling_strategy=PlacementGroupSchedulingStrategy(
-            placement_group=self.pg, placement_group_bundle_index=self.next))
-        self.next += 1
-        return opts
 
 
 def _split(n: int, parts: int) -> list[slice]:
@@ -71,18 +49,78 @@ def _split(n: int, parts: int) -> list[slice]:
     return [slice(a, b) for a, b in zip(bounds, bounds[1:])]
 
 
+def llm_spec(cfg: ExperimentConfig, side: str, path: str, seed: int, sync_backend=None):
+    """The vLLM engine for one side (rollout / teacher), from its manifest section."""
+    from opd.vllm_llm import LLMSpec
+    v: VLLMConfig = getattr(cfg, side).vllm
+    on_cpu = cfg.cluster.num_gpus == 0
+    return LLMSpec(model=path, dtype=v.dtype or cfg.model.dtype, tensor_parallel_size=v.tensor_parallel_size,
+                   max_model_len=v.max_model_len, gpu_memory_utilization=v.gpu_memory_utilization,
+                   kv_cache_memory_gb=v.kv_cache_memory_gb or (0.25 if on_cpu else None),
+                   max_logprobs=v.max_logprobs, enforce_eager=v.enforce_eager or on_cpu, seed=seed,
+                   sync_backend=sync_backend, sleep_mode=cfg.cluster.colocate and side == "rollout")
+
+
+def sync_backend(cfg: ExperimentConfig) -> str:
+    """sync.backend for vLLM receivers (HF receivers always use gloo)."""
+    if cfg.sync.backend != "auto":
+        return cfg.sync.backend
+    return "gloo" if cfg.cluster.num_gpus == 0 else "ipc" if cfg.cluster.colocate else "nccl"
+
+
 class RolloutGroup:
     def __init__(self, actors: list):
         self.actors = actors
+
+    @classmethod
+    def start(cls, cfg: ExperimentConfig, placement: Placement, sampling: SamplingSpec, pad_id: int):
+        gpu = cfg.cluster.num_gpus > 0
+        actors = []
+        for i, slot in enumerate(placement.layout.rollout):
+            opts = placement.options(slot)
+            if cfg.rollout.engine == "vllm":
+                from actors.vllm_engine import VLLMEngine
+                spec = llm_spec(cfg, "rollout", cfg.model.path, cfg.run.seed + i, sync_backend(cfg))
+                actors.append(ray.remote(VLLMEngine).options(**opts).remote(spec, sampling, pad_id))
+            else:
+                from actors.hf_engine import HFEngine
+                actors.append(ray.remote(HFEngine).options(**opts).remote(
+                    cfg.model.path, cfg.model.dtype, seed=cfg.run.seed + i, threads=cfg.cluster.threads_per_actor,
+                    use_gpu=gpu))
+        return cls(actors)
 
     def generate(self, prompts: list[list[int]], spec: SamplingSpec) -> Rollout:
         refs = [a.generate.remote(prompts[s], spec) for a, s in zip(self.actors, _split(len(prompts), len(self.actors)))]
         return concat_rollouts(ray.get(refs))
 
+    def sleep(self) -> None:
+        ray.get([a.sleep.remote() for a in self.actors])
+
+    def wake_up(self) -> None:
+        ray.get([a.wake_up.remote() for a in self.actors])
+
 
 class TeacherGroup:
     def __init__(self, actors: list):
         self.actors = actors
+
+    @classmethod
+    def start(cls, cfg: ExperimentConfig, placement: Placement):
+        tc = cfg.teacher
+        path = cfg.model.path if tc.kind == "self" else tc.path
+        actors = []
+        for i, slot in enumerate(placement.layout.teacher):
+            opts = placement.options(slot)
+            if tc.kind == "vllm":
+                from teachers.vllm_teacher import VLLMTeacher
+                spec = llm_spec(cfg, "teacher", path, cfg.run.seed + i)
+                actors.append(ray.remote(VLLMTeacher).options(**opts).remote(spec, student_path=cfg.model.path))
+            else:
+                from teachers.hf_teacher import HFTeacher
+                actors.append(ray.remote(HFTeacher).options(**opts).remote(
+                    path, cfg.model.dtype, student_path=cfg.model.path, threads=cfg.cluster.threads_per_actor,
+                    use_gpu=cfg.cluster.num_gpus > 0))
+        return cls(actors)
 
     def score(self, teacher_prompts, rollout: Rollout, request: ScoreRequest) -> TeacherScores:
         def args(s):
@@ -95,9 +133,11 @@ class TeacherGroup:
 class LearnerGroup:
     def __init__(self, cfg, rows_per_step: int, placement: Placement):
         from learner.worker import LearnerWorker
-        n = cfg.learner.num_ranks
-        opts = [placement.options() for _ in range(n)]
-        addr, port = ray.get(_Host.options(**opts[0]).remote().address.remote())
+        opts = [placement.options(slot) for slot in placement.layout.learner]
+        n = len(opts)
+        host = _Host.options(num_cpus=0, scheduling_strategy=opts[0]["scheduling_strategy"]).remote()
+        addr, port = ray.get(host.address.remote())
+        ray.kill(host)
         remote = ray.remote(LearnerWorker)
         self.ranks = [remote.options(**o).remote(cfg, r, n, addr, port, rows_per_step) for r, o in enumerate(opts)]
 
@@ -116,7 +156,15 @@ class LearnerGroup:
         return ray.get([getattr(w, method).remote(*args) for w in self.ranks])[0]
 
 
-def sync_weights(weights_ref, targets: list, version: int) -> None:
-    """CPU weight sync through the Ray object store: one put on the learner, zero-copy reads by
-    every rollout actor (and a live self-teacher). The vLLM path uses vLLM's NCCL transfer instead."""
-    ray.get([t.update_weights.remote(weights_ref, version) for t in targets])
+def connect_weight_sync(cfg: ExperimentConfig, learner: LearnerGroup, targets: list, kinds: list[str]) -> None:
+    """Open the learner's transfer groups to every receiver: HF receivers over gloo, vLLM receivers
+    over sync.backend, each in the dtype it holds its weights in."""
+    workers = ray.get([t.weight_sync_workers.remote() for t in targets])
+    groups = []
+    for kind, backend, dtype in (("hf", "gloo", cfg.model.dtype),
+                                 ("vllm", sync_backend(cfg), cfg.rollout.vllm.dtype or cfg.model.dtype)):
+        members = [i for i, k in enumerate(kinds) if k == kind]
+        if members:
+            groups.append({"backend": backend, "dtype": dtype, "targets": [targets[i] for i in members],
+                           "workers": [workers[i] for i in members]})
+    learner.call("init_weight_sync", groups)

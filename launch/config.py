@@ -30,8 +30,22 @@ class ClusterConfig:
     mode: str = "local"           # local: start Ray in-process | ray: join a running cluster
     address: Optional[str] = None  # ray mode; None means "auto" (what `ray job submit` sets up)
     num_cpus: int = 2             # local mode: CPUs Ray may use
-    num_gpus: int = 0
+    num_gpus: int = 0             # GPUs the run may use; 0: everything on CPU
+    colocate: bool = False        # rollout engines share the learner's GPUs (asleep during its step)
+    placement_timeout_s: float = 120.0  # how long to wait for the cluster to hold the layout
     threads_per_actor: int = 1    # torch intra-op threads inside each actor
+
+
+@dataclass
+class VLLMConfig:
+    """A vLLM engine's settings (rollout.vllm, teacher.vllm); read only when that side uses vLLM."""
+    tensor_parallel_size: int = 1
+    gpu_memory_utilization: float = 0.5
+    kv_cache_memory_gb: Optional[float] = None  # explicit KV-cache size; CPU runs default to 0.25
+    max_model_len: Optional[int] = None  # default: the model's context length
+    dtype: Optional[str] = None   # default: model.dtype (the learner sends weights in this dtype)
+    max_logprobs: int = 20        # the largest student / teacher top-k it can return
+    enforce_eager: bool = False   # skip CUDA graphs (faster start, slower decode)
 
 
 @dataclass
@@ -47,6 +61,7 @@ class TeacherConfig:
     prompt_template: str = "{prompt}"  # row fields by name; OPSD puts privileged info here
     live: bool = False            # self-teacher follows the student's weights every step
     num_actors: int = 1
+    vllm: VLLMConfig = field(default_factory=VLLMConfig)
 
 
 @dataclass
@@ -58,6 +73,14 @@ class RolloutConfig:
     max_new_tokens: int = 32
     temperature: float = 1.0
     top_p: float = 1.0
+    vllm: VLLMConfig = field(default_factory=VLLMConfig)
+
+
+@dataclass
+class SyncConfig:
+    """Weight sync, learner -> rollout engines (and a live self-teacher), after every step."""
+    backend: str = "auto"         # auto | gloo | nccl | ipc. auto: gloo on CPU, ipc when colocated,
+                                  # else nccl. HF engines always receive over gloo.
 
 
 @dataclass
@@ -124,6 +147,7 @@ class ExperimentConfig:
     teacher: TeacherConfig = field(default_factory=TeacherConfig)
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
     learner: LearnerConfig = field(default_factory=LearnerConfig)
+    sync: SyncConfig = field(default_factory=SyncConfig)
     loss: LossConfig = field(default_factory=LossConfig)
     data: DataConfig = field(default_factory=DataConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
@@ -247,13 +271,65 @@ def validate(cfg: ExperimentConfig) -> None:
         _exists("data.eval", cfg.data.eval)
         if needs_teacher and cfg.teacher.kind in ("hf", "vllm"):
             _exists("teacher.path", cfg.teacher.path)
-        if cfg.cluster.num_gpus == 0 and "vllm" in (cfg.rollout.engine, cfg.teacher.kind):
-            raise ManifestError("rollout.engine / teacher.kind: vllm needs GPUs (cluster.num_gpus > 0); "
-                                "use 'hf' on CPU")
-    if "vllm" in (cfg.rollout.engine, cfg.teacher.kind):
-        # The adapters exist and are contract-tested (actors/vllm_engine.py, teachers/vllm_teacher.py),
-        # but the driver does not place them yet: refuse rather than silently run the HF engine.
-        raise ManifestError("rollout.engine / teacher.kind: 'vllm' is not wired into the driver yet; "
-                            "use 'hf' (see docs/vllm.md)")
+        _check_local_gpus(cfg.cluster.num_gpus)
+    _check_engines(cfg)
+    from launch.placement import check_resources  # GPU arithmetic for the layout the manifest asks for
+    check_resources(cfg)
     from launch.capabilities import check_loss  # the loss registry is heavier; import late
     check_loss(cfg)
+
+
+def _check_local_gpus(wanted: int) -> None:
+    if wanted == 0:
+        return
+    import torch
+    have = torch.cuda.device_count()
+    if have < wanted:
+        raise ManifestError(f"cluster.num_gpus: {wanted} requested but this machine has {have} CUDA device(s); "
+                            "set cluster.num_gpus: 0 to run everything on the CPU")
+
+
+def _check_engines(cfg: ExperimentConfig) -> None:
+    _choice("sync.backend", cfg.sync.backend, ("auto", "gloo", "nccl", "ipc"))
+    on_gpu = cfg.cluster.num_gpus > 0
+    if cfg.sync.backend in ("nccl", "ipc") and not on_gpu:
+        raise ManifestError(f"sync.backend: {cfg.sync.backend!r} moves weights between GPUs; with "
+                            "cluster.num_gpus: 0 use gloo (or auto)")
+    if cfg.cluster.colocate and not on_gpu:
+        raise ManifestError("cluster.colocate: shares the learner's GPUs with the rollout engines; "
+                            "it needs cluster.num_gpus > 0")
+    if cfg.cluster.colocate and cfg.rollout.num_actors != cfg.learner.num_ranks:
+        raise ManifestError(f"rollout.num_actors: {cfg.rollout.num_actors}, but colocated engines sit one per "
+                            f"learner GPU: set it to learner.num_ranks ({cfg.learner.num_ranks})")
+    for side, engine in (("rollout", cfg.rollout.engine), ("teacher", cfg.teacher.kind)):
+        if engine != "vllm":
+            continue
+        v: VLLMConfig = getattr(cfg, side).vllm
+        _positive(f"{side}.vllm.tensor_parallel_size", v.tensor_parallel_size)
+        if v.max_model_len is not None:
+            _positive(f"{side}.vllm.max_model_len", v.max_model_len)
+        _positive(f"{side}.vllm.max_logprobs", v.max_logprobs)
+        if v.dtype is not None:
+            _choice(f"{side}.vllm.dtype", v.dtype, ("float32", "bfloat16", "float16"))
+        if not 0 < v.gpu_memory_utilization <= 1:
+            raise ManifestError(f"{side}.vllm.gpu_memory_utilization: must be in (0, 1], got {v.gpu_memory_utilization}")
+        if not on_gpu and v.tensor_parallel_size != 1:
+            raise ManifestError(f"{side}.vllm.tensor_parallel_size: {v.tensor_parallel_size} needs GPUs; "
+                                "vLLM's CPU build runs tensor_parallel_size 1 here")
+    if cfg.rollout.engine == "vllm":
+        from opd.vllm_llm import logprobs_mode_for
+        try:
+            logprobs_mode_for(sampling_spec(cfg))
+        except ValueError as e:
+            raise ManifestError(str(e)) from None
+        if (cfg.rollout.vllm.max_model_len or 1 << 62) < cfg.rollout.max_new_tokens + 1:
+            raise ManifestError(f"rollout.vllm.max_model_len: {cfg.rollout.vllm.max_model_len} leaves no room for "
+                                f"a prompt and rollout.max_new_tokens {cfg.rollout.max_new_tokens}")
+
+
+def sampling_spec(cfg: ExperimentConfig, return_topk: int = 0):
+    """The training rollouts' SamplingSpec."""
+    from opd.contracts import SamplingSpec
+    rc = cfg.rollout
+    return SamplingSpec(max_new_tokens=rc.max_new_tokens, temperature=rc.temperature, top_p=rc.top_p,
+                        return_topk=return_topk)

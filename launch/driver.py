@@ -7,16 +7,15 @@ from contextlib import contextmanager
 import ray
 from transformers import AutoTokenizer
 
-from actors.hf_engine import HFEngine
 from launch.batches import PromptFormatter, distill_batch, reward_batch, rollout_stats, score_request, sft_batch
 from launch.capabilities import build_configured_loss
-from launch.cluster import LearnerGroup, Placement, RolloutGroup, TeacherGroup, start_ray, sync_weights
-from launch.config import ExperimentConfig
+from launch.cluster import LearnerGroup, RolloutGroup, TeacherGroup, connect_weight_sync, start_ray
+from launch.config import ExperimentConfig, sampling_spec
+from launch.placement import Placement
 from launch.run_dir import RunDir
 from opd.contracts import SamplingSpec
 from tasks.data import PromptStream, load_dataset, template_fields
 from tasks.verifiers import get_verifier
-from teachers.hf_teacher import HFTeacher
 
 
 def train(cfg: ExperimentConfig) -> dict:
@@ -48,10 +47,10 @@ def _loop(cfg: ExperimentConfig, run: RunDir, s: "Setup") -> dict:
                 batch = distill_batch(rollout, scores)
             else:
                 batch = reward_batch(rollout, rewards, [i // cfg.rollout.samples_per_prompt for i in range(len(rows))])
-        with timer("learner"):
+        with timer("learner"), s.engines_asleep():
             metrics.update({f"train/{k}": v for k, v in s.learner.train_step(batch).items()})
         with timer("sync"):
-            sync_weights(s.learner.export_weights(), s.sync_targets, version=step)
+            s.sync_weights(step)
         metrics.update(timer.metrics(), **{"perf/step_s": time.time() - t0,
                                            "perf/tokens_per_s": batch.loss_tokens / (time.time() - t0)})
         run.log(step, metrics)
@@ -86,7 +85,7 @@ class Setup:
 
     def __init__(self, cfg: ExperimentConfig):
         self.cfg = cfg
-        dc = cfg.data
+        dc, rc = cfg.data, cfg.rollout
         start_ray(cfg)
         tok = AutoTokenizer.from_pretrained(cfg.model.path)
         self.fmt = PromptFormatter(tok, dc.prompt_template, cfg.teacher.prompt_template)
@@ -96,42 +95,50 @@ class Setup:
         self.eval_rows = self._load(dc.eval, fields | {"answer"}).rows[:cfg.eval.size] if dc.eval else []
         self.verifier = get_verifier(cfg.eval.verifier)
         needs = build_configured_loss(cfg).needs
-        self.request = score_request(needs, cfg.rollout.temperature)
-        rc = cfg.rollout
-        self.sampling = SamplingSpec(max_new_tokens=rc.max_new_tokens, temperature=rc.temperature,
-                                     top_p=rc.top_p, return_topk=needs.student_topk)
+        self.request = score_request(needs, rc.temperature)
+        self.sampling = sampling_spec(cfg, return_topk=needs.student_topk)
         self.eval_sampling = SamplingSpec(max_new_tokens=cfg.eval.max_new_tokens or rc.max_new_tokens,
-                                          temperature=cfg.eval.temperature, seed=cfg.run.seed)
-        has_teacher = cfg.algorithm == "opd"
-        self.teachers = None
-        self.placement = placement = Placement(cfg, rc.num_actors + cfg.learner.num_ranks + (cfg.teacher.num_actors if has_teacher else 0))
+                                          temperature=cfg.eval.temperature, seed=cfg.run.seed, behaviour_logprobs=False)
+        self.placement = placement = Placement(cfg, cfg.cluster.placement_timeout_s)
         rows_per_step = rc.prompts_per_step * (1 if cfg.algorithm == "sft" else rc.samples_per_prompt)
         self.learner = LearnerGroup(cfg, rows_per_step, placement)  # first: its ranks rendezvous while the rest load
-        threads = cfg.cluster.threads_per_actor
-        engine = ray.remote(HFEngine)
-        self.rollouts = RolloutGroup([engine.options(**placement.options()).remote(
-            cfg.model.path, cfg.model.dtype, seed=cfg.run.seed + i, threads=threads) for i in range(rc.num_actors)])
-        self.sync_targets = list(self.rollouts.actors)
-        if has_teacher:
-            teacher_path = cfg.model.path if cfg.teacher.kind == "self" else cfg.teacher.path
-            actor = ray.remote(HFTeacher)
-            self.teachers = TeacherGroup([actor.options(**placement.options()).remote(
-                teacher_path, cfg.model.dtype, student_path=cfg.model.path, threads=threads)
-                for _ in range(cfg.teacher.num_actors)])
-            if cfg.teacher.live:
-                self.sync_targets += self.teachers.actors
+        self.rollouts = RolloutGroup.start(cfg, placement, self.sampling, tok.pad_token_id)
+        self.teachers = TeacherGroup.start(cfg, placement) if cfg.algorithm == "opd" else None
         # Wait for every actor to load, so step 1's stage timings measure work, not start-up.
         ray.get([a.__ray_ready__.remote() for a in self._actors()])
+        targets = list(self.rollouts.actors)
+        kinds = [rc.engine] * len(targets)
+        if self.teachers and cfg.teacher.live:  # a live self-teacher follows the student
+            targets += self.teachers.actors
+            kinds += ["hf"] * len(self.teachers.actors)
+        connect_weight_sync(cfg, self.learner, targets, kinds)
 
     def _actors(self) -> list:
         return self.learner.ranks + self.rollouts.actors + (self.teachers.actors if self.teachers else [])
 
+    def sync_weights(self, version: int) -> None:
+        self.learner.call("sync_weights", version)
+
+    @contextmanager
+    def engines_asleep(self):
+        """Colocated engines give the learner their GPU memory for its step."""
+        if self.cfg.cluster.colocate:
+            self.rollouts.sleep()
+        try:
+            yield
+        finally:
+            if self.cfg.cluster.colocate:
+                self.rollouts.wake_up()
+
     def shutdown(self) -> None:
         """Free this run's actors and CPUs (a Ray session may outlive the run: tests, notebooks)."""
+        try:
+            self.learner.call("close_weight_sync")
+        except Exception:  # noqa: BLE001 - an actor already dead must not hide the run's own error
+            pass
         for actor in self._actors():
             ray.kill(actor)
         self.placement.remove()
-
     def _load(self, source: str, required: set[str]):
         dc = self.cfg.data
         ds = load_dataset(source, sorted({dc.prompt_field if f == "prompt" else dc.answer_field if f == "answer"
@@ -163,5 +170,5 @@ class Setup:
             return 0
         state = self.learner.call("load_checkpoint", str(run.checkpoints), dirs[-1].name)
         self.train.load_state_dict(state["data"])
-        sync_weights(self.learner.export_weights(), self.sync_targets, version=state["step"])
+        self.sync_weights(state["step"])
         return state["step"]

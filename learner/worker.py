@@ -9,14 +9,16 @@ from __future__ import annotations
 
 import math
 import os
-from typing import Optional
+import socket
+from typing import Optional, Sequence
 
 import torch
 
-from actors.hf_engine import DTYPES, left_pad, load_named_tensors, positions
-from launch.capabilities import build_configured_loss
-from losses import LossBatch
+from losses import LossBatch, build_loss
 from opd.contracts import TrainBatch
+from opd.modeling import DTYPES, actor_device, completion_logits, load_named_tensors
+from opd.weight_sync import open_sender
+from opd.weight_sync.source import ParamStream
 
 
 def lr_lambda(schedule: str, total: int, warmup_ratio: float, min_ratio: float):
@@ -48,7 +50,7 @@ def deepspeed_config(cfg, rows_per_step: int) -> dict:
     }
 
 
-def loss_batch(b: TrainBatch, loss_tokens: int) -> LossBatch:
+def loss_batch(b: TrainBatch, loss_tokens: int, device: torch.device = torch.device("cpu")) -> LossBatch:
     """Flatten a micro-batch's [n, T, ...] tensors to the loss's [n*T, ...] rows."""
     n, T = b.completion_ids.shape
     flat = lambda x: None if x is None else x.reshape(n * T, *x.shape[2:])  # noqa: E731
@@ -67,7 +69,7 @@ def loss_batch(b: TrainBatch, loss_tokens: int) -> LossBatch:
         advantages=per_row(b.advantages),
         is_reference=per_row(b.is_reference),
         seq_ids=torch.arange(n)[:, None].expand(n, T).reshape(-1),  # for discounting within a sequence
-    )
+    ).to(device)
 
 
 class LearnerWorker:
@@ -77,9 +79,12 @@ class LearnerWorker:
                           MASTER_ADDR=master_addr, MASTER_PORT=str(master_port))
         torch.set_num_threads(cfg.cluster.threads_per_actor)
         torch.manual_seed(cfg.run.seed)
+        self.device = actor_device(cfg.cluster.num_gpus > 0)
+        if self.device.type == "cuda":
+            torch.cuda.set_device(self.device)
         import deepspeed
         from transformers import AutoModelForCausalLM
-        deepspeed.init_distributed(dist_backend="gloo" if cfg.cluster.num_gpus == 0 else "nccl")
+        deepspeed.init_distributed(dist_backend="nccl" if self.device.type == "cuda" else "gloo")
         self.cfg, self.rank, self.world_size = cfg, rank, world_size
         model = AutoModelForCausalLM.from_pretrained(cfg.model.path, dtype=DTYPES[cfg.model.dtype])
         lc = cfg.learner
@@ -94,17 +99,13 @@ class LearnerWorker:
         self.gas = ds_cfg["gradient_accumulation_steps"]
         self.engine, _, _, _ = deepspeed.initialize(model=model, optimizer=opt, lr_scheduler=sched,
                                                     config=ds_cfg)
-        self.loss = build_configured_loss(cfg)
+        self.loss = build_loss(cfg.loss.name, dict(cfg.loss.params), temperature=cfg.rollout.temperature)
         self.pad_id = model.config.pad_token_id or 0
+        self.senders: list = []
 
     def student_logits(self, b: TrainBatch) -> torch.Tensor:
         """Student logits at completion positions only: [n, T, V]."""
-        p_ids, p_mask = left_pad(b.prompt_ids, self.pad_id)
-        ids = torch.cat([p_ids, b.completion_ids.masked_fill(~b.completion_mask, self.pad_id)], 1)
-        mask = torch.cat([p_mask, b.completion_mask.long()], 1)
-        P, T = p_ids.shape[1], b.completion_ids.shape[1]
-        return self.engine(input_ids=ids, attention_mask=mask, position_ids=positions(mask),
-                           logits_to_keep=torch.arange(P - 1, P + T - 1)).logits
+        return completion_logits(self.engine, b.prompt_ids, b.completion_ids, b.completion_mask, self.pad_id)
 
     def train_step(self, shard: TrainBatch, loss_tokens: int) -> dict[str, float]:
         """One optimizer step on this rank's shard; loss_tokens counts the whole global batch."""
@@ -117,14 +118,14 @@ class LearnerWorker:
         for start in range(0, len(shard), mb):
             micro = shard.select(list(range(start, start + mb)))
             logits = self.student_logits(micro)
-            loss, diags = self.loss(logits.reshape(-1, logits.shape[-1]), loss_batch(micro, loss_tokens))
+            loss, diags = self.loss(logits.reshape(-1, logits.shape[-1]), loss_batch(micro, loss_tokens, self.device))
             # DeepSpeed divides by gas and averages over ranks; our weights already sum to 1 globally.
             self.engine.backward(loss * self.gas * self.world_size)
             if self.engine.is_gradient_accumulation_boundary() and self.cfg.learner.zero_stage == 0:
                 grad_norm = self._grad_norm()  # ZeRO stages report their own; stage 0 does not
             self.engine.step()
             for k, v in {"loss": loss.detach(), **diags}.items():
-                sums[k] = sums.get(k, 0.0) + torch.as_tensor(v, dtype=torch.float64)
+                sums[k] = sums.get(k, 0.0) + torch.as_tensor(v, dtype=torch.float64, device=self.device)
         keys = sorted(sums)
         vec = torch.stack([sums[k] for k in keys])
         dist.all_reduce(vec)
@@ -140,20 +141,13 @@ class LearnerWorker:
         grads = [p.grad for p in self.engine.module.parameters() if p.grad is not None]
         return float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads])))
 
-    def _gathered(self):
-        """Yield (name, full tensor) for every parameter; a collective under ZeRO-3, so every rank
-        must iterate. Parameters are gathered one at a time to bound memory."""
-        import deepspeed
-        for name, p in self.engine.module.named_parameters():
-            if self.cfg.learner.zero_stage == 3:
-                with deepspeed.zero.GatheredParameters([p], modifier_rank=None):
-                    yield name, p.detach().clone()
-            else:
-                yield name, p.detach().clone()
+    def weights(self, dtype: Optional[torch.dtype] = None) -> ParamStream:
+        """The student's weights as a stream (ZeRO-3 shards gathered per bucket: every rank iterates)."""
+        return ParamStream(self.engine.module, dtype)
 
     def export_weights(self) -> Optional[dict[str, torch.Tensor]]:
-        """Full student weights on rank 0 (None elsewhere), for weight sync."""
-        weights = {n: t for n, t in self._gathered()}
+        """Full student weights as CPU tensors on rank 0 (None elsewhere). A collective."""
+        weights = self.weights().to_cpu_dict()
         return weights if self.rank == 0 else None
 
     def save_hf(self, path: str, tokenizer_path: str) -> None:
@@ -167,9 +161,38 @@ class LearnerWorker:
         model.save_pretrained(path)
         AutoTokenizer.from_pretrained(tokenizer_path).save_pretrained(path)
 
+    def init_weight_sync(self, groups: Sequence[dict]) -> None:
+        """Open one sender per target group: {"backend": gloo|nccl|ipc, "dtype": wire dtype name,
+        "targets": receiver handles, "workers": receiver workers per target}. Called on every rank;
+        rank 0 owns each transfer group, on a port of its own (DeepSpeed's is taken)."""
+        for g in groups:
+            self.senders.append(open_sender(g["backend"], self.weights(DTYPES[g["dtype"]]), g["targets"], g["workers"],
+                                            rank=self.rank, address=_node_address(), port=_free_port()))
+
+    def sync_weights(self, version: int) -> None:
+        """Push the current weights to every receiver, tagged `version`. Called on every rank."""
+        for sender in self.senders:
+            sender.send(version)
+
+    def close_weight_sync(self) -> None:
+        for sender in self.senders:
+            sender.shutdown()
+        self.senders = []
+
     def save_checkpoint(self, directory: str, tag: str, client_state: dict) -> None:
         self.engine.save_checkpoint(directory, tag=tag, client_state=client_state)
 
     def load_checkpoint(self, directory: str, tag: str) -> dict:
         _, client_state = self.engine.load_checkpoint(directory, tag=tag)
         return client_state or {}
+
+
+def _node_address() -> str:
+    import ray
+    return ray.util.get_node_ip_address() if ray.is_initialized() else "127.0.0.1"
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("", 0))
+        return s.getsockname()[1]

@@ -73,6 +73,9 @@ class LossBatch:
         """Rows at the [m] long indices idx."""
         return self._map(lambda t: t.index_select(0, idx))
 
+    def to(self, device: torch.device) -> "LossBatch":
+        return self._map(lambda t: t.to(device, non_blocking=True))
+
     def _map(self, take) -> "LossBatch":
         vals = {f.name: (None if getattr(self, f.name) is None else take(getattr(self, f.name)))
                 for f in fields(self) if f.name != "extras"}

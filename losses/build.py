@@ -59,6 +59,9 @@ def teacher_shortfalls(needs: Needs, capabilities) -> list[str]:
 
 def check_teacher(loss: Loss, capabilities, teacher_name: str = "teacher") -> None:
     """Raise ValueError naming the loss and what the teacher lacks, if it cannot serve this loss."""
+    if loss.needs.needs_teacher and getattr(capabilities, "temperature_one_only", False) and loss.temperature != 1.0:
+        raise ValueError(f"rollout.temperature: {loss.temperature} applies to the teacher's log-probs too, but "
+                         f"{teacher_name} scores at temperature 1.0 only; sample at 1.0 or use an HF teacher")
     missing = teacher_shortfalls(loss.needs, capabilities)
     if missing:
         raise ValueError(f"loss.name: {loss.name!r} needs {'; and '.join(missing)}, which {teacher_name} "

@@ -25,6 +25,7 @@ class SamplingSpec:
     top_p: float = 1.0
     return_topk: int = 0  # student top-k ids per position (0: none)
     seed: Optional[int] = None
+    behaviour_logprobs: bool = True  # False for evaluation: nothing will read them
 
 
 @dataclass
@@ -33,7 +34,7 @@ class Rollout:
     prompt_ids: list[list[int]]            # N student prompts (no padding)
     completion_ids: torch.Tensor           # [N, T] long, right-padded with pad_id
     completion_mask: torch.Tensor          # [N, T] bool, True on real completion tokens (eos included)
-    behaviour_logprobs: torch.Tensor       # [N, T] float32, log p_old(y_t) at the sampling temperature
+    behaviour_logprobs: Optional[torch.Tensor]  # [N, T] float32, log p_old(y_t) at the sampling temperature
     finish_reasons: list[str]              # N of "stop" | "length"
     weight_version: int
     student_topk_ids: Optional[torch.Tensor] = None  # [N, T, Ks] long

@@ -16,7 +16,7 @@ SPECIALS = ["<pad>", "<bos>", "<eos>", "<unk>"]
 CHARS = string.digits + string.ascii_lowercase + " +-*=:;,.?!()'\n"
 
 # name -> (hidden, layers, heads). Student and teacher share the tokenizer (and family).
-SIZES = {"student": (128, 4, 4), "teacher": (128, 4, 4), "tiny": (32, 1, 2)}
+SIZES = {"student": (128, 4, 4), "teacher": (128, 4, 4), "tiny": (64, 1, 2)}  # head_dim 32: vLLM's CPU attention needs >= 32
 
 
 def build_tokenizer() -> PreTrainedTokenizerFast:

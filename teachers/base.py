@@ -1,4 +1,5 @@
-"""The teacher boundary: score student completions under the teacher's own prompt."""
+"""The teacher boundary: score student completions under the teacher's own prompt, and say before
+any work what a teacher of each kind can return (the manifest check reads `capabilities_for`)."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -11,9 +12,32 @@ from opd.contracts import ScoreRequest, TeacherScores
 
 @dataclass(frozen=True)
 class TeacherCapabilities:
-    full_vocab: bool          # can return [N, T, V] log-probs (a co-located HF teacher)
-    logprobs_at_any_ids: bool  # exact log-probs at arbitrary ids (HF yes; vLLM only its own top-k)
+    full_vocab: bool               # can return [N, T, V] log-probs (an HF teacher)
+    logprobs_at_any_ids: bool      # exact log-probs at arbitrary ids (HF yes; vLLM only its own top-k)
     max_topk: int
+    temperature_one_only: bool = False  # scores only at temperature 1 (vLLM prompt log-probs)
+
+
+def capabilities_for(kind: str, max_logprobs: int = 20) -> TeacherCapabilities:
+    """What teacher.kind can serve. HF (and the OPSD self-teacher, which is an HF teacher on the
+    student's weights) runs the full forward in-process: anything. vLLM: see teachers/vllm_teacher.py."""
+    if kind in ("hf", "self"):
+        return TeacherCapabilities(full_vocab=True, logprobs_at_any_ids=True, max_topk=1 << 30)
+    if kind == "vllm":
+        from teachers.vllm_teacher import capabilities
+        return capabilities(max_logprobs)
+    raise ValueError(f"teacher.kind: {kind!r} is not one of ['hf', 'vllm', 'self']")
+
+
+def check_same_tokenizer(teacher_tok, student_tok, key: str = "teacher.path") -> None:
+    """Distillation compares distributions id by id, so both sides must mean the same thing by an id."""
+    tv, sv = teacher_tok.get_vocab(), student_tok.get_vocab()
+    if len(tv) != len(sv):
+        raise ValueError(f"{key}: tokenizer vocab {len(tv)} differs from student vocab {len(sv)}")
+    diff = [t for t, i in sv.items() if tv.get(t) != i]
+    if diff:
+        raise ValueError(f"{key}: tokenizer maps {len(diff)} tokens differently from the student's "
+                         f"(e.g. {diff[0]!r}); teacher and student must share a tokenizer")
 
 
 class Teacher(Protocol):

@@ -55,8 +55,14 @@ def test_opd_run_writes_everything_and_resumes(ray_session, write_manifest, asse
     dict(algorithm="grpo", loss={"name": "grpo"}, teacher={"kind": "none"}),
     dict(algorithm="sft", loss={"name": "sft"}, teacher={"kind": "none"}, learner={"micro_batch_size": 2}),
     dict(loss={"name": "full_reverse_kl"}, learner={"num_ranks": 2, "zero_stage": 3, "micro_batch_size": 2}),
-], ids=["opsd-live-self-teacher", "grpo", "sft", "zero3-two-ranks"])
+    # The vLLM path (its CPU build): rollouts, teacher top-k scores and native weight sync.
+    dict(rollout={"engine": "vllm", "vllm": {"kv_cache_memory_gb": 0.0625}},
+         teacher={"kind": "vllm", "vllm": {"kv_cache_memory_gb": 0.0625}},
+         loss={"name": "topk_reverse_kl_sg", "params": {"k": 4, "support": "teacher"}}),
+], ids=["opsd-live-self-teacher", "grpo", "sft", "zero3-two-ranks", "vllm-rollout-and-teacher"])
 def test_algorithms_run(ray_session, write_manifest, tmp_path, over):
     assert main(["train", str(write_manifest(**over)), "eval.interval=0"]) == 0
-    steps = [r for r in read_metrics(tmp_path / "runs" / "t") if "train/loss" in r]
+    rows = read_metrics(tmp_path / "runs" / "t")
+    steps = [r for r in rows if "train/loss" in r]
     assert len(steps) == 2 and all(torch.isfinite(torch.tensor(r["train/loss"])) for r in steps)
+    assert [r["step"] for r in rows if "eval/accuracy" in r] == [0, 2]

@@ -6,8 +6,9 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from actors.hf_engine import HFEngine
-from launch.cluster import LearnerGroup, Placement, sync_weights
+from launch.cluster import LearnerGroup, connect_weight_sync
 from launch.config import load_manifest
+from launch.placement import Placement
 from opd.contracts import SamplingSpec, TeacherScores, TrainBatch
 
 LR = 0.05
@@ -48,18 +49,19 @@ def test_split_gives_one_big_batch_gradient_and_sync_matches(ray_session, write_
     path = str(assets["tiny"])
     w0 = dict(AutoModelForCausalLM.from_pretrained(path).named_parameters())
     batch = make_batch(w0["lm_head.weight"].shape[0])
-    placement = Placement(cfg, ranks + 1)
+    placement = Placement(cfg)
     group = LearnerGroup(cfg, rows_per_step=8, placement=placement)
-    engine = ray.remote(HFEngine).options(**placement.options()).remote(path)
+    engine = ray.remote(HFEngine).options(**placement.options(placement.layout.rollout[0])).remote(path)
     try:
-        check(ray, group, engine, path, w0, batch)
+        check(ray, cfg, group, engine, path, w0, batch)
     finally:
+        group.call("close_weight_sync")
         for actor in group.ranks + [engine]:
             ray.kill(actor)
         placement.remove()
 
 
-def check(ray, group, engine, path, w0, batch):
+def check(ray, cfg, group, engine, path, w0, batch):
     metrics = group.train_step(batch)
     assert metrics["loss"] > 0 and metrics["reverse_kl"] == pytest.approx(metrics["loss"], rel=1e-5)
 
@@ -70,7 +72,8 @@ def check(ray, group, engine, path, w0, batch):
         got = (w0[name].detach() - w1[name]) / LR
         assert torch.allclose(got, g, atol=2e-5, rtol=2e-3), f"{name}: max err {(got - g).abs().max()}"
 
-    sync_weights(weights_ref, [engine], version=1)
+    connect_weight_sync(cfg, group, [engine], ["hf"])  # gloo, from every rank (ZeRO-3 gathers are collective)
+    group.call("sync_weights", 1)
     synced = ray.get(engine.get_weights.remote())
     assert ray.get(engine.generate.remote([[1, 5]], SamplingSpec(max_new_tokens=2))).weight_version == 1
     assert all(torch.equal(synced[k], w1[k]) for k in w1)

@@ -1,4 +1,4 @@
-"""Identities between losses (DESIGN.md §3), the Monte-Carlo unbiasedness of the sampled-token
+"""Identities between losses (docs/design.md §4), the Monte-Carlo unbiasedness of the sampled-token
 estimator, and failure mechanism 2 on logits alone."""
 import pytest
 import torch

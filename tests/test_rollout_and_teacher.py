@@ -4,9 +4,9 @@ import torch
 from transformers import AutoTokenizer
 
 from actors.hf_engine import HFEngine, sample
-from launch.capabilities import TEACHER_CAPABILITIES
 from opd.contracts import SamplingSpec, ScoreRequest
-from teachers.hf_teacher import HFTeacher, check_same_tokenizer
+from teachers.base import capabilities_for, check_same_tokenizer
+from teachers.hf_teacher import HFTeacher
 
 PROMPTS = [[1, 5, 6, 41, 7, 8, 44], [1, 9, 41, 4, 44], [1, 44]]  # ragged on purpose
 
@@ -77,13 +77,10 @@ def test_teacher_with_other_tokenizer_is_rejected(assets, tmp_path):
         check_same_tokenizer(AutoTokenizer.from_pretrained(tmp_path), AutoTokenizer.from_pretrained(assets["tiny"]))
 
 
-def test_update_weights_changes_outputs_and_tags_version(assets):
-    a, b = HFEngine(str(assets["tiny"])), HFEngine(str(assets["student"]))
-    with pytest.raises(ValueError, match="has shape"):
-        a.update_weights(b.get_weights(), version=1)
-    with pytest.raises(KeyError, match="unknown parameter"):
-        a.update_weights({"lm_head.bias": torch.zeros(3)}, version=1)
-    w = {k: v + 0.5 for k, v in a.get_weights().items()}
-    a.update_weights(w, version=4)
-    assert a.weight_version == 4 and all(torch.equal(w[k], v) for k, v in a.get_weights().items())
-    assert TEACHER_CAPABILITIES["vllm"].full_vocab is False
+def test_capability_table_lives_with_the_teachers():
+    hf, vllm = capabilities_for("hf"), capabilities_for("vllm", max_logprobs=32)
+    assert hf.full_vocab and hf.logprobs_at_any_ids and not hf.temperature_one_only
+    assert not vllm.full_vocab and not vllm.logprobs_at_any_ids and vllm.max_topk == 32 and vllm.temperature_one_only
+    assert HFTeacher.capabilities == hf
+    with pytest.raises(ValueError, match="teacher.kind: 'mlx'"):
+        capabilities_for("mlx")

@@ -1,0 +1,111 @@
+"""Where every actor runs: the layout a manifest asks for, checked against the GPUs it grants,
+and one Ray placement group that holds it (or fails within a timeout, saying why).
+
+Bundles, in order: learner ranks, then rollout engines, then teachers (training first, as slime
+orders them, so PACK puts the learner's ranks together). A vLLM engine with tensor parallelism t
+takes one bundle of t GPUs (its workers are processes of that actor, on one node). Colocated
+rollout engines take no bundle of their own: engine i shares learner rank i's GPU.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from launch.config import ExperimentConfig, ManifestError
+
+
+@dataclass
+class Slot:
+    """One actor's claim: which bundle, and how much of it (fractions when two actors share one)."""
+    bundle: int
+    num_cpus: float
+    num_gpus: float
+
+
+@dataclass
+class Layout:
+    bundles: list[dict[str, float]]
+    learner: list[Slot]
+    rollout: list[Slot]
+    teacher: list[Slot]
+
+    @property
+    def gpus(self) -> float:
+        return sum(b.get("GPU", 0) for b in self.bundles)
+
+    def describe(self) -> str:
+        def gpus(slots):
+            return sum(s.num_gpus for s in slots)
+        return (f"{len(self.learner)} learner rank(s) {gpus(self.learner):g} GPU, {len(self.rollout)} rollout "
+                f"engine(s) {gpus(self.rollout):g} GPU, {len(self.teacher)} teacher(s) {gpus(self.teacher):g} GPU")
+
+
+def engine_gpus(cfg: ExperimentConfig, side: str) -> int:
+    """GPUs one rollout engine / teacher occupies."""
+    kind = cfg.rollout.engine if side == "rollout" else cfg.teacher.kind
+    return getattr(cfg, side).vllm.tensor_parallel_size if kind == "vllm" else 1
+
+
+def layout(cfg: ExperimentConfig) -> Layout:
+    gpu = cfg.cluster.num_gpus > 0
+    has_teacher = cfg.algorithm == "opd"
+    n_learner, n_rollout = cfg.learner.num_ranks, cfg.rollout.num_actors  # SFT runs still evaluate
+    n_teacher = cfg.teacher.num_actors if has_teacher else 0
+    colocate = cfg.cluster.colocate and n_rollout > 0
+    n_bundles = n_learner + (0 if colocate else n_rollout) + n_teacher
+    # Local mode shares the machine's CPUs out (Ray's CPU counts are logical); a cluster gives each 1.
+    cpu = cfg.cluster.num_cpus / n_bundles if cfg.cluster.mode == "local" else 1.0
+    bundles: list[dict[str, float]] = []
+
+    def add(num_gpus: int) -> int:
+        bundles.append({"CPU": cpu, **({"GPU": num_gpus} if gpu else {})})
+        return len(bundles) - 1
+
+    learner = [Slot(add(1), cpu, 1.0 if gpu else 0.0) for _ in range(n_learner)]
+    if colocate:  # half of each learner bundle to the learner, half to its engine
+        for s in learner:
+            s.num_cpus, s.num_gpus = cpu / 2, 0.5
+        rollout = [Slot(s.bundle, cpu / 2, 0.5) for s in learner]
+    else:
+        g = engine_gpus(cfg, "rollout")
+        rollout = [Slot(add(g), cpu, g if gpu else 0) for _ in range(n_rollout)]
+    g = engine_gpus(cfg, "teacher")
+    teacher = [Slot(add(g), cpu, g if gpu else 0) for _ in range(n_teacher)]
+    return Layout(bundles, learner, rollout, teacher)
+
+
+def check_resources(cfg: ExperimentConfig) -> None:
+    """The layout must fit in cluster.num_gpus (checked before any work, on any machine)."""
+    if cfg.cluster.num_gpus == 0:
+        return
+    lay = layout(cfg)
+    if lay.gpus > cfg.cluster.num_gpus:
+        raise ManifestError(f"cluster.num_gpus: {cfg.cluster.num_gpus}, but the layout needs {lay.gpus:g} "
+                            f"({lay.describe()}); raise cluster.num_gpus, use fewer actors, or set "
+                            "cluster.colocate: true to share the learner's GPUs with the rollout engines")
+
+
+class Placement:
+    """The run's placement group. `options(slot)` gives the Ray actor options for one slot."""
+
+    def __init__(self, cfg: ExperimentConfig, timeout_s: float = 120.0):
+        import ray
+        from ray.util.placement_group import placement_group, remove_placement_group
+        self.layout = layout(cfg)
+        self.pg = placement_group(self.layout.bundles, strategy="PACK")
+        ready, _ = ray.wait([self.pg.ready()], timeout=timeout_s)
+        if not ready:
+            remove_placement_group(self.pg)
+            raise RuntimeError(
+                f"placement: the cluster could not hold {self.layout.bundles} within {timeout_s:g}s "
+                f"({self.layout.describe()}); the cluster has {ray.cluster_resources()} of which "
+                f"{ray.available_resources()} are free")
+
+    def options(self, slot: Slot) -> dict:
+        from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+        return {"num_cpus": slot.num_cpus, "num_gpus": slot.num_gpus,
+                "scheduling_strategy": PlacementGroupSchedulingStrategy(
+                    placement_group=self.pg, placement_group_bundle_index=slot.bundle)}
+
+    def remove(self) -> None:
+        from ray.util.placement_group import remove_placement_group
+        remove_placement_group(self.pg)

