@@ -136,6 +136,35 @@ def test_native_sync_then_greedy_equals_an_engine_loaded_from_the_export(engines
     sender.shutdown()
 
 
+def test_sync_into_a_model_with_tied_embeddings(assets, tmp_path):
+    """Tied lm_head (Qwen3-0.6B..4B are tied): vLLM's CPU build packs the head for oneDNN at load,
+    and its layerwise reload does not re-pack a head whose weights arrive as embed_tokens; ours
+    does. Checked on log-probs, which a stale head would move."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+    from tasks.tiny import build_tokenizer
+    tok = build_tokenizer()
+    torch.manual_seed(3)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                         num_attention_heads=2, num_key_value_heads=1, tie_word_embeddings=True,
+                                         max_position_embeddings=256, pad_token_id=tok.pad_token_id,
+                                         bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id))
+    model.save_pretrained(tmp_path / "tied")
+    tok.save_pretrained(tmp_path / "tied")
+    engine = VLLMEngine(spec(tmp_path / "tied", sync_backend="gloo"), SamplingSpec(max_new_tokens=8), tok.pad_token_id)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.5)
+    sender = open_sender("gloo", ParamStream(model), [engine], [1], rank=0, address="127.0.0.1", port=free_port())
+    sender.send(1)
+    sender.shutdown()
+    r = engine.generate(PROMPTS, SamplingSpec(max_new_tokens=6, seed=2))
+    with torch.no_grad():
+        logits = completion_logits(model, r.prompt_ids, r.completion_ids, r.completion_mask, tok.pad_token_id)
+    ref = torch.log_softmax(logits.float(), -1).gather(-1, r.completion_ids[..., None]).squeeze(-1)
+    m = r.completion_mask
+    assert torch.allclose(r.behaviour_logprobs[m], ref[m], atol=1e-4), (r.behaviour_logprobs[m] - ref[m]).abs().max()
+
+
 def test_ipc_payloads_need_vllms_insecure_serialization_which_the_engine_sets():
     """CONTRACT (IPC is CUDA-only): vLLM's own msgpack encoder refuses the Python types an IPC
     update carries unless VLLM_ALLOW_INSECURE_SERIALIZATION is set; an IPC engine sets it."""

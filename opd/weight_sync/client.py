@@ -34,6 +34,9 @@ class EngineGroupClient:
                 f.result()
 
     def init_weight_transfer_engine(self, init_info: dict) -> None:
+        if "rank_offset" not in init_info:  # IPC: no group to join, nothing to shift
+            self._fan_out("init_weight_transfer", [(init_info,)] * len(self.targets))
+            return
         self._fan_out("init_weight_transfer", [({**init_info, "rank_offset": off},) for off in self.rank_offsets])
 
     def start_weight_update(self) -> None:

@@ -64,11 +64,23 @@ class GlooWeightTransferEngine(WeightTransferEngine[GlooInitInfo, UpdateInfo]):
     def finish_weight_update(self) -> None:
         from vllm.model_executor.model_loader.reload import finalize_layerwise_reload
         finalize_layerwise_reload(self.model, self.model_config)
+        _repack_tied_heads(self.model)
 
     def shutdown(self) -> None:
         if self.receiver is not None:
             self.receiver.close()
             self.receiver = None
+
+
+def _repack_tied_heads(model: torch.nn.Module) -> None:
+    """vLLM's CPU build prepacks lm_head's matrix when a model loads. A head tied to the embedding
+    receives no weights of its own (they arrive as embed_tokens), so the layerwise reload never
+    re-packs it and the head keeps computing with the old weights. Re-pack it (a no-op on GPUs)."""
+    from vllm.model_executor.layers.vocab_parallel_embedding import ParallelLMHead
+    for head in [m for m in model.modules() if isinstance(m, ParallelLMHead)]:
+        tied = any(m is not head and getattr(m, "weight", None) is head.weight for m in model.modules())
+        if tied and getattr(head, "quant_method", None) is not None:
+            head.quant_method.process_weights_after_loading(head)
 
 
 class _Source(WeightSource):
