@@ -1,4 +1,4 @@
-"""`opd` command line: train, eval, make-tiny."""
+"""`opd` command line: train, check, eval, make-tiny."""
 from __future__ import annotations
 
 import argparse
@@ -28,6 +28,39 @@ def cmd_train(args) -> int:
     from launch.driver import train
     summary = train(cfg)
     print(json.dumps(summary, indent=2))
+    return 0
+
+
+def cmd_check(args) -> int:
+    """Validate a manifest without loading models or data, and check its layout against a described
+    or live cluster: a GPU manifest can be checked on a laptop."""
+    from launch.config import ManifestError, load_manifest, missing_paths
+    from launch.placement import layout, unplaceable
+    try:
+        cfg = load_manifest(args.manifest, args.overrides, check_paths=False)
+    except (ManifestError, FileNotFoundError) as e:
+        print(f"opd check: {e}", file=sys.stderr)
+        return 2
+    lay = layout(cfg)
+    print(f"{args.manifest}: valid ({cfg.algorithm}, loss {cfg.loss.name}; {lay.describe()}; "
+          f"{len(lay.bundles)} bundles, {lay.gpus:g} of cluster.num_gpus {cfg.cluster.num_gpus})")
+    for key in missing_paths(cfg):
+        print(f"warning: {key} does not exist on this machine; it must exist where the job runs")
+    if args.address:
+        import ray
+        ray.init(address=args.address, logging_level="ERROR")
+        nodes, where = [n["Resources"] for n in ray.nodes() if n["Alive"]], f"the cluster at {args.address}"
+    elif args.nodes:
+        nodes = [{"CPU": args.cpus_per_node, "GPU": args.gpus_per_node}] * args.nodes
+        nodes = [{**n, **{r: 1e9 for r in cfg.cluster.node_resources.values()}} for n in nodes]  # pins: not described
+        where = f"{args.nodes} node(s) x {args.gpus_per_node} GPU x {args.cpus_per_node} CPU"
+    else:
+        return 0
+    why = unplaceable(lay.bundles, nodes)
+    if why:
+        print(f"opd check: placement: {where} cannot hold the layout: {why}", file=sys.stderr)
+        return 2
+    print(f"placement: fits on {where}")
     return 0
 
 
@@ -79,6 +112,14 @@ def main(argv=None) -> int:
     t.add_argument("manifest")
     t.add_argument("overrides", nargs="*", help="key=value overrides, e.g. loss.name=full_reverse_kl")
     t.set_defaults(fn=cmd_train)
+    c = sub.add_parser("check", help="validate a manifest (and its GPU layout) without loading anything")
+    c.add_argument("manifest")
+    c.add_argument("overrides", nargs="*", help="key=value overrides")
+    c.add_argument("--nodes", type=int, default=0, help="describe a cluster: number of nodes ...")
+    c.add_argument("--gpus-per-node", type=int, default=8)
+    c.add_argument("--cpus-per-node", type=int, default=64)
+    c.add_argument("--address", help="or check against a live Ray cluster (e.g. auto)")
+    c.set_defaults(fn=cmd_check)
     e = sub.add_parser("eval", help="greedy-decode a model on a dataset and verify")
     e.add_argument("--model", required=True)
     e.add_argument("--data", required=True)

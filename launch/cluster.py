@@ -54,8 +54,10 @@ def llm_spec(cfg: ExperimentConfig, side: str, path: str, seed: int, sync_backen
     from opd.vllm_llm import LLMSpec
     v: VLLMConfig = getattr(cfg, side).vllm
     on_cpu = cfg.cluster.num_gpus == 0
+    shared = cfg.cluster.colocate and side == "rollout"  # the learner needs the rest of the GPU
     return LLMSpec(model=path, dtype=v.dtype or cfg.model.dtype, tensor_parallel_size=v.tensor_parallel_size,
-                   max_model_len=v.max_model_len, gpu_memory_utilization=v.gpu_memory_utilization,
+                   max_model_len=v.max_model_len,
+                   gpu_memory_utilization=v.gpu_memory_utilization or (0.4 if shared else 0.85),
                    kv_cache_memory_gb=v.kv_cache_memory_gb or (0.25 if on_cpu else None),
                    max_logprobs=v.max_logprobs, enforce_eager=v.enforce_eager or on_cpu, seed=seed,
                    sync_backend=sync_backend, sleep_mode=cfg.cluster.colocate and side == "rollout")

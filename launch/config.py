@@ -3,6 +3,11 @@
 A manifest may `extends: other.yaml` (relative to itself); `key=value` overrides come last.
 Unknown keys, wrong types, missing required values and impossible combinations all stop the run
 here, before Ray, models or data are touched.
+
+Paths (model.path, teacher.path, data.train, data.eval, run.output_dir) are relative to the
+directory `opd` is started from: the repository root locally, the job's working directory under
+`ray job submit --working-dir`, so the same manifest means the same files on both. They are made
+absolute here, so the run's saved manifest says exactly which files it read.
 """
 from __future__ import annotations
 
@@ -33,6 +38,10 @@ class ClusterConfig:
     num_gpus: int = 0             # GPUs the run may use; 0: everything on CPU
     colocate: bool = False        # rollout engines share the learner's GPUs (asleep during its step)
     placement_timeout_s: float = 120.0  # how long to wait for the cluster to hold the layout
+    strategy: str = "PACK"        # Ray placement strategy: PACK | SPREAD | STRICT_PACK | STRICT_SPREAD
+    # role -> a custom resource its bundles require, to pin roles to node kinds: {rollout: rollout_node}
+    # places rollout engines on nodes started with `ray start --resources '{"rollout_node": 1000}'`.
+    node_resources: dict[str, str] = field(default_factory=dict)
     threads_per_actor: int = 1    # torch intra-op threads inside each actor
 
 
@@ -40,7 +49,7 @@ class ClusterConfig:
 class VLLMConfig:
     """A vLLM engine's settings (rollout.vllm, teacher.vllm); read only when that side uses vLLM."""
     tensor_parallel_size: int = 1
-    gpu_memory_utilization: float = 0.5
+    gpu_memory_utilization: Optional[float] = None  # default 0.85 on a GPU of its own, 0.4 colocated
     kv_cache_memory_gb: Optional[float] = None  # explicit KV-cache size; CPU runs default to 0.25
     max_model_len: Optional[int] = None  # default: the model's context length
     dtype: Optional[str] = None   # default: model.dtype (the learner sends weights in this dtype)
@@ -121,6 +130,7 @@ class EvalConfig:
     verifier: str = "exact_match"
     max_new_tokens: Optional[int] = None  # default: rollout.max_new_tokens
     temperature: float = 0.0      # 0 = greedy
+    top_p: float = 1.0
 
 
 @dataclass
@@ -192,8 +202,12 @@ def _load_yaml(path: Path, seen: tuple = ()) -> DictConfig:
     return OmegaConf.merge(base, raw)
 
 
-def load_manifest(path: str | Path, overrides: list[str] = ()) -> ExperimentConfig:
-    """Read, merge, override and validate. Returns a typed ExperimentConfig (not a DictConfig)."""
+PATH_KEYS = ("model.path", "teacher.path", "data.train", "data.eval", "run.output_dir")
+
+
+def load_manifest(path: str | Path, overrides: list[str] = (), check_paths: bool = True) -> ExperimentConfig:
+    """Read, merge, override and validate. Returns a typed ExperimentConfig (not a DictConfig).
+    check_paths=False (`opd check` on a laptop) skips the existence of files the run will read."""
     cfg = OmegaConf.structured(ExperimentConfig)
     for source, layer in ((str(path), lambda: _load_yaml(Path(path))),
                           ("command line", lambda: OmegaConf.from_dotlist(list(overrides)))):
@@ -205,8 +219,39 @@ def load_manifest(path: str | Path, overrides: list[str] = ()) -> ExperimentConf
     if missing:
         raise ManifestError(f"{path}: required value missing: {', '.join(missing)}")
     typed: ExperimentConfig = OmegaConf.to_object(cfg)
+    for key in PATH_KEYS:
+        section, name = key.split(".")
+        value = getattr(getattr(typed, section), name)
+        if value:
+            setattr(getattr(typed, section), name, str(Path(value).expanduser().absolute()))
     validate(typed)
+    if check_paths:
+        for key in missing_paths(typed):
+            raise ManifestError(_missing_path_message(typed, key))
     return typed
+
+
+def missing_paths(cfg: ExperimentConfig) -> list[str]:
+    """Keys whose path the run reads but which does not exist here."""
+    keys = ["model.path", "data.train", "data.eval"]
+    if cfg.algorithm == "opd" and cfg.teacher.kind in ("hf", "vllm"):
+        keys.append("teacher.path")
+    out = []
+    for key in keys:
+        section, name = key.split(".")
+        value = getattr(getattr(cfg, section), name)
+        if value and not Path(value).exists():
+            out.append(key)
+    return out
+
+
+def _missing_path_message(cfg: ExperimentConfig, key: str) -> str:
+    section, name = key.split(".")
+    msg = f"{key}: path {getattr(getattr(cfg, section), name)!r} does not exist"
+    if cfg.cluster.mode == "ray":
+        msg += (" where the job runs; paths must be reachable from the cluster: shared storage, or inside the "
+                "directory `ray job submit --working-dir` uploads (gitignored files such as runs/ are not uploaded)")
+    return msg
 
 
 def to_yaml(cfg: ExperimentConfig) -> str:
@@ -223,14 +268,8 @@ def _positive(key: str, value, allow_zero=False) -> None:
         raise ManifestError(f"{key}: must be {'>= 0' if allow_zero else '> 0'}, got {value}")
 
 
-def _exists(key: str, path: Optional[str]) -> None:
-    if path and not Path(path).exists():
-        raise ManifestError(f"{key}: path {path!r} does not exist")
-
-
 def validate(cfg: ExperimentConfig) -> None:
-    """Checks a type system cannot express. Paths are checked in local mode (on a cluster they
-    may live on the workers' storage)."""
+    """Checks a type system cannot express (file paths are load_manifest's)."""
     _choice("algorithm", cfg.algorithm, ("opd", "sft", "grpo"))
     _choice("cluster.mode", cfg.cluster.mode, ("local", "ray"))
     _choice("teacher.kind", cfg.teacher.kind, ("hf", "vllm", "self", "none"))
@@ -245,8 +284,9 @@ def validate(cfg: ExperimentConfig) -> None:
         section, name = key.split(".")
         _positive(key, getattr(getattr(cfg, section), name))
     _positive("learner.lr", cfg.learner.lr)
-    if not 0 < cfg.rollout.top_p <= 1:
-        raise ManifestError(f"rollout.top_p: must be in (0, 1], got {cfg.rollout.top_p}")
+    for key, top_p in (("rollout.top_p", cfg.rollout.top_p), ("eval.top_p", cfg.eval.top_p)):
+        if not 0 < top_p <= 1:
+            raise ManifestError(f"{key}: must be in (0, 1], got {top_p}")
     _positive("rollout.temperature", cfg.rollout.temperature)
 
     rows = cfg.rollout.prompts_per_step * (1 if cfg.algorithm == "sft" else cfg.rollout.samples_per_prompt)
@@ -266,12 +306,8 @@ def validate(cfg: ExperimentConfig) -> None:
     if cfg.teacher.live and cfg.teacher.kind != "self":
         raise ManifestError("teacher.live: only a self-teacher (teacher.kind: self) can follow live weights")
     if cfg.cluster.mode == "local":
-        _exists("model.path", cfg.model.path)
-        _exists("data.train", cfg.data.train)
-        _exists("data.eval", cfg.data.eval)
-        if needs_teacher and cfg.teacher.kind in ("hf", "vllm"):
-            _exists("teacher.path", cfg.teacher.path)
         _check_local_gpus(cfg.cluster.num_gpus)
+    _check_cluster(cfg)
     _check_engines(cfg)
     from launch.placement import check_resources  # GPU arithmetic for the layout the manifest asks for
     check_resources(cfg)
@@ -287,6 +323,14 @@ def _check_local_gpus(wanted: int) -> None:
     if have < wanted:
         raise ManifestError(f"cluster.num_gpus: {wanted} requested but this machine has {have} CUDA device(s); "
                             "set cluster.num_gpus: 0 to run everything on the CPU")
+
+
+def _check_cluster(cfg: ExperimentConfig) -> None:
+    _choice("cluster.strategy", cfg.cluster.strategy, ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"))
+    for role in cfg.cluster.node_resources:
+        _choice("cluster.node_resources", role, ("learner", "rollout", "teacher"))
+    if cfg.cluster.placement_timeout_s <= 0:
+        raise ManifestError(f"cluster.placement_timeout_s: must be > 0, got {cfg.cluster.placement_timeout_s}")
 
 
 def _check_engines(cfg: ExperimentConfig) -> None:
@@ -311,7 +355,7 @@ def _check_engines(cfg: ExperimentConfig) -> None:
         _positive(f"{side}.vllm.max_logprobs", v.max_logprobs)
         if v.dtype is not None:
             _choice(f"{side}.vllm.dtype", v.dtype, ("float32", "bfloat16", "float16"))
-        if not 0 < v.gpu_memory_utilization <= 1:
+        if v.gpu_memory_utilization is not None and not 0 < v.gpu_memory_utilization <= 1:
             raise ManifestError(f"{side}.vllm.gpu_memory_utilization: must be in (0, 1], got {v.gpu_memory_utilization}")
         if not on_gpu and v.tensor_parallel_size != 1:
             raise ManifestError(f"{side}.vllm.tensor_parallel_size: {v.tensor_parallel_size} needs GPUs; "

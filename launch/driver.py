@@ -98,11 +98,21 @@ class Setup:
         self.request = score_request(needs, rc.temperature)
         self.sampling = sampling_spec(cfg, return_topk=needs.student_topk)
         self.eval_sampling = SamplingSpec(max_new_tokens=cfg.eval.max_new_tokens or rc.max_new_tokens,
-                                          temperature=cfg.eval.temperature, seed=cfg.run.seed, behaviour_logprobs=False)
-        self.placement = placement = Placement(cfg, cfg.cluster.placement_timeout_s)
+                                          temperature=cfg.eval.temperature, top_p=cfg.eval.top_p, seed=cfg.run.seed,
+                                          behaviour_logprobs=False)
+        self.placement = Placement(cfg, cfg.cluster.placement_timeout_s)
+        self.learner = self.rollouts = self.teachers = None
+        try:
+            self._start_actors(tok.pad_token_id)
+        except BaseException:
+            self.shutdown()  # a half-started run must not leave actors holding the cluster
+            raise
+
+    def _start_actors(self, pad_id: int) -> None:
+        cfg, rc, placement = self.cfg, self.cfg.rollout, self.placement
         rows_per_step = rc.prompts_per_step * (1 if cfg.algorithm == "sft" else rc.samples_per_prompt)
         self.learner = LearnerGroup(cfg, rows_per_step, placement)  # first: its ranks rendezvous while the rest load
-        self.rollouts = RolloutGroup.start(cfg, placement, self.sampling, tok.pad_token_id)
+        self.rollouts = RolloutGroup.start(cfg, placement, self.sampling, pad_id)
         self.teachers = TeacherGroup.start(cfg, placement) if cfg.algorithm == "opd" else None
         # Wait for every actor to load, so step 1's stage timings measure work, not start-up.
         ray.get([a.__ray_ready__.remote() for a in self._actors()])
@@ -114,7 +124,8 @@ class Setup:
         connect_weight_sync(cfg, self.learner, targets, kinds)
 
     def _actors(self) -> list:
-        return self.learner.ranks + self.rollouts.actors + (self.teachers.actors if self.teachers else [])
+        return [a for group in (self.learner and self.learner.ranks, self.rollouts and self.rollouts.actors,
+                                self.teachers and self.teachers.actors) for a in group or []]
 
     def sync_weights(self, version: int) -> None:
         self.learner.call("sync_weights", version)
@@ -133,12 +144,14 @@ class Setup:
     def shutdown(self) -> None:
         """Free this run's actors and CPUs (a Ray session may outlive the run: tests, notebooks)."""
         try:
-            self.learner.call("close_weight_sync")
+            if self.learner:  # closes the transfer groups on both ends; bounded: a hung rank must not hang exit
+                ray.get([r.close_weight_sync.remote() for r in self.learner.ranks], timeout=60)
         except Exception:  # noqa: BLE001 - an actor already dead must not hide the run's own error
             pass
         for actor in self._actors():
             ray.kill(actor)
         self.placement.remove()
+
     def _load(self, source: str, required: set[str]):
         dc = self.cfg.data
         ds = load_dataset(source, sorted({dc.prompt_field if f == "prompt" else dc.answer_field if f == "answer"

@@ -2,7 +2,8 @@
 and one Ray placement group that holds it (or fails within a timeout, saying why).
 
 Bundles, in order: learner ranks, then rollout engines, then teachers (training first, as slime
-orders them, so PACK puts the learner's ranks together). A vLLM engine with tensor parallelism t
+orders them, so PACK puts the learner's ranks together). `cluster.node_resources` pins a role to
+nodes that advertise a custom resource; `cluster.strategy` is Ray's (PACK by default). A vLLM engine with tensor parallelism t
 takes one bundle of t GPUs (its workers are processes of that actor, on one node). Colocated
 rollout engines take no bundle of their own: engine i shares learner rank i's GPU.
 """
@@ -55,21 +56,22 @@ def layout(cfg: ExperimentConfig) -> Layout:
     # Local mode shares the machine's CPUs out (Ray's CPU counts are logical); a cluster gives each 1.
     cpu = cfg.cluster.num_cpus / n_bundles if cfg.cluster.mode == "local" else 1.0
     bundles: list[dict[str, float]] = []
+    pins = cfg.cluster.node_resources
 
-    def add(num_gpus: int) -> int:
-        bundles.append({"CPU": cpu, **({"GPU": num_gpus} if gpu else {})})
+    def add(num_gpus: int, role: str) -> int:
+        bundles.append({"CPU": cpu, **({"GPU": num_gpus} if gpu else {}), **({pins[role]: 0.001} if role in pins else {})})
         return len(bundles) - 1
 
-    learner = [Slot(add(1), cpu, 1.0 if gpu else 0.0) for _ in range(n_learner)]
+    learner = [Slot(add(1, "learner"), cpu, 1.0 if gpu else 0.0) for _ in range(n_learner)]
     if colocate:  # half of each learner bundle to the learner, half to its engine
         for s in learner:
             s.num_cpus, s.num_gpus = cpu / 2, 0.5
         rollout = [Slot(s.bundle, cpu / 2, 0.5) for s in learner]
     else:
         g = engine_gpus(cfg, "rollout")
-        rollout = [Slot(add(g), cpu, g if gpu else 0) for _ in range(n_rollout)]
+        rollout = [Slot(add(g, "rollout"), cpu, g if gpu else 0) for _ in range(n_rollout)]
     g = engine_gpus(cfg, "teacher")
-    teacher = [Slot(add(g), cpu, g if gpu else 0) for _ in range(n_teacher)]
+    teacher = [Slot(add(g, "teacher"), cpu, g if gpu else 0) for _ in range(n_teacher)]
     return Layout(bundles, learner, rollout, teacher)
 
 
@@ -91,7 +93,7 @@ class Placement:
         import ray
         from ray.util.placement_group import placement_group, remove_placement_group
         self.layout = layout(cfg)
-        self.pg = placement_group(self.layout.bundles, strategy="PACK")
+        self.pg = placement_group(self.layout.bundles, strategy=cfg.cluster.strategy)
         ready, _ = ray.wait([self.pg.ready()], timeout=timeout_s)
         if not ready:
             remove_placement_group(self.pg)
@@ -109,3 +111,22 @@ class Placement:
     def remove(self) -> None:
         from ray.util.placement_group import remove_placement_group
         remove_placement_group(self.pg)
+
+
+def unplaceable(bundles: list[dict[str, float]], nodes: list[dict[str, float]]) -> str | None:
+    """Can `nodes` (each a resource dict) hold every bundle, each bundle on one node? First-fit
+    decreasing, as close to Ray's PACK as a laptop can check. None when they fit, else why not."""
+    for res in ("GPU", "CPU"):
+        need, have = sum(b.get(res, 0) for b in bundles), sum(n.get(res, 0) for n in nodes)
+        if need > have:
+            return f"the layout needs {need:g} {res} in all, the nodes have {have:g}"
+    free = [dict(n) for n in nodes]
+    for i, bundle in sorted(enumerate(bundles), key=lambda ib: -ib[1].get("GPU", 0)):
+        for node in free:
+            if all(node.get(k, 0) >= v for k, v in bundle.items()):
+                for k, v in bundle.items():
+                    node[k] -= v
+                break
+        else:
+            return f"bundle {i} {bundle} fits on no node (free after the bundles before it: {free})"
+    return None

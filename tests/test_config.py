@@ -63,9 +63,13 @@ def test_cli_bad_manifest_exits_2_before_work(write_manifest, capsys):
     assert "rollout.samples_per_prompt: must be > 0" in capsys.readouterr().err
 
 
-def test_shipped_manifests_parse(tmp_path):
-    """The demo manifests are valid apart from the files `make demo` creates first."""
-    from pathlib import Path
-    for path in sorted(Path("configs").rglob("*.yaml")):
-        cfg = load_manifest(path, ["cluster.mode=ray"]) if path.name != "base.yaml" else None
-        assert cfg is None or cfg.run.steps > 0
+def test_relative_paths_resolve_against_the_launch_directory(write_manifest, assets, tmp_path, monkeypatch):
+    monkeypatch.chdir(assets["tiny"].parent)
+    cfg = load_manifest(write_manifest(model={"path": "tiny"}), ["run.output_dir=out"])
+    assert cfg.model.path == str(assets["tiny"]) and cfg.run.output_dir == str(assets["tiny"].parent / "out")
+
+
+def test_missing_path_on_a_cluster_says_where_paths_must_live(write_manifest):
+    with pytest.raises(ManifestError, match=r"model.path: path '/nowhere' does not exist where the job runs; "
+                                            r"paths must be reachable from the cluster"):
+        load_manifest(write_manifest(), ["model.path=/nowhere", "cluster.mode=ray"])
