@@ -4,9 +4,8 @@
     python benchmarks/gpu_smoke.py --cpu-dry-run  # tiny model, CPU, float32 (tests/test_gpu_smoke.py)
 
 Needs torch and transformers only (no Ray, no DeepSpeed); vLLM (`pip install vllm==0.32.0`) adds its rows.
-A random-init model (Qwen3Config: hidden 1024, 28 layers, 16/8 heads, head_dim 128, vocab 151936, tied
-embeddings) is saved in HF format with the project's tokenizer (tasks.tiny.build_tokenizer; its vocab is
-smaller than the model's, prompts are token ids). Measured, one table at the end:
+A random-init Qwen3-0.6B-shaped model (GPU_SHAPE) is saved in HF format with the project's tokenizer
+(tasks.tiny.build_tokenizer, 55 ids, fewer than the model's vocabulary: prompts are token ids). One table:
   1. HF rollout tokens/s (actors.hf_engine.HFEngine, temperature 1).
   2. HF teacher scoring tokens/s (teachers.hf_teacher.HFTeacher, ScoreRequest(topk=20)).
   3. Learner step time and MFU without DeepSpeed: opd.modeling.completion_logits, the project's
@@ -16,7 +15,7 @@ smaller than the model's, prompts are token ids). Measured, one table at the end
 Verified where vLLM imports (CUDA, or vLLM's CPU build in the dry run):
   4. vLLM rollout tokens/s (actors.vllm_engine.VLLMEngine).
   5. SamplingParams.prompt_logprob_token_ids (Model Runner V2 only) against HFTeacher's log-probs at the
-     student's top-k ids (ScoreRequest(at_student_topk=True)); a failure prints its error and the run goes on.
+     student's top-k ids (ScoreRequest(at_student_topk=True)); a failure prints its error, the run goes on.
   6. One weight sync from the learner's model to the engine through opd.weight_sync.open_sender ("ipc" on
      one GPU, with vLLM's worker in its own process: LLMSpec(in_process=False); "gloo" in the dry run),
      then "sync check": vLLM greedy == HFEngine greedy on the learner's weights. Where the two differ, the
@@ -27,7 +26,9 @@ Exit status 1 if a vLLM row other than prompt_logprob_token_ids failed.
 from __future__ import annotations
 
 import argparse
+import atexit
 import os
+import shutil
 import socket
 import statistics
 import sys
@@ -41,9 +42,11 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 import torch  # noqa: E402
 
 GPU_SHAPE = dict(hidden_size=1024, num_hidden_layers=28, num_attention_heads=16, num_key_value_heads=8,
-                 head_dim=128, intermediate_size=3072, vocab_size=151936)
+                 head_dim=128, intermediate_size=3072, vocab_size=151936, tie_word_embeddings=True)
+# head_dim 32: vLLM's CPU attention minimum. vocab 64 > the tokenizer's 55, and tied, as on the GPU (the CPU
+# build's packed lm_head is re-packed after a sync: opd/weight_sync/vllm_native.py:_repack_tied_heads).
 CPU_SHAPE = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1,
-                 head_dim=32, intermediate_size=128, vocab_size=55)  # head_dim 32: vLLM's CPU attention minimum
+                 head_dim=32, intermediate_size=128, vocab_size=64, tie_word_embeddings=True)
 # bf16 dense peak FLOP/s; the first entry whose substrings all occur in the device name wins.
 PEAKS = [(("H100", "PCIe"), 756e12), (("H100", "HBM3"), 989e12), (("H100", "SXM"), 989e12), (("H200",), 989e12),
          (("A100",), 312e12), (("L40S",), 362e12)]
@@ -61,7 +64,7 @@ def free_port() -> int:
 
 
 def error_line(e: BaseException) -> str:
-    return f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}"[:300]
+    return f"{type(e).__name__}: {(str(e).strip().splitlines() or [''])[0]}"[:300]
 
 
 def timed(fn, repeats: int, warmup: int = 1):
@@ -79,18 +82,18 @@ def timed(fn, repeats: int, warmup: int = 1):
     return statistics.median(times), out
 
 
-def write_model(path: str, shape: dict, dtype: torch.dtype) -> int:
-    """A random-init Qwen3 model and the project's tokenizer in HF format; returns the parameter count."""
+def write_model(path: str, shape: dict, dtype: torch.dtype) -> tuple[int, int]:
+    """A random-init Qwen3 model and the project's tokenizer in HF format: (parameters, tokenizer ids)."""
     from transformers import Qwen3Config, Qwen3ForCausalLM
     from tasks.tiny import build_tokenizer
     tok = build_tokenizer()
     torch.manual_seed(0)
-    cfg = Qwen3Config(**shape, tie_word_embeddings=True, max_position_embeddings=4096, bos_token_id=tok.bos_token_id,
+    cfg = Qwen3Config(**shape, max_position_embeddings=4096, bos_token_id=tok.bos_token_id,
                       eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
     model = Qwen3ForCausalLM(cfg).to(dtype)
     model.save_pretrained(path)
     tok.save_pretrained(path)
-    return model.num_parameters()
+    return model.num_parameters(), len(tok)
 
 
 def greedy_check(model, prompts, got, want, pad_id: int, tie_tol: float) -> str:
@@ -161,7 +164,7 @@ def vllm_rows(args, path, dtype_name, prompts, sampling, model, hf, teacher, row
                              rank=0, address="127.0.0.1", port=free_port())
         secs, _ = timed(lambda: sender.send(1), repeats=1, warmup=0)
         gb = sum(p.numel() for p in model.parameters()) * DTYPES[dtype_name].itemsize / 1e9
-        rows.append((f"weight sync ({backend})", f"{secs:.3f} s", f"{gb:.2f} GB, {gb / secs:.2f} GB/s, first send"))
+        rows.append((f"weight sync ({backend})", f"{secs:.3f} s", f"{gb:.3g} GB, {gb / secs:.3g} GB/s, first send"))
         got = engine.generate(check, greedy)
         load_named_tensors(hf.model, model.named_parameters())  # the HF engine now holds the learner's weights
         verdict = greedy_check(model, check, got, hf.generate(check, greedy), hf.pad_id, args.tie_tol)
@@ -197,7 +200,7 @@ def main() -> int:
     try:
         import vllm
         vllm_version, vllm_error = vllm.__version__, None
-    except Exception as e:  # noqa: BLE001
+    except Exception as e:  # noqa: BLE001 - a broken install skips the vLLM rows, like a missing one
         vllm_version, vllm_error = "not importable", error_line(e)
     device = torch.device("cpu") if dry else torch.device("cuda", 0)
     gpu_name = "CPU" if dry else torch.cuda.get_device_name(0)
@@ -213,9 +216,10 @@ def main() -> int:
 
     dtype_name = "float32" if dry else "bfloat16"
     path = tempfile.mkdtemp(prefix="gpu_smoke_")
-    n_params = write_model(path, CPU_SHAPE if dry else GPU_SHAPE, getattr(torch, dtype_name))
+    atexit.register(shutil.rmtree, path, True)
+    n_params, n_ids = write_model(path, CPU_SHAPE if dry else GPU_SHAPE, getattr(torch, dtype_name))
     gen = torch.Generator().manual_seed(0)
-    prompts = torch.randint(4, 55, (args.prompts, args.prompt_len), generator=gen).tolist()  # tokenizer ids
+    prompts = torch.randint(4, n_ids, (args.prompts, args.prompt_len), generator=gen).tolist()  # no specials
     sampling = SamplingSpec(max_new_tokens=args.new_tokens, temperature=1.0, seed=0)
     rows = [("model", f"{n_params / 1e6:,.1f} M params", f"{dtype_name}, {args.prompts} prompts x "
              f"{args.prompt_len} tokens, {args.new_tokens} new")]
