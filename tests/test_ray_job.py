@@ -1,0 +1,121 @@
+"""`ray job submit` of a tiny OPD run to a token-authenticated Ray head (docs/ray_cluster.md, for real).
+
+What it proves, with Ray's own CLI on one machine:
+- a head started by `ray start --head ... --block` with RAY_AUTH_MODE=token and the token made by
+  `ray get-auth-token --generate` (read through RAY_AUTH_TOKEN_PATH) accepts a submitter that has
+  RAY_AUTH_MODE=token and the same token, and refuses one without the token (HTTP 401) or with a
+  wrong one (HTTP 403);
+- `ray job submit --working-dir <repo> -- python -m launch.cli train <manifest> cluster.mode=ray`
+  runs the project from the uploaded working dir, joins the cluster (ray.init(address="auto")
+  inside the job, authenticated by the env the job inherits from the head), trains 2 steps and
+  writes <run.output_dir>/<run.name>/summary.json.
+Ray 2.60: the head and the job inherit the environment of `ray start` (PATH included, so `python`
+in the entrypoint is the one of the env where `ray start` ran); the submitter sends the token
+only when its own RAY_AUTH_MODE is `token` (ray/_private/authentication/http_token_authentication.py).
+"""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent          # the venv's bin: ray, python
+RAY = str(BIN / "ray")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _clean_env(**extra) -> dict[str, str]:
+    """This process's env without any Ray auth/address settings, plus `extra`."""
+    drop = ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH", "RAY_ADDRESS", "RAY_API_SERVER_ADDRESS")
+    env = {k: v for k, v in os.environ.items() if k not in drop}
+    env["PATH"] = f"{BIN}{os.pathsep}{env.get('PATH', '')}"   # as if the venv were activated
+    return {**env, **extra}
+
+
+@pytest.fixture(scope="module")
+def head(tmp_path_factory):
+    """A token-authenticated Ray head with 4 CPUs; yields (dashboard URL, env of an authorised client)."""
+    tmp = tmp_path_factory.mktemp("rayjob")
+    # `ray get-auth-token --generate` writes $HOME/.ray/auth_token; a scratch HOME keeps the real ~/.ray untouched.
+    gen = subprocess.run([RAY, "get-auth-token", "--generate"], env=_clean_env(HOME=str(tmp / "home")),
+                         capture_output=True, text=True, timeout=120)
+    token_file = tmp / "home" / ".ray" / "auth_token"
+    assert gen.returncode == 0 and token_file.read_text() == gen.stdout, gen.stderr
+    auth = _clean_env(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN_PATH=str(token_file))
+    port, dash = _free_port(), _free_port()
+    cmd = [RAY, "start", "--head", "--node-ip-address=127.0.0.1", f"--port={port}", "--dashboard-host=127.0.0.1",
+           f"--dashboard-port={dash}", "--include-dashboard=true", f"--ray-client-server-port={_free_port()}",
+           f"--dashboard-agent-listen-port={_free_port()}", "--num-cpus=4", "--num-gpus=0",
+           f"--temp-dir={tmp / 'ray'}", "--disable-usage-stats", "--block"]
+    log = open(tmp / "head.log", "w")
+    proc = subprocess.Popen(cmd, env=auth, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    url = f"http://127.0.0.1:{dash}"
+    try:
+        deadline = time.time() + 180
+        while True:                        # up once the job server answers at all (401 without a token)
+            assert proc.poll() is None, (tmp / "head.log").read_text()
+            try:
+                urllib.request.urlopen(f"{url}/api/version", timeout=5)
+                break
+            except urllib.error.HTTPError:
+                break
+            except OSError:
+                assert time.time() < deadline, (tmp / "head.log").read_text()
+                time.sleep(1)
+        yield url, auth
+    finally:
+        proc.send_signal(signal.SIGTERM)   # `ray start --block` drains the node and stops what it started
+        try:
+            proc.wait(timeout=90)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+        log.close()
+
+
+def _submit(url: str, env: dict, *entrypoint: str, working_dir: bool = False, timeout: int = 60):
+    cmd = [RAY, "job", "submit", "--address", url, *(["--working-dir", str(REPO)] if working_dir else []),
+           "--", *entrypoint]
+    return subprocess.run(cmd, env=env, cwd=REPO, capture_output=True, text=True, timeout=timeout)
+
+
+def test_submitter_without_the_token_is_refused(head, tmp_path):
+    url, _ = head
+    # no RAY_AUTH_* at all, and a HOME with no ~/.ray/auth_token
+    res = _submit(url, _clean_env(HOME=str(tmp_path)), "python", "-c", "pass")
+    out = res.stdout + res.stderr
+    assert res.returncode != 0 and "succeeded" not in out
+    assert "AuthenticationError" in out and "Missing authentication token" in out, out[-3000:]
+    res = _submit(url, _clean_env(HOME=str(tmp_path), RAY_AUTH_MODE="token", RAY_AUTH_TOKEN="0" * 64),
+                  "python", "-c", "pass")
+    out = res.stdout + res.stderr
+    assert res.returncode != 0 and "Invalid authentication token" in out, out[-3000:]
+
+
+def test_opd_train_as_a_ray_job(head, write_manifest, tmp_path):
+    url, auth = head
+    # absolute paths (assets and run.output_dir live under pytest's tmp dirs): the job runs elsewhere
+    manifest = write_manifest(run={"name": "rayjob", "output_dir": str(tmp_path / "runs"), "steps": 2},
+                              rollout={"engine": "hf"}, eval={"interval": 0, "size": 8})
+    res = _submit(url, auth, "python", "-m", "launch.cli", "train", str(manifest), "cluster.mode=ray",
+                  working_dir=True, timeout=780)
+    out = res.stdout + res.stderr
+    assert res.returncode == 0 and "succeeded" in out, out[-6000:]
+    summary = json.loads((tmp_path / "runs" / "rayjob" / "summary.json").read_text())
+    assert summary["steps"] == 2 and summary["run"] == "rayjob"
+    assert (tmp_path / "runs" / "rayjob" / "final").is_dir()
