@@ -60,9 +60,15 @@ def test_contract_nccl_init_payloads_give_every_engine_worker_a_unique_rank():
     assert ranks == [1, 2, 3]
 
 
-def test_contract_ipc_trainer_info_is_vllms():
+def test_contract_ipc_trainer_info_is_vllms_and_its_payload_parses_on_the_worker():
+    from vllm.distributed.weight_transfer.ipc_engine import IPCWeightTransferInitInfo
     info = trainer_init_info("ipc", rank=1)
     assert isinstance(info, IPCTrainerInitInfo) and info.backend == "ipc" and not info.is_sender
+    engines = [Recorder(), Recorder()]
+    EngineGroupClient(engines, [1, 1]).init_weight_transfer_engine({"packed": True})  # what vLLM's IPC trainer sends
+    for engine in engines:
+        (_, (payload,)), = engine.calls
+        assert IPCWeightTransferInitInfo(**payload).packed  # no rank offset: IPC has no group to join
     with pytest.raises(ValueError, match="sync.backend: 'gloo' is not a vLLM-native transport"):
         trainer_init_info("gloo", rank=0)
 
