@@ -65,6 +65,7 @@ def cmd_check(args) -> int:
 
 
 def cmd_eval(args) -> int:
+    import torch
     from launch.batches import PromptFormatter
     from opd.contracts import SamplingSpec
     from tasks.data import load_dataset
@@ -76,17 +77,14 @@ def cmd_eval(args) -> int:
     for r in rows:
         r["prompt"], r["answer"] = r[args.prompt_field], r[args.answer_field]
     spec = SamplingSpec(max_new_tokens=args.max_new_tokens, temperature=0, behaviour_logprobs=False)
+    gpu = torch.cuda.is_available()
     if args.engine == "vllm":
-        import torch
         from actors.vllm_engine import VLLMEngine
         from opd.vllm_llm import LLMSpec
-        cpu = not torch.cuda.is_available()
-        engine = VLLMEngine(LLMSpec(model=args.model, dtype="float32" if cpu else "bfloat16",
-                                    kv_cache_memory_gb=0.25 if cpu else None, enforce_eager=cpu), spec, tok.pad_token_id)
+        engine = VLLMEngine(LLMSpec(model=args.model, dtype="bfloat16" if gpu else "float32"), spec, tok.pad_token_id)
     else:
         from actors.hf_engine import HFEngine
-        import torch
-        engine = HFEngine(args.model, use_gpu=torch.cuda.is_available())
+        engine = HFEngine(args.model, use_gpu=gpu)
     out = engine.generate([fmt.student(r) for r in rows], spec)
     verify = get_verifier(args.verifier)
     acc = sum(verify(fmt.text(c), r["answer"]) for c, r in zip(out.completions(), rows)) / len(rows)

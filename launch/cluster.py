@@ -6,14 +6,13 @@ file is the only place that knows they run under Ray. Where they run is launch/p
 """
 from __future__ import annotations
 
-import socket
-
 import ray
 
 from launch.config import ExperimentConfig, VLLMConfig
 from launch.placement import Placement
 from opd.contracts import (Rollout, SamplingSpec, ScoreRequest, TeacherScores, TrainBatch, concat_rollouts,
                            concat_scores)
+from opd.weight_sync import free_port
 
 QUIET_ENV = {"TRANSFORMERS_VERBOSITY": "error", "HF_HUB_OFFLINE": "1", "HF_HUB_DISABLE_PROGRESS_BARS": "1",
              "TOKENIZERS_PARALLELISM": "false", "PYTHONWARNINGS": "ignore"}
@@ -30,18 +29,12 @@ def start_ray(cfg) -> None:
         ray.init(address=cfg.cluster.address or "auto", runtime_env={"env_vars": env})
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("", 0))
-        return s.getsockname()[1]
-
-
 @ray.remote
 class _Host:
     """Tells the driver where the learner's rank 0 lives (its IP and a free port for DeepSpeed's
     rendezvous) on any cluster. Weight sync opens its own port later, from rank 0 itself."""
     def address(self):
-        return ray.util.get_node_ip_address(), _free_port()
+        return ray.util.get_node_ip_address(), free_port()
 
 
 def _split(n: int, parts: int) -> list[slice]:
@@ -53,14 +46,12 @@ def llm_spec(cfg: ExperimentConfig, side: str, path: str, seed: int, sync_backen
     """The vLLM engine for one side (rollout / teacher), from its manifest section."""
     from opd.vllm_llm import LLMSpec
     v: VLLMConfig = getattr(cfg, side).vllm
-    on_cpu = cfg.cluster.num_gpus == 0
     shared = cfg.cluster.colocate and side == "rollout"  # the learner needs the rest of the GPU
     return LLMSpec(model=path, dtype=v.dtype or cfg.model.dtype, tensor_parallel_size=v.tensor_parallel_size,
                    max_model_len=v.max_model_len,
                    gpu_memory_utilization=v.gpu_memory_utilization or (0.4 if shared else 0.85),
-                   kv_cache_memory_gb=v.kv_cache_memory_gb or (0.25 if on_cpu else None),
-                   max_logprobs=v.max_logprobs, enforce_eager=v.enforce_eager or on_cpu, seed=seed,
-                   sync_backend=sync_backend, sleep_mode=cfg.cluster.colocate and side == "rollout")
+                   kv_cache_memory_gb=v.kv_cache_memory_gb, max_logprobs=v.max_logprobs,
+                   enforce_eager=v.enforce_eager, seed=seed, sync_backend=sync_backend, sleep_mode=shared)
 
 
 def sync_backend(cfg: ExperimentConfig) -> str:

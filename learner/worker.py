@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import math
 import os
-import socket
 from typing import Optional, Sequence
 
 import torch
@@ -167,7 +166,7 @@ class LearnerWorker:
         rank 0 owns each transfer group, on a port of its own (DeepSpeed's is taken)."""
         for g in groups:
             self.senders.append(open_sender(g["backend"], self.weights(DTYPES[g["dtype"]]), g["targets"], g["workers"],
-                                            rank=self.rank, address=_node_address(), port=_free_port()))
+                                            rank=self.rank, address=_node_address()))
 
     def sync_weights(self, version: int) -> None:
         """Push the current weights to every receiver, tagged `version`. Called on every rank."""
@@ -190,9 +189,3 @@ class LearnerWorker:
 def _node_address() -> str:
     import ray
     return ray.util.get_node_ip_address() if ray.is_initialized() else "127.0.0.1"
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("", 0))
-        return s.getsockname()[1]

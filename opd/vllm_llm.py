@@ -20,6 +20,7 @@ if TYPE_CHECKING:
     from vllm.logprobs import Logprob
 
 VLLM_VERSION = "0.32.0"
+CPU_KV_CACHE_GB = 0.25  # vLLM's CPU build sizes its KV cache from this, not gpu_memory_utilization
 SYNC_BACKENDS = {"gloo": "opd_gloo", "nccl": "nccl", "ipc": "ipc"}  # manifest name -> vLLM registry name
 
 
@@ -30,10 +31,10 @@ class LLMSpec:
     dtype: str                           # the engine's dtype; the learner sends weights in it
     tensor_parallel_size: int = 1
     max_model_len: Optional[int] = None  # None: the model's context length
-    gpu_memory_utilization: float = 0.5  # GPU only; a CPU build needs kv_cache_memory_gb
-    kv_cache_memory_gb: Optional[float] = None
+    gpu_memory_utilization: float = 0.5  # GPU only: on the CPU build it is a fraction of RAM
+    kv_cache_memory_gb: Optional[float] = None  # explicit KV-cache size; CPU_KV_CACHE_GB on a CPU
     max_logprobs: int = 20
-    enforce_eager: bool = False
+    enforce_eager: bool = False          # always on a CPU (no graphs to capture)
     seed: int = 0
     sync_backend: Optional[str] = None   # gloo | nccl | ipc | None (frozen engine)
     sleep_mode: bool = False             # colocated with the learner: release memory during its step
@@ -71,16 +72,19 @@ def _in_process(spec: LLMSpec) -> bool:
 
 
 def build_llm(spec: LLMSpec, logprobs_mode: str) -> "LLM":
-    os.environ.update(engine_env(spec, torch.cuda.is_available()))
+    cuda = torch.cuda.is_available()
+    os.environ.update(engine_env(spec, cuda))
     in_process = _in_process(spec)
     from vllm.config.weight_transfer import WeightTransferConfig
     from vllm.entrypoints.llm import LLM
     kwargs = dict(tensor_parallel_size=spec.tensor_parallel_size, dtype=spec.dtype, seed=spec.seed,
                   max_model_len=spec.max_model_len, gpu_memory_utilization=spec.gpu_memory_utilization,
-                  enforce_eager=spec.enforce_eager, logprobs_mode=logprobs_mode, max_logprobs=spec.max_logprobs,
+                  enforce_eager=spec.enforce_eager or not cuda, logprobs_mode=logprobs_mode,
+                  max_logprobs=spec.max_logprobs,
                   enable_sleep_mode=spec.sleep_mode)
-    if spec.kv_cache_memory_gb:
-        kwargs["kv_cache_memory_bytes"] = int(spec.kv_cache_memory_gb * (1 << 30))
+    kv_cache_gb = spec.kv_cache_memory_gb or (None if cuda else CPU_KV_CACHE_GB)
+    if kv_cache_gb:
+        kwargs["kv_cache_memory_bytes"] = int(kv_cache_gb * (1 << 30))
     if in_process:
         kwargs["distributed_executor_backend"] = "uni"
     if spec.sync_backend:

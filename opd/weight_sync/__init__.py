@@ -14,7 +14,8 @@ HF models, LLMWeightReceiver (opd/vllm_llm.py) for vLLM.
 """
 from __future__ import annotations
 
-from typing import Any, Sequence
+import socket
+from typing import Any, Optional, Sequence
 
 from opd.weight_sync.client import EngineGroupClient
 from opd.weight_sync.source import ParamStream
@@ -22,11 +23,20 @@ from opd.weight_sync.source import ParamStream
 BACKENDS = ("gloo", "nccl", "ipc")
 
 
+def free_port() -> int:
+    """A port nobody listens on yet, on this node (for a rendezvous this process will host)."""
+    with socket.socket() as s:
+        s.bind(("", 0))
+        return s.getsockname()[1]
+
+
 def open_sender(backend: str, stream: ParamStream, targets: Sequence[Any], workers: Sequence[int], *,
-                rank: int, address: str, port: int):
+                rank: int, address: str, port: Optional[int] = None):
     """A sender for `targets` over `backend`, built on every learner rank (rank 0 drives the
-    receivers; the others join the ZeRO-3 gathers). Has send(version) and shutdown()."""
+    receivers; the others join the ZeRO-3 gathers). Rank 0 hosts the group at `address`, on `port`
+    or a free one of its own. Has send(version) and shutdown()."""
     client = EngineGroupClient(targets, workers)
+    port = port or (free_port() if rank == 0 else 0)
     if backend == "gloo":
         from opd.weight_sync.gloo import GlooInitInfo, GlooSender
         info = GlooInitInfo(master_address=address, master_port=port, world_size=1 + client.num_workers)
