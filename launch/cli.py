@@ -26,7 +26,11 @@ def cmd_train(args) -> int:
         print(f"opd: bad manifest: {e}", file=sys.stderr)
         return 2
     from launch.driver import train
-    summary = train(cfg)
+    try:
+        summary = train(cfg)
+    except ManifestError as e:  # a problem with the files the manifest names, found before any work
+        print(f"opd: bad input: {e}", file=sys.stderr)
+        return 2
     print(json.dumps(summary, indent=2))
     return 0
 

@@ -202,6 +202,38 @@ def _load_yaml(path: Path, seen: tuple = ()) -> DictConfig:
     return OmegaConf.merge(base, raw)
 
 
+def _field_type(key: str) -> Optional[str]:
+    """The annotation of a manifest key as written in the dataclasses ("str", "Optional[str]", ...)."""
+    cls, parts = ExperimentConfig, key.split(".")
+    for i, part in enumerate(parts):
+        f = next((f for f in fields(cls) if f.name == part), None)
+        if f is None:
+            return None
+        if i == len(parts) - 1:
+            return str(f.type)
+        if f.default_factory is dataclasses.MISSING or not is_dataclass(f.default_factory()):
+            return None
+        cls = type(f.default_factory())
+    return None
+
+
+def parse_overrides(overrides) -> DictConfig:
+    """`key=value` pairs from the command line. A string key takes its value as written, so templates
+    pass unquoted by YAML (`teacher.prompt_template=rev:{prompt}`); other values are YAML: numbers,
+    booleans, lists, `{k: v}` maps."""
+    out = OmegaConf.create()
+    for item in overrides:
+        key, eq, value = item.partition("=")
+        if not eq or not key.strip():
+            raise ManifestError(f"command line: {item!r} is not key=value (e.g. rollout.temperature=0.7)")
+        kind = _field_type(key)
+        if kind in ("str", "Optional[str]"):
+            OmegaConf.update(out, key, None if kind != "str" and value in ("null", "~") else value, force_add=True)
+        else:
+            out = OmegaConf.merge(out, OmegaConf.from_dotlist([item]))
+    return out
+
+
 PATH_KEYS = ("model.path", "teacher.path", "data.train", "data.eval", "run.output_dir")
 
 
@@ -210,7 +242,7 @@ def load_manifest(path: str | Path, overrides: list[str] = (), check_paths: bool
     check_paths=False (`opd check` on a laptop) skips the existence of files the run will read."""
     cfg = OmegaConf.structured(ExperimentConfig)
     for source, layer in ((str(path), lambda: _load_yaml(Path(path))),
-                          ("command line", lambda: OmegaConf.from_dotlist(list(overrides)))):
+                          ("command line", lambda: parse_overrides(overrides))):
         try:
             cfg = OmegaConf.merge(cfg, layer())
         except OmegaConfBaseException as e:

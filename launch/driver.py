@@ -5,21 +5,21 @@ import time
 from contextlib import contextmanager
 
 import ray
-from transformers import AutoTokenizer
-
-from launch.batches import PromptFormatter, distill_batch, reward_batch, rollout_stats, score_request, sft_batch
+from launch.batches import distill_batch, reward_batch, rollout_stats, score_request, sft_batch
 from launch.capabilities import build_configured_loss
 from launch.cluster import LearnerGroup, RolloutGroup, TeacherGroup, connect_weight_sync, start_ray
 from launch.config import ExperimentConfig, sampling_spec
+from launch.inputs import Inputs, load_inputs
 from launch.placement import Placement
 from launch.run_dir import RunDir
 from opd.contracts import SamplingSpec
-from tasks.data import PromptStream, load_dataset, template_fields
+from tasks.data import PromptStream
 from tasks.verifiers import get_verifier
 
 
 def train(cfg: ExperimentConfig) -> dict:
-    run, s = RunDir(cfg), Setup(cfg)
+    inputs = load_inputs(cfg)  # bad tokenizers, data or templates stop here: no Ray, no run folder
+    run, s = RunDir(cfg), Setup(cfg, inputs)
     try:
         return _loop(cfg, run, s)
     finally:
@@ -83,16 +83,11 @@ class StageTimer:
 class Setup:
     """Data, prompts, actors and the loss's needs, built once from the manifest."""
 
-    def __init__(self, cfg: ExperimentConfig):
-        self.cfg = cfg
-        dc, rc = cfg.data, cfg.rollout
-        start_ray(cfg)
-        tok = AutoTokenizer.from_pretrained(cfg.model.path)
-        self.fmt = PromptFormatter(tok, dc.prompt_template, cfg.teacher.prompt_template)
-        fields = set(template_fields(dc.prompt_template) + template_fields(cfg.teacher.prompt_template))
-        self.train_data = self._load(dc.train, fields | {"answer"})
+    def __init__(self, cfg: ExperimentConfig, inputs: Inputs):
+        self.cfg, rc = cfg, cfg.rollout
+        self.fmt, self.train_data, self.eval_rows = inputs.fmt, inputs.train, inputs.eval_rows
         self.train = PromptStream(self.train_data.rows, cfg.run.seed)
-        self.eval_rows = self._load(dc.eval, fields | {"answer"}).rows[:cfg.eval.size] if dc.eval else []
+        start_ray(cfg)
         self.verifier = get_verifier(cfg.eval.verifier)
         needs = build_configured_loss(cfg).needs
         self.request = score_request(needs, rc.temperature)
@@ -103,7 +98,7 @@ class Setup:
         self.placement = Placement(cfg, cfg.cluster.placement_timeout_s)
         self.learner = self.rollouts = self.teachers = None
         try:
-            self._start_actors(tok.pad_token_id)
+            self._start_actors(inputs.tokenizer.pad_token_id)
         except BaseException:
             self.shutdown()  # a half-started run must not leave actors holding the cluster
             raise
@@ -151,14 +146,6 @@ class Setup:
         for actor in self._actors():
             ray.kill(actor)
         self.placement.remove()
-
-    def _load(self, source: str, required: set[str]):
-        dc = self.cfg.data
-        ds = load_dataset(source, sorted({dc.prompt_field if f == "prompt" else dc.answer_field if f == "answer"
-                                          else f for f in required}))
-        for row in ds.rows:  # canonical names, so templates and verifiers say {prompt} / answer
-            row["prompt"], row["answer"] = row[dc.prompt_field], row.get(dc.answer_field, "")
-        return ds
 
     def rewards(self, rollout, rows) -> list[float]:
         return [self.verifier(self.fmt.text(c), r["answer"]) for c, r in zip(rollout.completions(), rows)]

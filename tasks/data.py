@@ -1,13 +1,12 @@
 """Datasets from JSONL or Parquet with configurable field names, and a resumable prompt stream.
 
-A row missing a required field (or a JSONL line that is not JSON) is skipped and counted, never
+A row missing a required field (or a JSONL line that is not UTF-8 JSON) is skipped and counted, never
 fatal: `Dataset.skipped` reaches metrics.jsonl as `data/skipped_rows`.
 """
 from __future__ import annotations
 
 import json
 import random
-import string
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -20,8 +19,9 @@ class Dataset:
     skip_reasons: dict[str, int] = field(default_factory=dict)
 
 
-def template_fields(template: str) -> list[str]:
-    return [name for _, name, _, _ in string.Formatter().parse(template) if name]
+@dataclass
+class _Unreadable:
+    reason: str
 
 
 def load_dataset(source: str, required: list[str]) -> Dataset:
@@ -34,19 +34,23 @@ def load_dataset(source: str, required: list[str]) -> Dataset:
         raw = pq.read_table(path).to_pylist()
     elif path.suffix in (".jsonl", ".json"):
         raw = []
-        for line in path.read_text().splitlines():
+        for line in path.read_bytes().splitlines():
             if not line.strip():
                 continue
             try:
-                raw.append(json.loads(line))
+                raw.append(json.loads(line.decode("utf-8")))
+            except UnicodeDecodeError:
+                raw.append(_Unreadable("not UTF-8"))
             except json.JSONDecodeError:
-                raw.append(None)
+                raw.append(_Unreadable("not JSON"))
     else:
         raise ValueError(f"data source {source!r}: expected a .jsonl or .parquet file")
     ds = Dataset(rows=[], source=str(source))
     for row in raw:
         reason = None
-        if not isinstance(row, dict):
+        if isinstance(row, _Unreadable):
+            reason = row.reason
+        elif not isinstance(row, dict):
             reason = "not a JSON object"
         else:
             missing = [k for k in required if row.get(k) in (None, "")]

@@ -11,12 +11,14 @@ from tasks.verifiers import exact_match
 
 def test_jsonl_skips_and_counts_bad_rows(tmp_path):
     path = tmp_path / "d.jsonl"
-    path.write_text("\n".join([json.dumps({"q": "1+1=", "a": "2"}), "{not json", json.dumps({"q": "2+2="}),
-                               json.dumps({"a": "3"}), json.dumps({"q": "3+3=", "a": 6})]) + "\n")
+    lines = [json.dumps({"q": "1+1=", "a": "2"}), "{not json", json.dumps({"q": "2+2="}), json.dumps({"a": "3"}),
+             json.dumps({"q": "3+3=", "a": 6}), "[1, 2]"]
+    path.write_bytes("\n".join(lines).encode() + b'\n{"q": "\xff\xfe", "a": "1"}\n')
     ds = load_dataset(str(path), ["q", "a"])
     assert [r["q"] for r in ds.rows] == ["1+1=", "3+3="] and ds.rows[1]["a"] == "6"
-    assert ds.skipped == 3
-    assert ds.skip_reasons == {"not a JSON object": 1, "missing field 'a'": 1, "missing field 'q'": 1}
+    assert ds.skipped == 5
+    assert ds.skip_reasons == {"not JSON": 1, "not a JSON object": 1, "not UTF-8": 1, "missing field 'a'": 1,
+                               "missing field 'q'": 1}
 
 
 def test_parquet_with_field_names(tmp_path):
