@@ -71,3 +71,17 @@ def rollout_stats(rollout: Rollout) -> dict[str, float]:
     return {"rollout/response_length": sum(map(len, comps)) / max(1, len(comps)),
             "rollout/stop_fraction": sum(f == "stop" for f in rollout.finish_reasons) / max(1, len(rollout)),
             "rollout/repetition_3gram": repeats / max(1, total)}
+
+
+def teacher_stats(rollout: Rollout, scores: TeacherScores, self_teacher: bool) -> dict[str, float]:
+    """The teacher's view of the student's samples. teacher/logprob_sampled: mean log q(y_t) per token.
+    For OPSD, opsd/pi_gap_nats: how much likelier the PI-conditioned teacher finds each completion than
+    the PI-free student that wrote it, sum_t log q(y_t | x, PI) - log p(y_t | x), averaged over
+    completions (p: the behaviour log-probs, at the same temperature as q)."""
+    mask = rollout.completion_mask.float()
+    q = scores.sampled_logprobs * mask
+    out = {"teacher/logprob_sampled": float(q.sum() / mask.sum().clamp(min=1))}
+    if self_teacher and rollout.behaviour_logprobs is not None:
+        gap = ((scores.sampled_logprobs - rollout.behaviour_logprobs) * mask).sum(-1)
+        out["opsd/pi_gap_nats"] = float(gap.mean())
+    return out

@@ -1,4 +1,4 @@
-"""`opd` command line: train, check, eval, make-tiny."""
+"""`opd` command line: train, check, eval, experiment, report, make-tiny."""
 from __future__ import annotations
 
 import argparse
@@ -97,6 +97,32 @@ def cmd_eval(args) -> int:
     return 0
 
 
+def cmd_experiment(args) -> int:
+    from launch.config import ManifestError
+    from launch.experiment import available, run_experiment
+    if args.name == "list":
+        print("\n".join(available()))
+        return 0
+    try:
+        run_experiment(args.name, args.out, args.overrides)
+    except ManifestError as e:
+        print(f"opd experiment: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def cmd_report(args) -> int:
+    from pathlib import Path
+    from launch.report import report
+    try:
+        path = report(args.runs, Path(args.out))
+    except FileNotFoundError as e:
+        print(f"opd report: {e}", file=sys.stderr)
+        return 2
+    print(path.read_text())
+    return 0
+
+
 def cmd_make_tiny(args) -> int:
     from tasks.arithmetic import write_task
     from tasks.tiny import write_tiny_models
@@ -133,12 +159,26 @@ def main(argv=None) -> int:
     e.add_argument("--max-new-tokens", type=int, default=16)
     e.add_argument("--engine", choices=["hf", "vllm"], default="hf")
     e.set_defaults(fn=cmd_eval)
+    x = sub.add_parser("experiment", help="run a named comparison (configs/experiments/NAME.yaml); 'list' lists them")
+    x.add_argument("name")
+    x.add_argument("overrides", nargs="*", help="key=value overrides for every arm, e.g. run.seed=1")
+    x.add_argument("--out", default="runs/experiments")
+    x.set_defaults(fn=cmd_experiment)
+    r = sub.add_parser("report", help="plot runs' metrics.jsonl curves (PNG) and tabulate them (Markdown)")
+    r.add_argument("runs", nargs="+", help="run folders, or run names under runs/")
+    r.add_argument("--out", default="runs/report")
+    r.set_defaults(fn=cmd_report)
     m = sub.add_parser("make-tiny", help="write tiny HF models, tokenizer and the arithmetic task")
     m.add_argument("--out", default="runs/tiny")
     m.add_argument("--digits", type=int, default=2)
     m.add_argument("--seed", type=int, default=0)
     m.set_defaults(fn=cmd_make_tiny)
-    args = p.parse_args(argv)
+    args, extra = p.parse_known_args(argv)
+    # argparse stops filling `overrides` at the first option: `opd train m.yaml --x 1 a=b` leaves a=b over
+    if extra and hasattr(args, "overrides") and not any(e.startswith("-") for e in extra):
+        args.overrides += extra
+    elif extra:
+        p.error(f"unrecognized arguments: {' '.join(extra)}")
     return args.fn(args)
 
 

@@ -5,7 +5,8 @@ import time
 from contextlib import contextmanager
 
 import ray
-from launch.batches import distill_batch, reward_batch, rollout_stats, score_request, sft_batch
+from launch.batches import (distill_batch, reward_batch, rollout_stats, score_request, sft_batch,
+                            teacher_stats)
 from launch.capabilities import build_configured_loss
 from launch.cluster import LearnerGroup, RolloutGroup, TeacherGroup, connect_weight_sync, start_ray
 from launch.config import ExperimentConfig, sampling_spec
@@ -45,6 +46,7 @@ def _loop(cfg: ExperimentConfig, run: RunDir, s: "Setup") -> dict:
                 with timer("teacher"):
                     scores = s.teachers.score([s.fmt.teacher(r) for r in rows], rollout, s.request)
                 batch = distill_batch(rollout, scores)
+                metrics.update(teacher_stats(rollout, scores, cfg.teacher.kind == "self"))
             else:
                 batch = reward_batch(rollout, rewards, [i // cfg.rollout.samples_per_prompt for i in range(len(rows))])
         with timer("learner"), s.engines_asleep():

@@ -1,0 +1,131 @@
+"""`opd experiment NAME`: a named comparison, run arm by arm, into runs/experiments/NAME/:
+
+    results.json   one object per arm: arm, metric, start, end, steps, wall_s (+ loss, run folder)
+    results.md     the same as a table, then the plots
+    *.png          every arm's curves, one metric per plot (launch/report.py)
+    runs/ARM/      each arm's ordinary run folder (manifest, metrics.jsonl, final model)
+    data/, models/ what the experiment's `prepare` step wrote (datasets, tiny initial models)
+
+configs/experiments/NAME.yaml lists the arms. An arm is an ordinary manifest plus overrides; an arm
+marked `stage: true` is a step others build on (reported in the table, left out of the plots). In
+overrides, `${root}` is runs/experiments/NAME, `${data}` its data folder, and `${final:ARM}` an earlier arm's final model,
+so stages feed each other by name. Every arm's manifest is checked before the first one runs.
+"""
+from __future__ import annotations
+
+import importlib
+import json
+import re
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+from launch.config import ExperimentConfig, ManifestError, load_manifest
+from launch.report import CURVES, markdown_table, plot_all, read_metrics, summarise
+
+EXPERIMENTS = Path(__file__).resolve().parent.parent / "configs" / "experiments"
+_REF = re.compile(r"\$\{(root|data|final:([A-Za-z0-9_.-]+))\}")
+
+
+@dataclass
+class Arm:
+    name: str
+    manifest: str
+    overrides: list[str] = field(default_factory=list)
+    stage: bool = False
+
+
+@dataclass
+class Experiment:
+    name: str
+    description: str
+    metric: str                      # what eval/accuracy measures in this experiment, in words
+    prepare: list[str]               # "module:function" called with the experiment folder, before any arm
+    arms: list[Arm]
+    plots: list[str] = field(default_factory=list)  # metric keys to plot (default: launch.report.CURVES)
+
+
+def available() -> list[str]:
+    return sorted(p.stem for p in EXPERIMENTS.glob("*.yaml"))
+
+
+def load_experiment(name: str) -> Experiment:
+    path = EXPERIMENTS / f"{name}.yaml"
+    if not path.exists():
+        raise ManifestError(f"experiment {name!r}: no {path.relative_to(EXPERIMENTS.parent.parent)}; "
+                            f"known: {', '.join(available())}")
+    doc = yaml.safe_load(path.read_text())
+    src = f"{path.name}"
+    unknown = set(doc) - {"description", "metric", "prepare", "arms", "plots"}
+    if unknown:
+        raise ManifestError(f"{src}: unknown key(s) {sorted(unknown)}")
+    arms = []
+    for i, a in enumerate(doc.get("arms") or []):
+        bad = set(a) - {"name", "manifest", "overrides", "stage"}
+        if bad or "name" not in a or "manifest" not in a:
+            raise ManifestError(f"{src}: arms[{i}] needs name and manifest (and may have overrides, stage); "
+                                f"got {sorted(a)}")
+        arms.append(Arm(a["name"], a["manifest"], list(a.get("overrides") or []), bool(a.get("stage", False))))
+    if not arms:
+        raise ManifestError(f"{src}: arms: at least one arm is needed")
+    return Experiment(name, doc.get("description", ""), doc.get("metric", "eval/accuracy"),
+                      list(doc.get("prepare") or []), arms, list(doc.get("plots") or []))
+
+
+def resolve(exp: Experiment, root: Path, extra: list[str] = ()) -> list[tuple[Arm, ExperimentConfig]]:
+    """Every arm's manifest, loaded and validated before any work; paths produced by earlier arms or
+    by `prepare` need not exist yet. `extra` overrides apply to every arm (e.g. run.seed=1)."""
+    done: set[str] = set()
+    out = []
+    for arm in exp.arms:
+        def sub(m: re.Match) -> str:
+            if m.group(1) in ("root", "data"):
+                return str(root if m.group(1) == "root" else root / "data")
+            ref = m.group(2)
+            if ref not in done:
+                raise ManifestError(f"experiment {exp.name}: arm {arm.name!r} uses ${{final:{ref}}}, "
+                                    f"but no earlier arm is named {ref!r}")
+            return str(root / "runs" / ref / "final")
+        overrides = [_REF.sub(sub, o) for o in arm.overrides]
+        overrides += [f"run.name={arm.name}", f"run.output_dir={root / 'runs'}", *extra]
+        try:
+            cfg = load_manifest(arm.manifest, overrides, check_paths=False)
+        except ManifestError as e:
+            raise ManifestError(f"experiment {exp.name}, arm {arm.name!r}: {e}") from None
+        out.append((arm, cfg))
+        done.add(arm.name)
+    return out
+
+
+def run_experiment(name: str, out_dir: str = "runs/experiments", extra: list[str] = ()) -> dict:
+    from launch.driver import train
+    exp = load_experiment(name)
+    root = Path(out_dir).absolute() / name
+    plan = resolve(exp, root, extra)  # a bad arm stops here, before any work
+    t0 = time.time()
+    for spec in exp.prepare:
+        module, fn = spec.split(":")
+        getattr(importlib.import_module(module), fn)(root)
+    results = []
+    for arm, cfg in plan:
+        print(f"\n=== {exp.name} / {arm.name}: opd train {arm.manifest} {' '.join(arm.overrides)}", flush=True)
+        t = time.time()
+        train(cfg)
+        rows = read_metrics(root / "runs" / arm.name)
+        results.append({"arm": arm.name, "metric": exp.metric, **summarise(rows), "wall_s": round(time.time() - t, 1),
+                        "loss": cfg.loss.name, "stage": arm.stage, "run": str(root / "runs" / arm.name)})
+        write_results(exp, root, results)  # after every arm: a long experiment shows progress
+    print(f"\n=== {exp.name}: {len(results)} arms in {time.time() - t0:.0f}s; {root / 'results.md'}")
+    print(f"metric: {exp.metric}\n" + markdown_table(results, "metric"))
+    return {"experiment": exp.name, "results": results, "wall_s": round(time.time() - t0, 1)}
+
+
+def write_results(exp: Experiment, root: Path, results: list[dict]) -> None:
+    (root / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+    runs = {r["arm"]: read_metrics(Path(r["run"])) for r in results if not r["stage"]}
+    images = plot_all(runs, root, exp.plots or CURVES)
+    md = f"# opd experiment {exp.name}\n\n{exp.description.strip()}\n\nMetric: {exp.metric}.\n\n"
+    md += markdown_table(results, "metric") + "\n" + "".join(f"![{p.stem}]({p.name})\n" for p in images)
+    (root / "results.md").write_text(md)

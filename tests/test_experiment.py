@@ -1,0 +1,55 @@
+"""`opd experiment` and `opd report`: the OPSD experiment end to end at toy length (every PI kind runs a
+short real OPSD run), the results files, the plots, and arm errors caught before any work."""
+import json
+
+import pytest
+
+from launch.cli import main
+from launch.config import ManifestError
+from launch.experiment import Arm, Experiment, load_experiment, resolve
+
+
+def test_opsd_experiment_runs_every_pi_kind_and_writes_results(ray_session, tmp_path, capsys):
+    out = tmp_path / "exp"
+    assert main(["experiment", "opsd", "--out", str(out), "run.steps=2", "eval.size=8", "eval.interval=0",
+                 "logging.tensorboard=false"]) == 0
+    root = out / "opsd"
+    results = json.loads((root / "results.json").read_text())
+    assert [r["arm"] for r in results] == ["base", "shared-rule", "shared-preference", "instance-answer",
+                                           "instance-solution", "instance-answer-inferable"]
+    for r in results:
+        assert {"arm", "metric", "start", "end", "steps", "wall_s"} <= set(r) and r["steps"] == 2
+        assert 0 <= r["start"] <= 1 and 0 <= r["end"] <= 1 and r["wall_s"] > 0
+    # each OPSD arm's teacher saw its PI: the manifest it ran with, and the PI gap it logged
+    for arm, template in (("shared-rule", "rev:{prompt}"), ("instance-solution", "sol {solution}:{prompt}")):
+        assert f"prompt_template: {template}" in (root / "runs" / arm / "manifest.yaml").read_text()
+        steps = [json.loads(line) for line in (root / "runs" / arm / "metrics.jsonl").read_text().splitlines()]
+        assert all("opsd/pi_gap_nats" in s for s in steps if "train/loss" in s)
+    md = (root / "results.md").read_text()
+    assert "| shared-rule |" in md and "![eval_accuracy](eval_accuracy.png)" in md
+    for png in ("eval_accuracy.png", "train_loss.png", "opsd_pi_gap_nats.png"):
+        assert (root / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", png
+
+    # opd report draws any runs, by folder
+    runs = [str(root / "runs" / a) for a in ("shared-rule", "instance-answer")]
+    assert main(["report", *runs, "--out", str(tmp_path / "report")]) == 0
+    report = (tmp_path / "report" / "report.md").read_text()
+    assert "| shared-rule |" in report and "| instance-answer |" in report
+    assert (tmp_path / "report" / "train_reverse_kl.png").exists()
+
+
+def test_arm_errors_stop_before_any_work(tmp_path):
+    exp = load_experiment("opsd")
+    bad_ref = Experiment("x", "", "m", [], [Arm("a", exp.arms[1].manifest, ["model.path=${final:nobody}"])])
+    with pytest.raises(ManifestError, match=r"arm 'a' uses \$\{final:nobody\}, but no earlier arm is named 'nobody'"):
+        resolve(bad_ref, tmp_path)
+    bad_key = Experiment("x", "", "m", [], [Arm("a", exp.arms[1].manifest, ["rollout.temprature=2"])])
+    with pytest.raises(ManifestError, match=r"experiment x, arm 'a': .*did you mean 'rollout.temperature'"):
+        resolve(bad_key, tmp_path)
+    with pytest.raises(ManifestError, match=r"experiment 'nope': no configs/experiments/nope.yaml; known: .*opsd"):
+        load_experiment("nope")
+
+
+def test_report_on_a_missing_run(tmp_path, capsys):
+    assert main(["report", str(tmp_path / "nothing")]) == 2
+    assert "no metrics.jsonl" in capsys.readouterr().err
