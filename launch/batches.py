@@ -74,13 +74,22 @@ def rollout_stats(rollout: Rollout) -> dict[str, float]:
 
 
 def teacher_stats(rollout: Rollout, scores: TeacherScores, self_teacher: bool) -> dict[str, float]:
-    """The teacher's view of the student's samples. teacher/logprob_sampled: mean log q(y_t) per token.
-    For OPSD, opsd/pi_gap_nats: how much likelier the PI-conditioned teacher finds each completion than
+    """The teacher's view of the student's samples (the evidence for failure mechanism 1: a teacher
+    grading prefixes it would never write), token means: teacher/logprob_sampled log q(y_t),
+    teacher/rank_sampled the teacher's rank of y_t (1 = its argmax), teacher/top1_fraction how often
+    y_t is that argmax, teacher/entropy H(q) (HF teachers). For OPSD, opsd/pi_gap_nats: how much likelier the PI-conditioned teacher finds each completion than
     the PI-free student that wrote it, sum_t log q(y_t | x, PI) - log p(y_t | x), averaged over
     completions (p: the behaviour log-probs, at the same temperature as q)."""
     mask = rollout.completion_mask.float()
     q = scores.sampled_logprobs * mask
-    out = {"teacher/logprob_sampled": float(q.sum() / mask.sum().clamp(min=1))}
+    tokens = mask.sum().clamp(min=1)
+    out = {"teacher/logprob_sampled": float(q.sum() / tokens)}
+    if scores.sampled_rank is not None:
+        rank = scores.sampled_rank.float() * mask
+        out["teacher/rank_sampled"] = float(rank.sum() / tokens)
+        out["teacher/top1_fraction"] = float(((rank == 1).float() * mask).sum() / tokens)
+    if scores.entropy is not None:
+        out["teacher/entropy"] = float((scores.entropy * mask).sum() / tokens)
     if self_teacher and rollout.behaviour_logprobs is not None:
         gap = ((scores.sampled_logprobs - rollout.behaviour_logprobs) * mask).sum(-1)
         out["opsd/pi_gap_nats"] = float(gap.mean())

@@ -18,6 +18,9 @@ CURVES = {
     "train/entropy": "student entropy",
     "train/student_mass_on_support": "P(S): student mass on the top-k support",
     "teacher/logprob_sampled": "teacher log-prob of the student's tokens",
+    "teacher/rank_sampled": "teacher's rank of the student's token (1 = its argmax)",
+    "teacher/entropy": "teacher entropy on the student's prefixes",
+    "rollout/repetition_3gram": "3-gram repetition rate",
     "rollout/response_length": "response length (tokens)",
 }
 

@@ -63,6 +63,9 @@ class TeacherScores:
     topk_logprobs: Optional[torch.Tensor] = None           # [N, T, K]
     at_student_topk: Optional[torch.Tensor] = None         # [N, T, Ks] log q at student top-k ids
     full_logprobs: Optional[torch.Tensor] = None           # [N, T, V]
+    # The teacher's view of the student's tokens (failure mechanism 1: prefixes it would never write).
+    sampled_rank: Optional[torch.Tensor] = None            # [N, T] long, 1 = the teacher's argmax
+    entropy: Optional[torch.Tensor] = None                 # [N, T] teacher entropy (HF teachers only)
 
 
 @dataclass

@@ -41,6 +41,9 @@ class HFTeacher(HFModelReceiver):
         mask = completion_mask.to(logp.device)
         at = lambda ids: logp.gather(-1, ids.to(logp.device)).masked_fill(~mask[..., None], 0.0).cpu()  # noqa: E731
         out = TeacherScores(sampled_logprobs=at(completion_ids[..., None]).squeeze(-1))
+        # 1 + tokens the teacher prefers to the sampled one (ties count in the student's favour)
+        out.sampled_rank = (1 + (logp > out.sampled_logprobs.to(logp.device)[..., None]).sum(-1)).masked_fill(~mask, 0).cpu()
+        out.entropy = -(logp.exp() * logp).sum(-1).masked_fill(~mask, 0.0).cpu()
         if request.topk:
             top = logp.topk(request.topk, -1)
             out.topk_ids, out.topk_logprobs = top.indices.cpu(), at(top.indices)

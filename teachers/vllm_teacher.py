@@ -45,9 +45,10 @@ def completion_lengths(completion_mask: torch.Tensor) -> torch.Tensor:
 def teacher_scores_from_outputs(outputs: Sequence["RequestOutput"], rows: list[int], prompt_lens: list[int],
                                 completions: list[list[int]], width: int, k: int) -> TeacherScores:
     """vLLM RequestOutputs for the scored `rows` -> TeacherScores over all N rows, [N, width(, K)].
-    Padded positions hold zeros."""
+    Padded positions hold zeros. vLLM reports the scored token's rank (1 = argmax) with its log-prob."""
     n = len(completions)
     sampled = torch.zeros(n, width)
+    rank = torch.zeros(n, width, dtype=torch.long)
     top_ids = torch.zeros(n, width, k, dtype=torch.long)
     top_lps = torch.zeros(n, width, k)
     for i, out in zip(rows, outputs):
@@ -58,9 +59,11 @@ def teacher_scores_from_outputs(outputs: Sequence["RequestOutput"], rows: list[i
         for t, tok in enumerate(tokens):
             lp, ids, lps = split_position(out.prompt_logprobs[start + t], tok, k)
             sampled[i, t] = lp
+            rank[i, t] = out.prompt_logprobs[start + t][tok].rank or 0
             top_ids[i, t] = torch.tensor(ids, dtype=torch.long)
             top_lps[i, t] = torch.tensor(lps)
-    return TeacherScores(sampled_logprobs=sampled, topk_ids=top_ids if k else None, topk_logprobs=top_lps if k else None)
+    return TeacherScores(sampled_logprobs=sampled, topk_ids=top_ids if k else None, topk_logprobs=top_lps if k else None,
+                         sampled_rank=rank)
 
 
 class VLLMTeacher(LLMWeightReceiver):

@@ -115,3 +115,17 @@ def test_live_self_teacher_follows_the_student(setup):
     load_named_tensors(teacher.model, dict(student.named_parameters()))  # what a live sync delivers
     live = teacher.score(prompts, rollout.completion_ids, m, req).sampled_logprobs
     assert torch.allclose(live[m], want[m], atol=1e-4)
+
+
+def test_teacher_stats_are_token_means_over_the_mask():
+    from opd.contracts import Rollout, TeacherScores
+    mask = torch.tensor([[True, True, False], [True, False, False]])
+    rollout = Rollout(prompt_ids=[[1], [1]], completion_ids=torch.zeros(2, 3, dtype=torch.long), completion_mask=mask,
+                      behaviour_logprobs=torch.tensor([[-1.0, -1.0, 0.0], [-2.0, 0.0, 0.0]]),
+                      finish_reasons=["stop", "stop"], weight_version=0)
+    scores = TeacherScores(sampled_logprobs=torch.tensor([[-0.5, -3.0, 9.0], [-1.0, 9.0, 9.0]]),
+                           sampled_rank=torch.tensor([[1, 4, 7], [1, 7, 7]]), entropy=torch.tensor([[1.0, 2.0, 9.0], [3.0, 9.0, 9.0]]))
+    stats = teacher_stats(rollout, scores, self_teacher=True)
+    assert stats == pytest.approx({"teacher/logprob_sampled": -1.5, "teacher/rank_sampled": 2.0,
+                                   "teacher/top1_fraction": 2 / 3, "teacher/entropy": 2.0,
+                                   "opsd/pi_gap_nats": ((-0.5 + 1 - 3 + 1) + (-1 + 2)) / 2})

@@ -53,6 +53,12 @@ def test_self_teacher_rescoring_equals_behaviour_logprobs(assets):
     assert torch.equal(s.topk_ids[m], r.student_topk_ids[m])
     assert torch.allclose(s.full_logprobs.exp().sum(-1)[m], torch.ones(int(m.sum())), atol=1e-5)
     assert torch.allclose(s.at_student_topk[m], s.topk_logprobs[m], atol=1e-6)
+    # the teacher's view of each sampled token: its rank (1 = argmax) and the teacher's entropy
+    full = s.full_logprobs[m]
+    sampled = full.gather(-1, r.completion_ids[m][:, None])
+    assert torch.equal(s.sampled_rank[m], 1 + (full > sampled).sum(-1))
+    assert torch.allclose(s.entropy[m], -(full.exp() * full).sum(-1), atol=1e-5)
+    assert (s.sampled_rank[~m] == 0).all() and (s.entropy[~m] == 0).all()
 
 
 def test_teacher_prompt_with_privileged_info_scores_row_by_row(assets):

@@ -94,6 +94,7 @@ def test_vllm_teacher_scores_equal_hf_teacher(vllm_teacher, engines, assets):
     assert torch.allclose(got.sampled_logprobs, ref.sampled_logprobs, atol=1e-4)
     assert torch.equal(got.topk_ids[m], ref.topk_ids[m])
     assert torch.allclose(got.topk_logprobs, ref.topk_logprobs, atol=1e-4)
+    assert torch.equal(got.sampled_rank[m], ref.sampled_rank[m]) and (got.sampled_rank[m] >= 1).all()
 
 
 def test_vllm_teacher_refuses_what_it_cannot_do_exactly(vllm_teacher):
