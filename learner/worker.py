@@ -110,15 +110,15 @@ class LearnerWorker:
     def train_step(self, shard: TrainBatch, loss_tokens: int) -> dict[str, float]:
         """One optimizer step on this rank's shard; loss_tokens counts the whole global batch.
 
-        A non-finite loss or gradient norm skips the step: the weights and the optimizer's moments stay
-        as they were, and `skipped_nonfinite` is 1. Every rank takes the same decision (ZeRO stage 0:
+        A non-finite loss or gradient norm skips the step: the weights, the optimizer's moments and the
+        learning-rate schedule stay as they were, and `skipped_nonfinite` is 1. Every rank takes the same decision (ZeRO stage 0:
         a flag all-reduced before the step; stages 1-3: DeepSpeed's own overflow check, collective)."""
         import torch.distributed as dist
         self.engine.train()
         mb = self.cfg.learner.micro_batch_size
         assert len(shard) == mb * self.gas, f"rank {self.rank}: shard of {len(shard)} rows, expected {mb * self.gas}"
         sums: dict[str, torch.Tensor] = {}
-        grad_norm, skipped, overflows = None, False, self.engine.skipped_steps
+        grad_norm, overflows = None, self.engine.skipped_steps
         for start in range(0, len(shard), mb):
             micro = shard.select(list(range(start, start + mb)))
             logits = self.student_logits(micro)
@@ -129,12 +129,11 @@ class LearnerWorker:
             self.engine.backward(loss * self.gas * self.world_size)
             if self.engine.is_gradient_accumulation_boundary() and self.cfg.learner.zero_stage == 0:
                 grad_norm = self._grad_norm()  # ZeRO stages report their own; stage 0 does not
-                skipped = self._all_agree_nonfinite(sums["loss"], grad_norm)
-                if skipped:  # an optimizer step over no gradients changes nothing (Adam skips grad-less params)
-                    for p in self.engine.module.parameters():
-                        p.grad = None
+                if self._all_agree_nonfinite(sums["loss"], grad_norm):
+                    self._skip_boundary_step()
+                    continue
             self.engine.step()
-        skipped = skipped or self.engine.skipped_steps > overflows
+        skipped = self.engine.skipped_steps > overflows
         keys = sorted(sums)
         vec = torch.stack([sums[k] for k in keys])
         dist.all_reduce(vec)
@@ -145,6 +144,15 @@ class LearnerWorker:
         out["lr"] = float(self.engine.get_lr()[0])
         out["skipped_nonfinite"] = float(skipped)
         return out
+
+    def _skip_boundary_step(self) -> None:
+        """engine.step() at an accumulation boundary less the optimizer and the LR scheduler, as
+        DeepSpeed's own overflow path does under ZeRO: gradients dropped, the step counted as skipped."""
+        e = self.engine
+        e.zero_grad()
+        e.micro_steps += 1
+        e.global_steps += 1
+        e.skipped_steps += 1
 
     def _all_agree_nonfinite(self, loss_sum: torch.Tensor, grad_norm: float) -> bool:
         """True on every rank when any rank's loss or the (already all-reduced) gradient is not finite."""
