@@ -26,11 +26,15 @@ def cmd_train(args) -> int:
         print(f"opd: bad manifest: {e}", file=sys.stderr)
         return 2
     from launch.driver import train
+    from launch.remote import RunStopped
     try:
         summary = train(cfg)
     except ManifestError as e:  # a problem with the files the manifest names, found before any work
         print(f"opd: bad input: {e}", file=sys.stderr)
         return 2
+    except RunStopped as e:  # a learner failure, an actor that keeps failing, a run gone non-finite
+        print(f"opd: run stopped: {e}", file=sys.stderr)
+        return 1
     print(json.dumps(summary, indent=2))
     return 0
 

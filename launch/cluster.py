@@ -6,10 +6,15 @@ file is the only place that knows they run under Ray. Where they run is launch/p
 """
 from __future__ import annotations
 
+import random
+import socket
+from dataclasses import replace
+
 import ray
 
-from launch.config import ExperimentConfig, VLLMConfig
+from launch.config import ExperimentConfig, ManifestError, VLLMConfig
 from launch.placement import Placement
+from launch.remote import ActorPool, first_line, gather
 from opd.contracts import (Rollout, SamplingSpec, ScoreRequest, TeacherScores, TrainBatch, concat_rollouts,
                            concat_scores)
 from opd.weight_sync import free_port
@@ -19,14 +24,49 @@ QUIET_ENV = {"TRANSFORMERS_VERBOSITY": "error", "HF_HUB_OFFLINE": "1", "HF_HUB_D
 
 
 def start_ray(cfg) -> None:
+    """Local mode: a private Ray on loopback (nothing listens on the machine's network address) with
+    no dashboard unless cluster.dashboard. Ray mode: join the cluster at cluster.address."""
     if ray.is_initialized():
         return
     env = dict(QUIET_ENV, **({"DS_ACCELERATOR": "cpu"} if cfg.cluster.num_gpus == 0 else {}))
     if cfg.cluster.mode == "local":
-        ray.init(num_cpus=cfg.cluster.num_cpus, num_gpus=cfg.cluster.num_gpus, include_dashboard=False,
-                 log_to_driver=True, configure_logging=False, runtime_env={"env_vars": env})
-    else:
+        # Ray maps a 127.0.0.1 node address back to the machine's network address unless clusters are
+        # off, which is its own default on macOS and Windows; with it off every Ray server listens on
+        # loopback only (tests/test_faults.py checks the sockets).
+        from ray._private import ray_constants
+        ray_constants.ENABLE_RAY_CLUSTER = False
+        ray.init(num_cpus=cfg.cluster.num_cpus, num_gpus=cfg.cluster.num_gpus, include_dashboard=cfg.cluster.dashboard,
+                 _node_ip_address="127.0.0.1", log_to_driver=True, configure_logging=False,
+                 runtime_env={"env_vars": env})
+        return
+    try:  # check_address(cfg) has answered an unreachable host:port already (launch/driver.py)
         ray.init(address=cfg.cluster.address or "auto", runtime_env={"env_vars": env})
+    except ConnectionError as e:
+        raise ManifestError(f"cluster.address: {first_line(e)}") from None
+
+
+def check_address(cfg) -> None:
+    """Ray retries an unreachable head for minutes without a word; a plain TCP connect answers within
+    cluster.connect_timeout_s. Only an explicit host:port is checked ("auto" finds a local head)."""
+    address = (cfg.cluster.address or "auto").removeprefix("ray://")
+    if cfg.cluster.mode != "ray" or address == "auto":
+        return
+    host, _, port = address.rpartition(":")
+    if not host or not port.isdigit():
+        raise ManifestError(f"cluster.address: {cfg.cluster.address!r} is not host:port (e.g. 10.0.0.1:6379) or auto")
+    try:
+        socket.create_connection((host, int(port)), timeout=cfg.cluster.connect_timeout_s).close()
+    except OSError as e:
+        raise ManifestError(f"cluster.address: no Ray head answers at {host}:{port} within "
+                            f"cluster.connect_timeout_s = {cfg.cluster.connect_timeout_s:g}s "
+                            f"({e.strerror or type(e).__name__}); start it with `ray start --head` or fix the address") \
+            from None
+
+
+def derived_seed(*parts) -> int:
+    """A seed that is a pure function of its parts (run seed, step, actor index): whatever ran before,
+    was retried or was resumed, the same step samples the same tokens, so no generator state is saved."""
+    return random.Random("/".join(map(str, parts))).randrange(1 << 31)
 
 
 @ray.remote
@@ -62,65 +102,78 @@ def sync_backend(cfg: ExperimentConfig) -> str:
 
 
 class RolloutGroup:
-    def __init__(self, actors: list):
-        self.actors = actors
+    """Rollout engines, one per placement slot; a lost engine is replaced and its prompts retried."""
+
+    def __init__(self, pool: ActorPool):
+        self.pool = pool
+
+    @property
+    def actors(self) -> list:
+        return self.pool.actors
 
     @classmethod
     def start(cls, cfg: ExperimentConfig, placement: Placement, sampling: SamplingSpec, pad_id: int):
         gpu = cfg.cluster.num_gpus > 0
-        actors = []
-        for i, slot in enumerate(placement.layout.rollout):
-            opts = placement.options(slot)
+        slots = placement.layout.rollout
+
+        def make(i: int):
+            opts = placement.options(slots[i])
             if cfg.rollout.engine == "vllm":
                 from actors.vllm_engine import VLLMEngine
                 spec = llm_spec(cfg, "rollout", cfg.model.path, cfg.run.seed + i, sync_backend(cfg))
-                actors.append(ray.remote(VLLMEngine).options(**opts).remote(spec, sampling, pad_id))
-            else:
-                from actors.hf_engine import HFEngine
-                actors.append(ray.remote(HFEngine).options(**opts).remote(
-                    cfg.model.path, cfg.model.dtype, seed=cfg.run.seed + i, threads=cfg.cluster.threads_per_actor,
-                    use_gpu=gpu))
-        return cls(actors)
+                return ray.remote(VLLMEngine).options(**opts).remote(spec, sampling, pad_id)
+            from actors.hf_engine import HFEngine
+            return ray.remote(HFEngine).options(**opts).remote(
+                cfg.model.path, cfg.model.dtype, seed=cfg.run.seed + i, threads=cfg.cluster.threads_per_actor,
+                use_gpu=gpu)
+        return cls(ActorPool("rollout engine", make, len(slots), cfg.cluster.call_timeout_s))
 
     def generate(self, prompts: list[list[int]], spec: SamplingSpec) -> Rollout:
-        refs = [a.generate.remote(prompts[s], spec) for a, s in zip(self.actors, _split(len(prompts), len(self.actors)))]
-        return concat_rollouts(ray.get(refs))
+        """Engine i samples its slice with a seed derived from (spec.seed, i)."""
+        parts = _split(len(prompts), len(self.actors))
+        specs = [spec if spec.seed is None else replace(spec, seed=derived_seed(spec.seed, i)) for i in range(len(parts))]
+        return concat_rollouts(self.pool.call("generate", [(prompts[s], sp) for s, sp in zip(parts, specs)]))
 
     def sleep(self) -> None:
-        ray.get([a.sleep.remote() for a in self.actors])
+        self.pool.call("sleep", [()] * len(self.actors))
 
     def wake_up(self) -> None:
-        ray.get([a.wake_up.remote() for a in self.actors])
+        self.pool.call("wake_up", [()] * len(self.actors))
 
 
 class TeacherGroup:
-    def __init__(self, actors: list):
-        self.actors = actors
+    """Teachers, one per placement slot; a lost teacher is replaced and its rows scored again."""
+
+    def __init__(self, pool: ActorPool):
+        self.pool = pool
+
+    @property
+    def actors(self) -> list:
+        return self.pool.actors
 
     @classmethod
     def start(cls, cfg: ExperimentConfig, placement: Placement):
         tc = cfg.teacher
         path = cfg.model.path if tc.kind == "self" else tc.path
-        actors = []
-        for i, slot in enumerate(placement.layout.teacher):
-            opts = placement.options(slot)
+        slots = placement.layout.teacher
+
+        def make(i: int):
+            opts = placement.options(slots[i])
             if tc.kind == "vllm":
                 from teachers.vllm_teacher import VLLMTeacher
                 spec = llm_spec(cfg, "teacher", path, cfg.run.seed + i)
-                actors.append(ray.remote(VLLMTeacher).options(**opts).remote(spec, student_path=cfg.model.path))
-            else:
-                from teachers.hf_teacher import HFTeacher
-                actors.append(ray.remote(HFTeacher).options(**opts).remote(
-                    path, cfg.model.dtype, student_path=cfg.model.path, threads=cfg.cluster.threads_per_actor,
-                    use_gpu=cfg.cluster.num_gpus > 0))
-        return cls(actors)
+                return ray.remote(VLLMTeacher).options(**opts).remote(spec, student_path=cfg.model.path)
+            from teachers.hf_teacher import HFTeacher
+            return ray.remote(HFTeacher).options(**opts).remote(
+                path, cfg.model.dtype, student_path=cfg.model.path, threads=cfg.cluster.threads_per_actor,
+                use_gpu=cfg.cluster.num_gpus > 0)
+        return cls(ActorPool("teacher", make, len(slots), cfg.cluster.call_timeout_s))
 
     def score(self, teacher_prompts, rollout: Rollout, request: ScoreRequest) -> TeacherScores:
         def args(s):
             topk = None if rollout.student_topk_ids is None else rollout.student_topk_ids[s]
             return teacher_prompts[s], rollout.completion_ids[s], rollout.completion_mask[s], request, topk
-        refs = [a.score.remote(*args(s)) for a, s in zip(self.actors, _split(len(rollout), len(self.actors)))]
-        return concat_scores(ray.get(refs))
+        return concat_scores(self.pool.call("score", [args(s) for s in _split(len(rollout), len(self.actors))]))
 
 
 class LearnerGroup:
@@ -129,14 +182,15 @@ class LearnerGroup:
         opts = [placement.options(slot) for slot in placement.layout.learner]
         n = len(opts)
         host = _Host.options(num_cpus=0, scheduling_strategy=opts[0]["scheduling_strategy"]).remote()
-        addr, port = ray.get(host.address.remote())
+        (addr, port), = gather([("learner host probe.address", host.address.remote())], cfg.cluster.call_timeout_s)
         ray.kill(host)
         remote = ray.remote(LearnerWorker)
         self.ranks = [remote.options(**o).remote(cfg, r, n, addr, port, rows_per_step) for r, o in enumerate(opts)]
+        self.timeout_s = cfg.cluster.call_timeout_s
 
     def train_step(self, batch: TrainBatch) -> dict[str, float]:
         shards = [batch.select(list(range(len(batch)))[s]) for s in _split(len(batch), len(self.ranks))]
-        return ray.get([w.train_step.remote(sh, batch.loss_tokens) for w, sh in zip(self.ranks, shards)])[0]
+        return self._all("train_step", [(sh, batch.loss_tokens) for sh in shards])
 
     def export_weights(self):
         """ObjectRef to rank 0's full weights (every rank takes part in the gather)."""
@@ -146,13 +200,20 @@ class LearnerGroup:
 
     def call(self, method: str, *args):
         """Run a collective method on every rank; rank 0's answer."""
-        return ray.get([getattr(w, method).remote(*args) for w in self.ranks])[0]
+        return self._all(method, [args] * len(self.ranks))
+
+    def _all(self, method: str, args: list[tuple]):
+        """Rank 0's answer. The ranks move in lockstep, so a rank cannot be replaced mid-run: the
+        first rank that dies, raises or misses the deadline stops the run, by name."""
+        return gather([(f"learner rank {r}.{method}", getattr(w, method).remote(*a))
+                       for r, (w, a) in enumerate(zip(self.ranks, args))], self.timeout_s)[0]
 
 
 def connect_weight_sync(cfg: ExperimentConfig, learner: LearnerGroup, targets: list, kinds: list[str]) -> None:
     """Open the learner's transfer groups to every receiver: HF receivers over gloo, vLLM receivers
     over sync.backend, each in the dtype it holds its weights in."""
-    workers = ray.get([t.weight_sync_workers.remote() for t in targets])
+    workers = gather([(f"sync receiver {i}.weight_sync_workers", t.weight_sync_workers.remote())
+                      for i, t in enumerate(targets)], cfg.cluster.call_timeout_s)
     groups = []
     for kind, backend, dtype in (("hf", "gloo", cfg.model.dtype),
                                  ("vllm", sync_backend(cfg), cfg.rollout.vllm.dtype or cfg.model.dtype)):

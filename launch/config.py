@@ -17,7 +17,8 @@ from dataclasses import dataclass, field, fields, is_dataclass
 from pathlib import Path
 from typing import Any, Optional
 
-from omegaconf import MISSING, DictConfig, OmegaConf
+import yaml
+from omegaconf import MISSING, DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
 
 
@@ -27,7 +28,11 @@ class RunConfig:
     output_dir: str = "runs"
     seed: int = 0
     steps: int = MISSING
-    resume: bool = False          # continue from runs/<name>/checkpoints/latest if present
+    # false: a fresh run (a folder already holding a different run is refused) | true: continue from
+    # the newest complete checkpoint in runs/<name>/checkpoints (none is an error) | auto: continue if
+    # there is one, else start afresh. Continuing is exact: the same per-step metrics as a run never stopped.
+    resume: Any = False
+    overwrite: bool = False       # replace whatever runs/<name>/ holds (metrics, checkpoints, final model)
 
 
 @dataclass
@@ -43,6 +48,11 @@ class ClusterConfig:
     # places rollout engines on nodes started with `ray start --resources '{"rollout_node": 1000}'`.
     node_resources: dict[str, str] = field(default_factory=dict)
     threads_per_actor: int = 1    # torch intra-op threads inside each actor
+    # Deadline for every remote call (a step's rollouts, scores, learner step, sync): a rollout engine or
+    # teacher that misses it (or dies) is replaced in its slot and its work retried; a learner rank stops the run.
+    call_timeout_s: float = 600.0
+    connect_timeout_s: float = 30.0  # ray mode: how long cluster.address may take to answer before the run stops
+    dashboard: bool = False       # local mode: start Ray's dashboard (local Ray binds to 127.0.0.1 either way)
 
 
 @dataclass
@@ -106,6 +116,9 @@ class LearnerConfig:
     weight_decay: float = 0.0
     betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
     grad_clip: float = 1.0
+    # A step whose loss or gradient norm is not finite is skipped (no weight change, no sync) and counted
+    # (train/skipped_nonfinite); this many in a row stop the run.
+    max_nonfinite_steps: int = 3
 
 
 @dataclass
@@ -135,8 +148,8 @@ class EvalConfig:
 
 @dataclass
 class CheckpointConfig:
-    interval: int = 0             # steps between checkpoints (0: only the final one)
-    keep: int = 2
+    interval: int = 0             # steps between checkpoints (0: none; final/ is always written)
+    keep: int = 2                 # complete checkpoints kept (each is written to stepN.tmp, sealed, renamed)
 
 
 @dataclass
@@ -194,7 +207,15 @@ def _load_yaml(path: Path, seen: tuple = ()) -> DictConfig:
         raise ManifestError(f"manifest {str(path)!r} does not exist")
     if path.resolve() in seen:
         raise ManifestError(f"{path}: extends: cycle through {[str(p) for p in seen]}")
-    raw = OmegaConf.load(path)
+    try:
+        raw = OmegaConf.load(path)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" line {mark.line + 1}" if mark else ""
+        raise ManifestError(f"{path}:{where}: not valid YAML ({getattr(e, 'problem', None) or e})") from None
+    if not isinstance(raw, DictConfig):
+        raise ManifestError(f"{path}: the manifest must be a mapping of sections (run:, model:, ...), "
+                            f"not a {'list' if isinstance(raw, ListConfig) else type(raw).__name__}")
     parent = raw.pop("extends", None)
     if parent is None:
         return raw
@@ -316,6 +337,13 @@ def validate(cfg: ExperimentConfig) -> None:
         section, name = key.split(".")
         _positive(key, getattr(getattr(cfg, section), name))
     _positive("learner.lr", cfg.learner.lr)
+    _run_keys(cfg)
+    for key, value in (("eval.interval", cfg.eval.interval), ("checkpoint.interval", cfg.checkpoint.interval)):
+        _positive(key, value, allow_zero=True)
+    for key, value in (("checkpoint.keep", cfg.checkpoint.keep), ("learner.max_nonfinite_steps",
+                       cfg.learner.max_nonfinite_steps), ("cluster.call_timeout_s", cfg.cluster.call_timeout_s),
+                       ("cluster.connect_timeout_s", cfg.cluster.connect_timeout_s)):
+        _positive(key, value)
     for key, top_p in (("rollout.top_p", cfg.rollout.top_p), ("eval.top_p", cfg.eval.top_p)):
         if not 0 < top_p <= 1:
             raise ManifestError(f"{key}: must be in (0, 1], got {top_p}")
@@ -345,6 +373,19 @@ def validate(cfg: ExperimentConfig) -> None:
     check_resources(cfg)
     from launch.capabilities import check_loss  # the loss registry is heavier; import late
     check_loss(cfg)
+
+
+def _run_keys(cfg: ExperimentConfig) -> None:
+    """run.resume as true / false / "auto"; a run.name that stays under run.output_dir (its folder is
+    emptied on overwrite)."""
+    value = cfg.run.resume.lower() if isinstance(cfg.run.resume, str) else cfg.run.resume
+    if not (isinstance(value, bool) or value in ("true", "false", "auto")):
+        raise ManifestError(f"run.resume: {cfg.run.resume!r} is not one of true, false, auto")
+    cfg.run.resume = {"true": True, "false": False}.get(value, value) if isinstance(value, str) else value
+    parts = Path(cfg.run.name).parts
+    if not parts or Path(cfg.run.name).is_absolute() or any(p in (".", "..") for p in cfg.run.name.split("/")):
+        raise ManifestError(f"run.name: {cfg.run.name!r} must be a folder name under run.output_dir (no '..', "
+                            "not absolute)")
 
 
 def _check_local_gpus(wanted: int) -> None:

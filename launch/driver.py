@@ -3,15 +3,19 @@ from __future__ import annotations
 
 import time
 from contextlib import contextmanager
+from dataclasses import replace
 
 import ray
 from launch.batches import (distill_batch, reward_batch, rollout_stats, score_request, sft_batch,
                             teacher_stats)
 from launch.capabilities import build_configured_loss
-from launch.cluster import LearnerGroup, RolloutGroup, TeacherGroup, connect_weight_sync, start_ray
+from launch.cluster import (LearnerGroup, RolloutGroup, TeacherGroup, check_address, connect_weight_sync,
+                            derived_seed, start_ray)
 from launch.config import ExperimentConfig, sampling_spec
+from launch.guards import NonfiniteGuard
 from launch.inputs import Inputs, load_inputs
 from launch.placement import Placement
+from launch.remote import RunStopped, gather
 from launch.run_dir import RunDir
 from opd.contracts import SamplingSpec
 from tasks.data import PromptStream
@@ -20,26 +24,33 @@ from tasks.verifiers import get_verifier
 
 def train(cfg: ExperimentConfig) -> dict:
     inputs = load_inputs(cfg)  # bad tokenizers, data or templates stop here: no Ray, no run folder
-    run, s = RunDir(cfg), Setup(cfg, inputs)
+    check_address(cfg)
+    run = RunDir(cfg)  # a folder holding another run is refused here; a resume picks its checkpoint
+    s = None
     try:
+        s = Setup(cfg, inputs)
         return _loop(cfg, run, s)
+    except RunStopped as e:
+        raise RunStopped(f"{e}; {run.resume_hint()}") from e
     finally:
-        s.shutdown()
+        if s:
+            s.shutdown()
 
 
 def _loop(cfg: ExperimentConfig, run: RunDir, s: "Setup") -> dict:
     step = s.resume(run)
-    start_acc = s.evaluate(run, step)
+    start_acc = run.start_eval if step else s.evaluate(run, step)
+    guard = NonfiniteGuard(cfg.learner.max_nonfinite_steps, run.resume_state.get("nonfinite_in_row", 0))
     for step in range(step + 1, cfg.run.steps + 1):
-        timer, t0 = StageTimer(), time.time()
+        timer, t0, faults = StageTimer(), time.time(), s.replaced()
         rows = [r for r in s.train.next_batch(cfg.rollout.prompts_per_step)
                 for _ in range(1 if cfg.algorithm == "sft" else cfg.rollout.samples_per_prompt)]
         metrics = {"data/skipped_rows": s.train_data.skipped}
         if cfg.algorithm == "sft":
             batch = sft_batch(s.fmt, rows, "answer")
         else:
-            with timer("rollout"):
-                rollout = s.rollouts.generate([s.fmt.student(r) for r in rows], s.sampling)
+            with timer("rollout"):  # the seed is a function of the step: a resumed or retried step samples alike
+                rollout = s.rollouts.generate([s.fmt.student(r) for r in rows], s.sampling_at(step))
             rewards = s.rewards(rollout, rows)
             metrics.update(rollout_stats(rollout), **{"rollout/reward_mean": sum(rewards) / len(rewards)})
             if cfg.algorithm == "opd":
@@ -51,19 +62,22 @@ def _loop(cfg: ExperimentConfig, run: RunDir, s: "Setup") -> dict:
                 batch = reward_batch(rollout, rewards, [i // cfg.rollout.samples_per_prompt for i in range(len(rows))])
         with timer("learner"), s.engines_asleep():
             metrics.update({f"train/{k}": v for k, v in s.learner.train_step(batch).items()})
-        with timer("sync"):
-            s.sync_weights(step)
-        metrics.update(timer.metrics(), **{"perf/step_s": time.time() - t0,
+        if not guard.skipped(step, metrics):  # a skipped step left the weights as they were: nothing to send
+            with timer("sync"):
+                s.sync_weights(step)
+        metrics.update(timer.metrics(), **{"perf/step_s": time.time() - t0, "faults/restarts": s.replaced() - faults,
                                            "perf/tokens_per_s": batch.loss_tokens / (time.time() - t0)})
         run.log(step, metrics)
         if cfg.eval.interval and step % cfg.eval.interval == 0 and step != cfg.run.steps:
             s.evaluate(run, step)
         if cfg.checkpoint.interval and step % cfg.checkpoint.interval == 0:
-            s.checkpoint(run, step)
+            s.checkpoint(run, step, guard.in_row)
     end_acc = s.evaluate(run, cfg.run.steps)
     s.learner.call("save_hf", str(run.final), cfg.model.path)
+    print(f"opd: skipped rows: {s.skipped_rows_line()}", flush=True)
     summary = {"run": cfg.run.name, "algorithm": cfg.algorithm, "loss": cfg.loss.name, "steps": cfg.run.steps,
-               "start_eval_accuracy": start_acc, "end_eval_accuracy": end_acc, "final_model": str(run.final)}
+               "start_eval_accuracy": start_acc, "end_eval_accuracy": end_acc, "final_model": str(run.final),
+               "skipped_rows": s.skipped_rows, "skipped_nonfinite_steps": guard.total, "actor_restarts": s.replaced()}
     run.close(summary)
     return summary
 
@@ -88,6 +102,7 @@ class Setup:
     def __init__(self, cfg: ExperimentConfig, inputs: Inputs):
         self.cfg, rc = cfg, cfg.rollout
         self.fmt, self.train_data, self.eval_rows = inputs.fmt, inputs.train, inputs.eval_rows
+        self.skipped_rows = inputs.skipped_rows
         self.train = PromptStream(self.train_data.rows, cfg.run.seed)
         start_ray(cfg)
         self.verifier = get_verifier(cfg.eval.verifier)
@@ -99,6 +114,7 @@ class Setup:
                                           behaviour_logprobs=False)
         self.placement = Placement(cfg, cfg.cluster.placement_timeout_s)
         self.learner = self.rollouts = self.teachers = None
+        self.version = 0  # the weight version the engines hold (a skipped step keeps it)
         try:
             self._start_actors(inputs.tokenizer.pad_token_id)
         except BaseException:
@@ -112,20 +128,40 @@ class Setup:
         self.rollouts = RolloutGroup.start(cfg, placement, self.sampling, pad_id)
         self.teachers = TeacherGroup.start(cfg, placement) if cfg.algorithm == "opd" else None
         # Wait for every actor to load, so step 1's stage timings measure work, not start-up.
-        ray.get([a.__ray_ready__.remote() for a in self._actors()])
+        gather([(name, a.__ray_ready__.remote()) for name, a in self._named_actors()], cfg.cluster.call_timeout_s)
+        self.rollouts.pool.on_replace = self._reconnect
+        if self.teachers and cfg.teacher.live:
+            self.teachers.pool.on_replace = self._reconnect
+        self._connect()
+
+    def _connect(self) -> None:
         targets = list(self.rollouts.actors)
-        kinds = [rc.engine] * len(targets)
-        if self.teachers and cfg.teacher.live:  # a live self-teacher follows the student
+        kinds = [self.cfg.rollout.engine] * len(targets)
+        if self.teachers and self.cfg.teacher.live:  # a live self-teacher follows the student
             targets += self.teachers.actors
             kinds += ["hf"] * len(self.teachers.actors)
-        connect_weight_sync(cfg, self.learner, targets, kinds)
+        connect_weight_sync(self.cfg, self.learner, targets, kinds)
 
-    def _actors(self) -> list:
-        return [a for group in (self.learner and self.learner.ranks, self.rollouts and self.rollouts.actors,
-                                self.teachers and self.teachers.actors) for a in group or []]
+    def _reconnect(self, _replaced: list[int]) -> None:
+        """A replacement engine joins new transfer groups and receives the weights the others hold."""
+        self.learner.call("close_weight_sync")
+        self._connect()
+        self.learner.call("sync_weights", self.version)
+
+    def _named_actors(self) -> list[tuple[str, object]]:
+        return ([(f"learner rank {r}.__ray_ready__", a) for r, a in enumerate(self.learner.ranks if self.learner else [])]
+                + [(f"{g.pool.role} {i}.__ray_ready__", a) for g in (self.rollouts, self.teachers) if g
+                   for i, a in enumerate(g.actors)])
+
+    def replaced(self) -> int:
+        return sum(g.pool.replaced for g in (self.rollouts, self.teachers) if g)
+
+    def sampling_at(self, step: int) -> SamplingSpec:
+        return replace(self.sampling, seed=derived_seed(self.cfg.run.seed, "rollout", step))
 
     def sync_weights(self, version: int) -> None:
         self.learner.call("sync_weights", version)
+        self.version = version
 
     @contextmanager
     def engines_asleep(self):
@@ -145,12 +181,17 @@ class Setup:
                 ray.get([r.close_weight_sync.remote() for r in self.learner.ranks], timeout=60)
         except Exception:  # noqa: BLE001 - an actor already dead must not hide the run's own error
             pass
-        for actor in self._actors():
+        for _, actor in self._named_actors():
             ray.kill(actor)
         self.placement.remove()
 
     def rewards(self, rollout, rows) -> list[float]:
         return [self.verifier(self.fmt.text(c), r["answer"]) for c, r in zip(rollout.completions(), rows)]
+
+    def skipped_rows_line(self) -> str:
+        return "; ".join(f"{key} {sum(reasons.values())}" + (f" ({', '.join(f'{r}: {n}' for r, n in reasons.items())})"
+                                                              if reasons else "")
+                         for key, reasons in self.skipped_rows.items())
 
     def evaluate(self, run: RunDir, step: int) -> float | None:
         if not self.eval_rows:
@@ -161,16 +202,19 @@ class Setup:
         run.log(step, {"eval/accuracy": acc, "time/eval_s": time.time() - t})
         return acc
 
-    def checkpoint(self, run: RunDir, step: int) -> None:
-        state = {"step": step, "data": self.train.state_dict()}
-        self.learner.call("save_checkpoint", str(run.checkpoints), f"step{step}", state)
+    def checkpoint(self, run: RunDir, step: int, nonfinite_in_row: int) -> None:
+        """Learner state, data position and weight version; the engines' sampling seeds are a function
+        of the step and teachers hold no state, so this is all an exact resume needs."""
+        state = {"step": step, "data": self.train.state_dict(), "weight_version": self.version,
+                 "nonfinite_in_row": nonfinite_in_row}
+        self.learner.call("save_checkpoint", str(run.checkpoints), step, state)
         run.prune_checkpoints()
 
     def resume(self, run: RunDir) -> int:
-        dirs = run.checkpoint_dirs()
-        if not (self.cfg.run.resume and dirs):
+        if not run.resume_from:
             return 0
-        state = self.learner.call("load_checkpoint", str(run.checkpoints), dirs[-1].name)
+        state = run.resume_state
+        self.learner.call("load_checkpoint", str(run.resume_from))
         self.train.load_state_dict(state["data"])
-        self.sync_weights(state["step"])
+        self.sync_weights(state["weight_version"])
         return state["step"]

@@ -4,7 +4,7 @@ the manifest key, so `opd train` answers it in one line and leaves nothing behin
 from __future__ import annotations
 
 import string
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from launch.batches import PromptFormatter
 from launch.config import ExperimentConfig, ManifestError
@@ -17,6 +17,7 @@ class Inputs:
     fmt: PromptFormatter
     train: Dataset
     eval_rows: list[dict]
+    skipped_rows: dict[str, dict[str, int]] = field(default_factory=dict)  # data key -> reason -> rows
 
 
 def template_fields(key: str, template: str) -> list[str]:
@@ -56,6 +57,8 @@ def load_inputs(cfg: ExperimentConfig) -> Inputs:
             check_same_tokenizer(_tokenizer("teacher.path", tc.path), tok)
         except ValueError as e:
             raise ManifestError(str(e)) from None
+    student = _model_config("model.path", cfg.model.path)
+    _check_k(cfg.loss.params, "loss.params", student.vocab_size)
     templates = {"data.prompt_template": dc.prompt_template}
     if cfg.algorithm == "opd":
         templates["teacher.prompt_template"] = tc.prompt_template
@@ -63,14 +66,86 @@ def load_inputs(cfg: ExperimentConfig) -> Inputs:
     # Templates say {prompt} and {answer} whatever the dataset calls those columns.
     column = {"prompt": dc.prompt_field, "answer": dc.answer_field}
     wanted = sorted({column.get(f, f) for names in fields.values() for f in names} | {dc.answer_field})
+    fmt = PromptFormatter(tok, dc.prompt_template, tc.prompt_template)
     train = _load("data.train", dc.train, wanted, column, fields)
-    eval_rows = []
+    _drop_long("data.train", train, _train_limits(cfg, fmt, student))
+    eval_rows, skipped = [], {"data.train": train.skip_reasons}
     if dc.eval:
         student_fields = {"data.prompt_template": fields["data.prompt_template"]}
         wanted_eval = sorted({column.get(f, f) for f in fields["data.prompt_template"]} | {dc.answer_field})
-        eval_rows = _load("data.eval", dc.eval, wanted_eval, column, student_fields).rows[:cfg.eval.size]
-    fmt = PromptFormatter(tok, dc.prompt_template, tc.prompt_template)
-    return Inputs(tokenizer=tok, fmt=fmt, train=train, eval_rows=eval_rows)
+        evals = _load("data.eval", dc.eval, wanted_eval, column, student_fields)
+        new_tokens = cfg.eval.max_new_tokens or cfg.rollout.max_new_tokens
+        _drop_long("data.eval", evals, [("prompt", _tokens(fmt.student), _context(cfg, "rollout", student) - new_tokens)])
+        eval_rows, skipped["data.eval"] = evals.rows[:cfg.eval.size], evals.skip_reasons
+    return Inputs(tokenizer=tok, fmt=fmt, train=train, eval_rows=eval_rows, skipped_rows=skipped)
+
+
+def _model_config(key: str, path: str):
+    from transformers import AutoConfig
+    try:
+        config = AutoConfig.from_pretrained(path)
+    except Exception as e:  # noqa: BLE001 - as for tokenizers
+        raise ManifestError(f"{key}: {path!r} has no readable config.json ({type(e).__name__}: "
+                            f"{str(e).splitlines()[0][:200]})") from None
+    return config.get_text_config() if hasattr(config, "get_text_config") else config
+
+
+def _check_k(params, key: str, vocab: int) -> None:
+    """Every top-k size in the loss's parameters (weighted_sum nests them) fits in the vocabulary."""
+    items = params.items() if isinstance(params, dict) else enumerate(params) if isinstance(params, list) else ()
+    for name, value in items:
+        sub = f"{key}.{name}" if isinstance(params, dict) else f"{key}[{name}]"
+        if name == "k" and isinstance(value, int) and value > vocab:
+            raise ManifestError(f"{sub}: {value} is larger than the vocabulary of model.path ({vocab} tokens); "
+                                f"use k <= {vocab}")
+        _check_k(value, sub, vocab)
+
+
+def _context(cfg: ExperimentConfig, side: str, config) -> int:
+    """Tokens a prompt plus its completion may take on one side (rollout or teacher)."""
+    limit = getattr(config, "max_position_embeddings", None) or 1 << 62
+    engine = cfg.rollout.engine if side == "rollout" else cfg.teacher.kind
+    if engine == "vllm" and getattr(cfg, side).vllm.max_model_len:
+        limit = min(limit, getattr(cfg, side).vllm.max_model_len)
+    return limit
+
+
+def _train_limits(cfg: ExperimentConfig, fmt: PromptFormatter, student) -> list[tuple]:
+    """(what, row -> tokens, most tokens) that every training row must meet, so no prompt is cut or
+    overflows a model's context mid-run."""
+    new_tokens, context = cfg.rollout.max_new_tokens, _context(cfg, "rollout", student)
+    if context <= new_tokens:
+        raise ManifestError(f"rollout.max_new_tokens: {new_tokens} leaves no room for a prompt in the student's "
+                            f"context of {context} tokens")
+    if cfg.algorithm == "sft":  # the completion is the answer itself
+        answer = lambda r: len(fmt.tok(r["answer"], add_special_tokens=False).input_ids) + 1  # noqa: E731
+        return [("prompt + answer", lambda r: len(fmt.student(r)) + answer(r), context)]
+    limits = [("prompt", _tokens(fmt.student), context - new_tokens)]
+    if cfg.algorithm == "opd":
+        tc = cfg.teacher
+        teacher = student if tc.kind == "self" else _model_config("teacher.path", tc.path)
+        limits.append(("teacher prompt", _tokens(fmt.teacher), _context(cfg, "teacher", teacher) - new_tokens))
+    return limits
+
+
+def _tokens(encode):
+    return lambda row: len(encode(row))
+
+
+def _drop_long(key: str, ds: Dataset, limits: list[tuple]) -> None:
+    """Skip (and count) rows longer than a limit; a source with no row left stops the run."""
+    kept = []
+    for row in ds.rows:
+        reason = next((f"{what} over {most} tokens" for what, length, most in limits if length(row) > most), None)
+        if reason:
+            ds.skipped += 1
+            ds.skip_reasons[reason] = ds.skip_reasons.get(reason, 0) + 1
+        else:
+            kept.append(row)
+    if not kept:
+        raise ManifestError(f"{key}: no row fits the models' context ({ds.skip_reasons}); lower "
+                            "rollout.max_new_tokens or shorten the prompts")
+    ds.rows = kept
 
 
 def _load(key: str, source: str, required: list[str], column: dict, fields: dict[str, list[str]]) -> Dataset:

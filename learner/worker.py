@@ -13,6 +13,7 @@ from typing import Optional, Sequence
 
 import torch
 
+from learner import checkpoint
 from losses import LossBatch, build_loss
 from opd.contracts import TrainBatch
 from opd.modeling import DTYPES, actor_device, completion_logits, load_named_tensors
@@ -107,24 +108,32 @@ class LearnerWorker:
         return completion_logits(self.engine, b.prompt_ids, b.completion_ids, b.completion_mask, self.pad_id)
 
     def train_step(self, shard: TrainBatch, loss_tokens: int) -> dict[str, float]:
-        """One optimizer step on this rank's shard; loss_tokens counts the whole global batch."""
+        """One optimizer step on this rank's shard; loss_tokens counts the whole global batch.
+
+        A non-finite loss or gradient norm skips the step: the weights, the optimizer's moments and the
+        learning-rate schedule stay as they were, and `skipped_nonfinite` is 1. Every rank takes the same decision (ZeRO stage 0:
+        a flag all-reduced before the step; stages 1-3: DeepSpeed's own overflow check, collective)."""
         import torch.distributed as dist
         self.engine.train()
         mb = self.cfg.learner.micro_batch_size
         assert len(shard) == mb * self.gas, f"rank {self.rank}: shard of {len(shard)} rows, expected {mb * self.gas}"
         sums: dict[str, torch.Tensor] = {}
-        grad_norm = None
+        grad_norm, overflows = None, self.engine.skipped_steps
         for start in range(0, len(shard), mb):
             micro = shard.select(list(range(start, start + mb)))
             logits = self.student_logits(micro)
             loss, diags = self.loss(logits.reshape(-1, logits.shape[-1]), loss_batch(micro, loss_tokens, self.device))
+            for k, v in {"loss": loss.detach(), **diags}.items():
+                sums[k] = sums.get(k, 0.0) + torch.as_tensor(v, dtype=torch.float64, device=self.device)
             # DeepSpeed divides by gas and averages over ranks; our weights already sum to 1 globally.
             self.engine.backward(loss * self.gas * self.world_size)
             if self.engine.is_gradient_accumulation_boundary() and self.cfg.learner.zero_stage == 0:
                 grad_norm = self._grad_norm()  # ZeRO stages report their own; stage 0 does not
+                if self._all_agree_nonfinite(sums["loss"], grad_norm):
+                    self._skip_boundary_step()
+                    continue
             self.engine.step()
-            for k, v in {"loss": loss.detach(), **diags}.items():
-                sums[k] = sums.get(k, 0.0) + torch.as_tensor(v, dtype=torch.float64, device=self.device)
+        skipped = self.engine.skipped_steps > overflows
         keys = sorted(sums)
         vec = torch.stack([sums[k] for k in keys])
         dist.all_reduce(vec)
@@ -133,7 +142,25 @@ class LearnerWorker:
             grad_norm = self.engine.get_global_grad_norm()
         out["grad_norm"] = float(grad_norm) if grad_norm is not None else float("nan")
         out["lr"] = float(self.engine.get_lr()[0])
+        out["skipped_nonfinite"] = float(skipped)
         return out
+
+    def _skip_boundary_step(self) -> None:
+        """engine.step() at an accumulation boundary less the optimizer and the LR scheduler, as
+        DeepSpeed's own overflow path does under ZeRO: gradients dropped, the step counted as skipped."""
+        e = self.engine
+        e.zero_grad()
+        e.micro_steps += 1
+        e.global_steps += 1
+        e.skipped_steps += 1
+
+    def _all_agree_nonfinite(self, loss_sum: torch.Tensor, grad_norm: float) -> bool:
+        """True on every rank when any rank's loss or the (already all-reduced) gradient is not finite."""
+        import torch.distributed as dist
+        flag = torch.tensor([0.0 if math.isfinite(float(loss_sum)) and math.isfinite(grad_norm) else 1.0],
+                            device=self.device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return bool(flag.item())
 
     def _grad_norm(self) -> float:
         """Pre-clipping global gradient norm (stage 0 holds full, all-reduced gradients)."""
@@ -174,16 +201,57 @@ class LearnerWorker:
             sender.send(version)
 
     def close_weight_sync(self) -> None:
+        """Close every transfer group. Best effort: after a receiver died the driver reopens the groups
+        with its replacement, and the dead receiver cannot take part in closing the old ones."""
         for sender in self.senders:
-            sender.shutdown()
+            try:
+                sender.shutdown()
+            except Exception as e:  # noqa: BLE001 - see above; the live receivers have closed their ends
+                print(f"learner rank {self.rank}: closing a weight-sync group: {type(e).__name__}", flush=True)
         self.senders = []
 
-    def save_checkpoint(self, directory: str, tag: str, client_state: dict) -> None:
-        self.engine.save_checkpoint(directory, tag=tag, client_state=client_state)
+    def save_checkpoint(self, directory: str, step: int, state: dict) -> str:
+        """Write step `step`'s checkpoint atomically (learner/checkpoint.py): DeepSpeed's weights,
+        optimizer and scheduler, this rank's torch generator states, and `state` (the driver's: data
+        position, weight version) in the marker. Called on every rank; returns the folder."""
+        import torch.distributed as dist
+        tmp = checkpoint.staging(directory, step)
+        if self.rank == 0 and tmp.exists():
+            import shutil
+            shutil.rmtree(tmp)
+        dist.barrier()
+        self.engine.save_checkpoint(directory, tag=tmp.name, client_state=state, save_latest=False)
+        torch.save(_rng_state(), tmp / f"rng_rank{self.rank}.pt")
+        dist.barrier()  # every rank's files are written before the folder is sealed
+        done = str(checkpoint.seal(directory, step, state)) if self.rank == 0 else ""
+        dist.barrier()
+        return done
 
-    def load_checkpoint(self, directory: str, tag: str) -> dict:
-        _, client_state = self.engine.load_checkpoint(directory, tag=tag)
-        return client_state or {}
+    def load_checkpoint(self, path: str) -> None:
+        """Restore a complete checkpoint folder (learner state and generators; the driver reads the rest
+        from its marker)."""
+        p = os.path.abspath(path)
+        try:
+            loaded, _ = self.engine.load_checkpoint(os.path.dirname(p), tag=os.path.basename(p))
+            if loaded is None:  # DeepSpeed warns and returns nothing when the files are missing
+                raise FileNotFoundError("no DeepSpeed model states in it")
+            _set_rng_state(torch.load(os.path.join(p, f"rng_rank{self.rank}.pt"), weights_only=False))
+        except Exception as e:  # noqa: BLE001 - DeepSpeed and torch raise many kinds; say which checkpoint
+            raise RuntimeError(f"checkpoint {p}: cannot be loaded on rank {self.rank} "
+                               f"({type(e).__name__}: {(str(e).strip().splitlines() or [''])[0][:200]})") from e
+
+
+def _rng_state() -> dict:
+    out = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        out["cuda"] = torch.cuda.get_rng_state()
+    return out
+
+
+def _set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
 
 
 def _node_address() -> str:
