@@ -26,7 +26,8 @@ def main() -> int:
     summaries = []
     for title, manifest in STAGES:
         print(f"\n=== {title}: opd train {manifest}", flush=True)
-        opd("train", manifest, *sys.argv[1:] if manifest.endswith("opd.yaml") else ())
+        # the demo owns its run folders: a second `make demo` redoes every stage
+        opd("train", manifest, "run.overwrite=true", *sys.argv[1:] if manifest.endswith("opd.yaml") else ())
         name = Path(manifest).stem
         run = {"teacher_sft": "demo-teacher", "student_sft": "demo-student", "opd": "demo-opd"}[name]
         summaries.append(json.loads(Path(f"runs/{run}/summary.json").read_text()))

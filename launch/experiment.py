@@ -89,7 +89,8 @@ def resolve(exp: Experiment, root: Path, extra: list[str] = ()) -> list[tuple[Ar
                                     f"but no earlier arm is named {ref!r}")
             return str(root / "runs" / ref / "final")
         overrides = [_REF.sub(sub, o) for o in arm.overrides]
-        overrides += [f"run.name={arm.name}", f"run.output_dir={root / 'runs'}", *extra]
+        # the experiment owns runs/experiments/NAME/runs/: running it again redoes every arm
+        overrides += [f"run.name={arm.name}", f"run.output_dir={root / 'runs'}", "run.overwrite=true", *extra]
         try:
             cfg = load_manifest(arm.manifest, overrides, check_paths=False)
         except ManifestError as e:
