@@ -242,7 +242,7 @@ def main() -> int:
     batch = TrainBatch(prompt_ids=rollout.prompt_ids, completion_ids=rollout.completion_ids,
                        completion_mask=rollout.completion_mask, behaviour_logprobs=rollout.behaviour_logprobs,
                        teacher=scores).select(list(range(min(args.learner_rows, args.prompts))))
-    lb = loss_batch(batch, batch.loss_tokens, device)
+    lb = loss_batch(batch, batch.token_counts, device)
     tokens = sum(map(len, batch.prompt_ids)) + batch.loss_tokens
 
     def step():

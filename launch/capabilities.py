@@ -25,10 +25,18 @@ def check_loss(cfg) -> None:
         raise ManifestError(f"loss.name: algorithm 'grpo' needs a reward loss (grpo), got {cfg.loss.name!r}")
     if cfg.algorithm == "opd" and not needs.needs_teacher:
         raise ManifestError(f"loss.name: {cfg.loss.name!r} uses no teacher; algorithm 'opd' needs a distillation loss")
-    if cfg.algorithm != "sft" and needs.reference_rows:
-        raise ManifestError(f"loss.params: {cfg.loss.name!r} has an sft component, which needs reference rows; "
-                            f"the {cfg.algorithm!r} driver does not add them yet. Warm-start with algorithm: sft "
-                            "instead (as configs/demo/student_sft.yaml does)")
+    ref = cfg.loss.reference
+    if ref.source not in ("dataset", "teacher"):
+        raise ManifestError(f"loss.reference.source: {ref.source!r} is not one of ['dataset', 'teacher']")
+    if cfg.algorithm == "grpo" and needs.reference_rows:
+        raise ManifestError(f"loss.params: {cfg.loss.name!r} has an sft component; reference rows are added to "
+                            "algorithm 'opd' steps only")
+    if cfg.algorithm == "opd" and needs.reference_rows and ref.source == "teacher":
+        if cfg.teacher.kind not in ("hf", "self"):
+            raise ManifestError(f"loss.reference.source: 'teacher' samples from an HF teacher; teacher.kind is "
+                                f"{cfg.teacher.kind!r} (use source: dataset, or teacher.kind: hf)")
+        if ref.temperature < 0:
+            raise ManifestError(f"loss.reference.temperature: must be >= 0, got {ref.temperature}")
     if cfg.rollout.engine == "vllm" and needs.student_topk > cfg.rollout.vllm.max_logprobs:
         raise ManifestError(f"rollout.vllm.max_logprobs: {cfg.rollout.vllm.max_logprobs}, but {cfg.loss.name!r} "
                             f"needs the student's top-{needs.student_topk}; raise it")

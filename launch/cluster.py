@@ -169,6 +169,12 @@ class TeacherGroup:
                 use_gpu=cfg.cluster.num_gpus > 0)
         return cls(ActorPool("teacher", make, len(slots), cfg.cluster.call_timeout_s))
 
+    def generate(self, teacher_prompts: list[list[int]], spec: SamplingSpec) -> Rollout:
+        """Completions the teachers write from their own prompts (reference rows for an SFT mix)."""
+        parts = _split(len(teacher_prompts), len(self.actors))
+        specs = [spec if spec.seed is None else replace(spec, seed=derived_seed(spec.seed, i)) for i in range(len(parts))]
+        return concat_rollouts(self.pool.call("generate", [(teacher_prompts[s], sp) for s, sp in zip(parts, specs)]))
+
     def score(self, teacher_prompts, rollout: Rollout, request: ScoreRequest) -> TeacherScores:
         def args(s):
             topk = None if rollout.student_topk_ids is None else rollout.student_topk_ids[s]
@@ -190,7 +196,7 @@ class LearnerGroup:
 
     def train_step(self, batch: TrainBatch) -> dict[str, float]:
         shards = [batch.select(list(range(len(batch)))[s]) for s in _split(len(batch), len(self.ranks))]
-        return self._all("train_step", [(sh, batch.loss_tokens) for sh in shards])
+        return self._all("train_step", [(sh, batch.token_counts) for sh in shards])
 
     def export_weights(self):
         """ObjectRef to rank 0's full weights (every rank takes part in the gather)."""

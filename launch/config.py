@@ -122,9 +122,20 @@ class LearnerConfig:
 
 
 @dataclass
+class ReferenceConfig:
+    """Reference rows for an `sft` component of a weighted_sum loss in an OPD run (the SFT-stabilised
+    student): one row per prompt of the step, trained in the same optimizer step as the distillation."""
+    source: str = "dataset"       # dataset: the row's answer (data.answer_field) then EOS
+                                  # teacher: a completion the teacher samples from its own prompt
+    temperature: float = 1.0      # the teacher's sampling temperature (source: teacher)
+    max_new_tokens: Optional[int] = None  # source: teacher; default rollout.max_new_tokens
+
+
+@dataclass
 class LossConfig:
     name: str = "sampled_token_rkl"
     params: dict[str, Any] = field(default_factory=dict)
+    reference: ReferenceConfig = field(default_factory=ReferenceConfig)
 
 
 @dataclass
@@ -331,6 +342,8 @@ def validate(cfg: ExperimentConfig) -> None:
     _choice("learner.optimizer", cfg.learner.optimizer, ("adamw", "sgd"))
     _choice("learner.schedule", cfg.learner.schedule, ("cosine", "linear", "constant"))
     _choice("model.dtype", cfg.model.dtype, ("float32", "bfloat16", "float16"))
+    from tasks.verifiers import VERIFIERS  # light (no math_verify import until math_equiv runs)
+    _choice("eval.verifier", cfg.eval.verifier, sorted(VERIFIERS))
     for key in ("run.steps", "rollout.prompts_per_step", "rollout.samples_per_prompt",
                 "rollout.max_new_tokens", "rollout.num_actors", "learner.num_ranks",
                 "learner.micro_batch_size", "teacher.num_actors"):
@@ -349,7 +362,7 @@ def validate(cfg: ExperimentConfig) -> None:
             raise ManifestError(f"{key}: must be in (0, 1], got {top_p}")
     _positive("rollout.temperature", cfg.rollout.temperature)
 
-    rows = cfg.rollout.prompts_per_step * (1 if cfg.algorithm == "sft" else cfg.rollout.samples_per_prompt)
+    rows = rows_per_step(cfg)
     per_pass = cfg.learner.micro_batch_size * cfg.learner.num_ranks
     if rows % per_pass:
         raise ManifestError(f"learner.micro_batch_size: {rows} rows per step do not split into "
@@ -442,6 +455,24 @@ def _check_engines(cfg: ExperimentConfig) -> None:
         if (cfg.rollout.vllm.max_model_len or 1 << 62) < cfg.rollout.max_new_tokens + 1:
             raise ManifestError(f"rollout.vllm.max_model_len: {cfg.rollout.vllm.max_model_len} leaves no room for "
                                 f"a prompt and rollout.max_new_tokens {cfg.rollout.max_new_tokens}")
+
+
+def reference_rows(cfg: ExperimentConfig) -> int:
+    """Reference rows an OPD step adds for an SFT component of its loss (one per prompt), else 0."""
+    if cfg.algorithm != "opd":
+        return 0
+    from launch.capabilities import build_configured_loss
+    try:
+        return cfg.rollout.prompts_per_step if build_configured_loss(cfg).needs.reference_rows else 0
+    except ValueError:  # a bad loss is check_loss's to report
+        return 0
+
+
+def rows_per_step(cfg: ExperimentConfig) -> int:
+    """Rows of one step's TrainBatch: SFT rows, or samples (plus reference rows for an SFT mix)."""
+    if cfg.algorithm == "sft":
+        return cfg.rollout.prompts_per_step
+    return cfg.rollout.prompts_per_step * cfg.rollout.samples_per_prompt + reference_rows(cfg)
 
 
 def sampling_spec(cfg: ExperimentConfig, return_topk: int = 0):

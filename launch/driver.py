@@ -6,18 +6,19 @@ from contextlib import contextmanager
 from dataclasses import replace
 
 import ray
+import torch
 from launch.batches import (distill_batch, reward_batch, rollout_stats, score_request, sft_batch,
                             teacher_stats)
 from launch.capabilities import build_configured_loss
 from launch.cluster import (LearnerGroup, RolloutGroup, TeacherGroup, check_address, connect_weight_sync,
                             derived_seed, start_ray)
-from launch.config import ExperimentConfig, sampling_spec
+from launch.config import ExperimentConfig, reference_rows, rows_per_step, sampling_spec
 from launch.guards import NonfiniteGuard
 from launch.inputs import Inputs, load_inputs
 from launch.placement import Placement
 from launch.remote import RunStopped, gather
 from launch.run_dir import RunDir
-from opd.contracts import SamplingSpec
+from opd.contracts import SamplingSpec, TrainBatch, concat_batches
 from tasks.data import PromptStream
 from tasks.verifiers import get_verifier
 
@@ -43,8 +44,8 @@ def _loop(cfg: ExperimentConfig, run: RunDir, s: "Setup") -> dict:
     guard = NonfiniteGuard(cfg.learner.max_nonfinite_steps, run.resume_state.get("nonfinite_in_row", 0))
     for step in range(step + 1, cfg.run.steps + 1):
         timer, t0, faults = StageTimer(), time.time(), s.replaced()
-        rows = [r for r in s.train.next_batch(cfg.rollout.prompts_per_step)
-                for _ in range(1 if cfg.algorithm == "sft" else cfg.rollout.samples_per_prompt)]
+        prompts = s.train.next_batch(cfg.rollout.prompts_per_step)
+        rows = [r for r in prompts for _ in range(1 if cfg.algorithm == "sft" else cfg.rollout.samples_per_prompt)]
         metrics = {"data/skipped_rows": s.train_data.skipped}
         if cfg.algorithm == "sft":
             batch = sft_batch(s.fmt, rows, "answer")
@@ -57,6 +58,9 @@ def _loop(cfg: ExperimentConfig, run: RunDir, s: "Setup") -> dict:
                 with timer("teacher"):
                     scores = s.teachers.score([s.fmt.teacher(r) for r in rows], rollout, s.request)
                 batch = distill_batch(rollout, scores)
+                if s.reference_rows:  # an SFT mix: reference rows join the same optimizer step
+                    with timer("reference"):
+                        batch = concat_batches(batch, s.reference_batch(prompts, step))
                 metrics.update(teacher_stats(rollout, scores, cfg.teacher.kind == "self"))
             else:
                 batch = reward_batch(rollout, rewards, [i // cfg.rollout.samples_per_prompt for i in range(len(rows))])
@@ -109,6 +113,10 @@ class Setup:
         needs = build_configured_loss(cfg).needs
         self.request = score_request(needs, rc.temperature)
         self.sampling = sampling_spec(cfg, return_topk=needs.student_topk)
+        self.reference_rows = reference_rows(cfg)
+        ref = cfg.loss.reference
+        self.reference_sampling = SamplingSpec(max_new_tokens=ref.max_new_tokens or rc.max_new_tokens,
+                                               temperature=ref.temperature, behaviour_logprobs=False)
         self.eval_sampling = SamplingSpec(max_new_tokens=cfg.eval.max_new_tokens or rc.max_new_tokens,
                                           temperature=cfg.eval.temperature, top_p=cfg.eval.top_p, seed=cfg.run.seed,
                                           behaviour_logprobs=False)
@@ -122,9 +130,8 @@ class Setup:
             raise
 
     def _start_actors(self, pad_id: int) -> None:
-        cfg, rc, placement = self.cfg, self.cfg.rollout, self.placement
-        rows_per_step = rc.prompts_per_step * (1 if cfg.algorithm == "sft" else rc.samples_per_prompt)
-        self.learner = LearnerGroup(cfg, rows_per_step, placement)  # first: its ranks rendezvous while the rest load
+        cfg, placement = self.cfg, self.placement
+        self.learner = LearnerGroup(cfg, rows_per_step(cfg), placement)  # first: its ranks rendezvous while the rest load
         self.rollouts = RolloutGroup.start(cfg, placement, self.sampling, pad_id)
         self.teachers = TeacherGroup.start(cfg, placement) if cfg.algorithm == "opd" else None
         # Wait for every actor to load, so step 1's stage timings measure work, not start-up.
@@ -155,6 +162,16 @@ class Setup:
 
     def replaced(self) -> int:
         return sum(g.pool.replaced for g in (self.rollouts, self.teachers) if g)
+
+    def reference_batch(self, prompts: list[dict], step: int) -> TrainBatch:
+        """SFT rows for this step's prompts under the student's prompt: the dataset's answers, or
+        completions the teacher samples from its own prompt (loss.reference.source)."""
+        if self.cfg.loss.reference.source == "dataset":
+            return sft_batch(self.fmt, prompts, "answer")
+        spec = replace(self.reference_sampling, seed=derived_seed(self.cfg.run.seed, "reference", step))
+        written = self.teachers.generate([self.fmt.teacher(r) for r in prompts], spec)
+        return TrainBatch(prompt_ids=[self.fmt.student(r) for r in prompts], completion_ids=written.completion_ids,
+                          completion_mask=written.completion_mask, is_reference=torch.ones(len(prompts), dtype=torch.bool))
 
     def sampling_at(self, step: int) -> SamplingSpec:
         return replace(self.sampling, seed=derived_seed(self.cfg.run.seed, "rollout", step))

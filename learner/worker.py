@@ -50,7 +50,7 @@ def deepspeed_config(cfg, rows_per_step: int) -> dict:
     }
 
 
-def loss_batch(b: TrainBatch, loss_tokens: int, device: torch.device = torch.device("cpu")) -> LossBatch:
+def loss_batch(b: TrainBatch, token_counts: tuple[int, int], device: torch.device = torch.device("cpu")) -> LossBatch:
     """Flatten a micro-batch's [n, T, ...] tensors to the loss's [n*T, ...] rows."""
     n, T = b.completion_ids.shape
     flat = lambda x: None if x is None else x.reshape(n * T, *x.shape[2:])  # noqa: E731
@@ -58,7 +58,7 @@ def loss_batch(b: TrainBatch, loss_tokens: int, device: torch.device = torch.dev
     t = b.teacher
     return LossBatch(
         tokens=flat(b.completion_ids),
-        weights=flat(b.completion_mask.float()) / loss_tokens,
+        weights=flat(b.completion_mask.float() / _row_denominators(b, token_counts)[:, None]),
         behaviour_logprobs=flat(b.behaviour_logprobs),
         teacher_sampled_logprobs=None if t is None else flat(t.sampled_logprobs),
         teacher_topk_ids=None if t is None else flat(t.topk_ids),
@@ -70,6 +70,14 @@ def loss_batch(b: TrainBatch, loss_tokens: int, device: torch.device = torch.dev
         is_reference=per_row(b.is_reference),
         seq_ids=torch.arange(n)[:, None].expand(n, T).reshape(-1),  # for discounting within a sequence
     ).to(device)
+
+
+def _row_denominators(b: TrainBatch, token_counts: tuple[int, int]) -> torch.Tensor:
+    """[n] the global token count of each row's kind (on-policy or reference): every token's weight is
+    1 / that, so each kind's loss is a token mean over the whole batch, however it is split."""
+    policy, reference = (max(1, c) for c in token_counts)
+    ref = b.is_reference if b.is_reference is not None else torch.zeros(len(b), dtype=torch.bool)
+    return torch.where(ref, float(reference), float(policy))
 
 
 class LearnerWorker:
@@ -107,8 +115,9 @@ class LearnerWorker:
         """Student logits at completion positions only: [n, T, V]."""
         return completion_logits(self.engine, b.prompt_ids, b.completion_ids, b.completion_mask, self.pad_id)
 
-    def train_step(self, shard: TrainBatch, loss_tokens: int) -> dict[str, float]:
-        """One optimizer step on this rank's shard; loss_tokens counts the whole global batch.
+    def train_step(self, shard: TrainBatch, token_counts: tuple[int, int]) -> dict[str, float]:
+        """One optimizer step on this rank's shard; token_counts = the whole global batch's
+        (on-policy, reference) tokens.
 
         A non-finite loss or gradient norm skips the step: the weights, the optimizer's moments and the
         learning-rate schedule stay as they were, and `skipped_nonfinite` is 1. Every rank takes the same decision (ZeRO stage 0:
@@ -122,7 +131,7 @@ class LearnerWorker:
         for start in range(0, len(shard), mb):
             micro = shard.select(list(range(start, start + mb)))
             logits = self.student_logits(micro)
-            loss, diags = self.loss(logits.reshape(-1, logits.shape[-1]), loss_batch(micro, loss_tokens, self.device))
+            loss, diags = self.loss(logits.reshape(-1, logits.shape[-1]), loss_batch(micro, token_counts, self.device))
             for k, v in {"loss": loss.detach(), **diags}.items():
                 sums[k] = sums.get(k, 0.0) + torch.as_tensor(v, dtype=torch.float64, device=self.device)
             # DeepSpeed divides by gas and averages over ranks; our weights already sum to 1 globally.

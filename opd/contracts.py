@@ -9,7 +9,7 @@ Flow of one step:  prompts -> Rollout (rollout actors) -> TeacherScores (teacher
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field, fields, replace
+from dataclasses import dataclass, fields, replace
 from typing import Optional
 
 import torch
@@ -73,8 +73,8 @@ class TrainBatch:
     """One optimizer step's worth of rows. The learner splits it across ranks and micro-batches.
 
     Rows with is_reference=True are reference / teacher-written sequences (SFT rows); the rest are
-    on-policy samples. loss_tokens is the global count of tokens the loss is averaged over, so any
-    split gives the same gradient as one big batch."""
+    on-policy samples. Each kind's loss is averaged over that kind's tokens in the *global* batch
+    (token_counts), so any split gives the same gradient as one big batch."""
     prompt_ids: list[list[int]]                  # N student prompts
     completion_ids: torch.Tensor                 # [N, T] long
     completion_mask: torch.Tensor                # [N, T] bool
@@ -88,6 +88,14 @@ class TrainBatch:
     @property
     def loss_tokens(self) -> int:
         return int(self.completion_mask.sum())
+
+    @property
+    def token_counts(self) -> tuple[int, int]:
+        """(on-policy tokens, reference tokens) in the whole batch. Each kind's loss is a mean over its
+        own tokens, so an SFT term mixed into distillation keeps its weight whatever the two lengths."""
+        per_row = self.completion_mask.sum(-1)
+        ref = self.is_reference if self.is_reference is not None else torch.zeros(len(self), dtype=torch.bool)
+        return int(per_row[~ref].sum()), int(per_row[ref].sum())
 
     def __len__(self) -> int:
         return len(self.prompt_ids)
@@ -107,6 +115,39 @@ class TrainBatch:
 
         return replace(self, **{f.name: take(getattr(self, f.name)) for f in fields(self)
                                 if f.name != "weight_version"})
+
+
+def concat_batches(a: TrainBatch, b: TrainBatch) -> TrainBatch:
+    """Rows of a, then rows of b, completions re-padded to the wider of the two. A field only one side
+    has is zero-filled on the other (is_reference: False), so on-policy rows and the reference rows of
+    an SFT mix travel as one batch; a loss reads each field only on the rows that have it."""
+    width = max(a.completion_ids.shape[1], b.completion_ids.shape[1])
+
+    def grow(x: torch.Tensor) -> torch.Tensor:
+        return torch.nn.functional.pad(x, (0, 0) * (x.dim() - 2) + (0, width - x.shape[1]))
+
+    def cat(x, y, n_x: int, n_y: int):
+        if x is None and y is None:
+            return None
+        like = x if x is not None else y
+        zeros = lambda n: torch.zeros((n, *like.shape[1:]), dtype=like.dtype)  # noqa: E731
+        x, y = (x if x is not None else zeros(n_x)), (y if y is not None else zeros(n_y))
+        return torch.cat([grow(x), grow(y)]) if x.dim() > 1 else torch.cat([x, y])
+
+    na, nb = len(a), len(b)
+    ta, tb = a.teacher, b.teacher
+    teacher = None if ta is None and tb is None else TeacherScores(**{
+        f.name: cat(getattr(ta, f.name) if ta else None, getattr(tb, f.name) if tb else None, na, nb)
+        for f in fields(TeacherScores)})
+    flags = lambda x, n: x if x is not None else torch.zeros(n, dtype=torch.bool)  # noqa: E731
+    return TrainBatch(prompt_ids=a.prompt_ids + b.prompt_ids,
+                      completion_ids=cat(a.completion_ids, b.completion_ids, na, nb),
+                      completion_mask=cat(a.completion_mask, b.completion_mask, na, nb),
+                      behaviour_logprobs=cat(a.behaviour_logprobs, b.behaviour_logprobs, na, nb),
+                      student_topk_ids=cat(a.student_topk_ids, b.student_topk_ids, na, nb),
+                      teacher=teacher, advantages=cat(a.advantages, b.advantages, na, nb),
+                      is_reference=torch.cat([flags(a.is_reference, na), flags(b.is_reference, nb)]),
+                      weight_version=a.weight_version)
 
 
 def pad_rows(rows: list[list], pad, dtype=torch.long, width: Optional[int] = None) -> torch.Tensor:

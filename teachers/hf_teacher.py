@@ -6,8 +6,9 @@ from typing import Optional
 
 import torch
 
-from opd.contracts import ScoreRequest, TeacherScores, concat_scores
+from opd.contracts import Rollout, SamplingSpec, ScoreRequest, TeacherScores, concat_scores
 from opd.modeling import actor_device, completion_logits, load_model
+from opd.sampling import generate
 from opd.weight_sync.gloo import HFModelReceiver
 from teachers.base import capabilities_for, check_same_tokenizer
 
@@ -21,9 +22,15 @@ class HFTeacher(HFModelReceiver):
         if student_path and student_path != model_path:
             from transformers import AutoTokenizer
             check_same_tokenizer(tok, AutoTokenizer.from_pretrained(student_path))
-        self.pad_id = tok.pad_token_id
+        self.pad_id, self.eos_id = tok.pad_token_id, tok.eos_token_id
+        self.gen = torch.Generator(next(self.model.parameters()).device).manual_seed(0)
         self.micro_batch = micro_batch
         self.weight_version = 0
+
+    def generate(self, teacher_prompts: list[list[int]], spec: SamplingSpec) -> Rollout:
+        """Completions the teacher writes from its own prompts: reference rows for an SFT mix
+        (loss.reference.source: teacher)."""
+        return generate(self.model, teacher_prompts, spec, self.gen, self.pad_id, self.eos_id, self.weight_version)
 
     @torch.no_grad()
     def score(self, teacher_prompts: list[list[int]], completion_ids: torch.Tensor,

@@ -42,8 +42,15 @@ def test_extends_merges_parent_then_child(tmp_path, write_manifest):
     (["loss.name=topk_reverse_klsg"], r"loss.name: unknown loss 'topk_reverse_klsg'.*did you mean"),
     (["teacher.kind=none"], r"teacher.kind: algorithm 'opd' needs a teacher"),
     (["algorithm=sft"], r"loss.name: algorithm 'sft'"),
-    (["loss.name=weighted_sum", "loss.params.components=[{name: sampled_token_rkl}, {name: sft, weight: 0.1}]"],
-     r"loss.params: 'weighted_sum' has an sft component"),
+    (["algorithm=grpo", "loss.name=weighted_sum", "loss.params.components=[{name: grpo}, {name: sft, weight: 0.1}]"],
+     r"loss.params: 'weighted_sum' has an sft component; reference rows are added to algorithm 'opd' steps only"),
+    (["loss.name=weighted_sum", "loss.params.components=[{name: sampled_token_rkl}, {name: sft, weight: 0.1}]",
+      "learner.micro_batch_size=8"],  # 8 samples + 4 reference rows (one per prompt)
+     r"learner.micro_batch_size: 12 rows per step do not split into 1 ranks x micro-batches of 8"),
+    (["loss.name=weighted_sum", "loss.params.components=[{name: sampled_token_rkl}, {name: sft}]",
+      "learner.micro_batch_size=6", "loss.reference.source=teacher", "teacher.kind=vllm"],
+     r"loss.reference.source: 'teacher' samples from an HF teacher; teacher.kind is 'vllm'"),
+    (["loss.reference.source=book"], r"loss.reference.source: 'book' is not one of"),
 ])
 def test_bad_manifest_names_the_key(write_manifest, override, message):
     with pytest.raises(ManifestError, match=message):

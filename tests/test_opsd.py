@@ -55,7 +55,7 @@ def grad_norm(student, tok, rollout, scores, loss, prompts) -> float:
     student.zero_grad()
     batch = distill_batch(rollout, scores)
     logits = completion_logits(student, prompts, batch.completion_ids, batch.completion_mask, tok.pad_token_id)
-    value, _ = loss(logits.reshape(-1, logits.shape[-1]), loss_batch(batch, batch.loss_tokens))
+    value, _ = loss(logits.reshape(-1, logits.shape[-1]), loss_batch(batch, batch.token_counts))
     value.backward()
     return float(torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in student.parameters() if p.grad is not None])))
 

@@ -3,7 +3,8 @@ import pytest
 import torch
 from transformers import AutoTokenizer
 
-from actors.hf_engine import HFEngine, sample
+from actors.hf_engine import HFEngine
+from opd.sampling import sample
 from opd.contracts import SamplingSpec, ScoreRequest
 from teachers.base import capabilities_for, check_same_tokenizer
 from teachers.hf_teacher import HFTeacher

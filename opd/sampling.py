@@ -1,0 +1,65 @@
+"""Batched sampling with a KV cache on a Hugging Face model: the HF rollout engine's generation, and
+the HF teacher's when it writes reference rows for an SFT mix."""
+from __future__ import annotations
+
+import torch
+
+from opd.contracts import Rollout, SamplingSpec
+from opd.modeling import left_pad, positions
+
+
+def sample(logits: torch.Tensor, spec: SamplingSpec, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """logits [N, V] -> (token [N], log p(token) [N] at the spec's temperature, before top-p)."""
+    if spec.temperature == 0:
+        logp = torch.log_softmax(logits, -1)
+        tok = logp.argmax(-1)
+    else:
+        logp = torch.log_softmax(logits / spec.temperature, -1)
+        probs = logp.exp()
+        if spec.top_p < 1.0:
+            sorted_p, order = probs.sort(-1, descending=True)
+            drop = sorted_p.cumsum(-1) - sorted_p > spec.top_p  # keep the smallest set reaching top_p
+            probs = probs.scatter(-1, order, sorted_p.masked_fill(drop, 0.0))
+        tok = torch.multinomial(probs, 1, generator=gen).squeeze(-1)
+    return tok, logp.gather(-1, tok[:, None]).squeeze(-1)
+
+
+@torch.no_grad()
+def generate(model, prompts: list[list[int]], spec: SamplingSpec, gen: torch.Generator, pad_id: int, eos_id: int,
+             weight_version: int = 0) -> Rollout:
+    """Sample up to spec.max_new_tokens per prompt (left-padded batch, stop at EOS); `gen` is reseeded
+    with spec.seed when it has one."""
+    if spec.seed is not None:
+        gen.manual_seed(spec.seed)
+    device = next(model.parameters()).device
+    ids, mask = (x.to(device) for x in left_pad(prompts, pad_id))
+    pos = positions(mask)
+    out = model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True)
+    n = len(prompts)
+    done = torch.zeros(n, dtype=torch.bool, device=device)
+    stopped = torch.zeros(n, dtype=torch.bool, device=device)
+    toks, lps, alive, topks = [], [], [], []
+    for _ in range(spec.max_new_tokens):
+        logits = out.logits[:, -1].float()
+        tok, lp = sample(logits, spec, gen)
+        tok = tok.masked_fill(done, pad_id)
+        if spec.return_topk:
+            topks.append(logits.topk(spec.return_topk, -1).indices)
+        toks.append(tok), lps.append(lp.masked_fill(done, 0.0)), alive.append(~done)
+        stopped |= (tok == eos_id) & ~done
+        done = done | stopped
+        if done.all():
+            break
+        mask = torch.cat([mask, mask.new_ones((n, 1))], -1)
+        pos = pos[:, -1:] + 1
+        out = model(input_ids=tok[:, None], attention_mask=mask, position_ids=pos,
+                    past_key_values=out.past_key_values, use_cache=True)
+    return Rollout(
+        prompt_ids=[list(p) for p in prompts],
+        completion_ids=torch.stack(toks, 1).cpu(),
+        completion_mask=torch.stack(alive, 1).cpu(),
+        behaviour_logprobs=torch.stack(lps, 1).cpu(),
+        finish_reasons=["stop" if s else "length" for s in stopped.tolist()],
+        weight_version=weight_version,
+        student_topk_ids=torch.stack(topks, 1).cpu() if topks else None,
+    )
