@@ -86,8 +86,123 @@ def boxed_match(completion: str, answer: str) -> float:
     return float(a is not None and b is not None and a == b)
 
 
+# --- math_equiv: final-answer equivalence through math-verify (github.com/huggingface/Math-Verify) ---
+
+_MAX_LOG10_EXPONENT = 5  # 2^{100000}, 10^{10^5}, 100000! compare in ~0.2 s; 9^{9^9}, 10^{10^{10}} never finish
+
+
+def _log10_bound(e) -> Optional[float]:
+    """An upper bound on log10|e| for a numeric sympy tree built from integers, rationals, floats, +, *,
+    powers and factorials (inf: too big to evaluate exactly); None for anything else (symbols, functions)."""
+    import sympy
+    if isinstance(e, sympy.Integer):
+        return max(abs(int(e)).bit_length() * 0.30103, 0.0)
+    if isinstance(e, sympy.Rational):
+        return max(max(abs(e.p), e.q).bit_length() * 0.30103, 0.0)
+    if isinstance(e, sympy.Float):
+        return 0.0 if e == 0 else abs(float(sympy.log(abs(e), 10)))
+    if isinstance(e, (sympy.Add, sympy.Mul)):
+        parts = [_log10_bound(a) for a in e.args]
+        if any(p is None for p in parts):
+            return None
+        return (max(parts) + 1.0) if isinstance(e, sympy.Add) else sum(parts)
+    if isinstance(e, sympy.Pow):
+        base, exp = _log10_bound(e.base), _log10_bound(e.exp)
+        if base is None or exp is None:
+            return None
+        if e.base in (0, 1, -1):
+            return 0.0
+        return float("inf") if exp > _MAX_LOG10_EXPONENT else base * 10 ** exp
+    if isinstance(e, sympy.factorial):
+        n = _log10_bound(e.args[0])
+        if n is None:
+            return None
+        return float("inf") if n > _MAX_LOG10_EXPONENT else 10 ** n * n
+    return None
+
+
+def _too_costly(expr) -> bool:
+    """True for a parsed answer whose exact evaluation would never finish (a number like 9^{9^9}):
+    some numeric subtree's magnitude bound is infinite."""
+    import sympy
+    if not isinstance(expr, sympy.Basic):
+        return False
+    for node in sympy.preorder_traversal(expr):
+        if isinstance(node, (sympy.Pow, sympy.factorial)) and _log10_bound(node) == float("inf"):
+            return True
+    return False
+
+
+def _final_answer(text: str) -> Optional[str]:
+    """The final-answer span of `text` (see math_equiv), "" for an empty / truncated box, or None when
+    there is neither a box nor a `####` line (then the library searches the whole text)."""
+    if "\\boxed{" in text:
+        boxed = last_boxed(text)
+        return "" if boxed is None else boxed.strip()
+    if "####" in text:
+        return text.rsplit("####", 1)[1].strip().split("\n", 1)[0].strip()
+    return None
+
+
+def _math_parse(text: str, whole_text: bool) -> list:
+    """math_verify.parse of an answer span (wrapped in `$...$` so bare LaTeX parses) or, whole_text,
+    of a whole completion (the library's anchors: `final answer is`, `answer:`, else the last LaTeX
+    expression / number). Answers too big to evaluate keep only their string form."""
+    from math_verify import ExprExtractionConfig, LatexExtractionConfig, parse
+    if not whole_text:
+        text = text.strip().strip("$").strip()
+        if not text:
+            return []
+        text = f"${text}$"
+    # parsing_timeout=None: the library's timeout is signal.alarm, which raises "signal only works in
+    # main thread" off the main thread (Ray actor threads, the driver's pool); _too_costly stands in
+    # for it against numbers sympy would never finish.
+    parsed = parse(text, [LatexExtractionConfig(), ExprExtractionConfig()], parsing_timeout=None)
+    return [p for p in parsed if not _too_costly(p)]
+
+
+def math_equiv(completion: str, answer: str) -> float:
+    """1.0 when the completion's final answer is mathematically equal to the reference answer, by
+    math-verify (`parse` both, then `verify(gold=reference, target=completion)`); never raises, 0.0 on
+    anything unparsable.
+
+    Final answer of the completion: the content of the last `\\boxed{...}`; if there is none, the rest
+    of the line after the last `####` (GSM8K); if neither, math-verify's own search of the whole text
+    (`final answer is ...`, `answer: ...`, else the last LaTeX expression or number). An empty box, or
+    a last `\\boxed{` that is never closed (truncated), is no answer: 0.0. The reference goes through
+    the same steps, except that with neither a box nor `####` the whole reference is the answer (a
+    bare `1/2`, `\\frac{1}{2}`, `3\\sqrt{2}`, `[1,3)`), so a MATH `solution` or a GSM8K `answer`
+    field works as is.
+
+    Equal (checked in tests/test_verifiers.py): 1/2 = \\frac{1}{2} = \\dfrac{1}{2} = 0.5;
+    3\\sqrt{2} = \\sqrt{18}; `x = 5` = 5 (an assignment is compared by its value, but `y = 5` != `x = 5`);
+    1,234 = 1234 (thousands separators); -3 = -3.0; sets in any order ({1,2} = {2,1}).
+    Lenient on purpose, by the library: units and `\\text{...}` are dropped (10\\text{ cm} = 10 =
+    10\\text{ m}), so are `\\$` and `^\\circ`; a percent matches both its number and its fraction
+    (50\\% = 50 = 0.5). Floats are compared after rounding to 6 decimals: 1/3 = 0.333333, but
+    1/3 != 0.33 and != 0.333; \\pi != 3.14. Not equal: 2 vs -2, \\sqrt{2} vs 2, [1,3) vs [1,3].
+
+    No timeout (see _math_parse): a number too big to evaluate (a power or factorial with an exponent
+    above 10^5, e.g. 9^{9^9}) is compared as a string only; other pathological input could in
+    principle still be slow in sympy.
+    """
+    try:
+        from math_verify import verify
+        got_span, want_span = _final_answer(completion), _final_answer(answer)
+        if got_span == "" or want_span == "":
+            return 0.0
+        got = _math_parse(completion if got_span is None else got_span, whole_text=got_span is None)
+        want = _math_parse(answer if want_span is None else want_span, whole_text=False)
+        if not got or not want:
+            return 0.0
+        # timeout_seconds=None: as parsing_timeout above (signal.alarm works only in the main thread).
+        return float(verify(want, got, timeout_seconds=None))
+    except Exception:  # a sympy / latex2sympy failure on odd text is a wrong answer, not a crash
+        return 0.0
+
+
 VERIFIERS: dict[str, Verifier] = {"exact_match": exact_match, "first_line_match": first_line_match,
-                                  "boxed_match": boxed_match}
+                                  "boxed_match": boxed_match, "math_equiv": math_equiv}
 
 
 def get_verifier(name: str) -> Verifier:
