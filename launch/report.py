@@ -43,6 +43,14 @@ def read_metrics(run: Path) -> list[dict]:
 
 
 def curve(rows: list[dict], key: str) -> tuple[list[int], list[float]]:
+    """(steps, values) of `key`. A weighted_sum loss logs its components' diagnostics as
+    train/<component>/<name>; a run without train/<name> falls back to its first component that has it
+    (each component's diagnostics are token means over that component's rows)."""
+    if key.startswith("train/") and not any(key in r for r in rows):
+        name = key.split("/", 1)[1]
+        alias = next((k for r in rows for k in r if k.startswith("train/") and k.count("/") == 2
+                      and k.endswith("/" + name)), None)
+        key = alias or key
     points = [(r["step"], r[key]) for r in rows if key in r]
     return [s for s, _ in points], [v for _, v in points]
 

@@ -47,3 +47,31 @@ def write_task(out_dir: str | Path, digits: int = 2, n_train: int = 20000, n_eva
     n_train = min(n_train, 10 ** (2 * digits) - n_eval)
     write_split(out_dir / "train.jsonl", n_train, digits, seed, exclude=held_out)
     return {"train": out_dir / "train.jsonl", "eval": out_dir / "eval.jsonl"}
+
+
+VERBOSE_PREFIX = "sum is "
+
+
+def write_verbose(src: str | Path, dst: str | Path, prefix: str = VERBOSE_PREFIX) -> Path:
+    """A copy of a split whose answers carry extra text (`580` -> `sum is 580`): the same task written
+    in a form the demo's student never writes, for a teacher that is strong but mismatched."""
+    rows = [json.loads(line) for line in Path(src).read_text().splitlines()]
+    Path(dst).write_text("".join(json.dumps({**r, "answer": prefix + r["answer"]}) + "\n" for r in rows))
+    return Path(dst)
+
+
+def prepare_teacher_choice(root: str | Path) -> None:
+    """`opd experiment teacher-choice`'s prepare step: tiny models, the task, and its verbose copy."""
+    from tasks.tiny import write_tiny_models
+    data = Path(root) / "data"
+    paths = write_task(data)
+    write_verbose(paths["train"], data / "train_verbose.jsonl")
+    write_verbose(paths["eval"], data / "eval_verbose.jsonl")
+    write_tiny_models(Path(root) / "models")
+
+
+def prepare(root: str | Path) -> None:
+    """The demo's models and task under root/models and root/data (experiments built on the demo)."""
+    from tasks.tiny import write_tiny_models
+    write_task(Path(root) / "data")
+    write_tiny_models(Path(root) / "models")

@@ -18,6 +18,13 @@ def first_line_match(completion: str, answer: str) -> float:
     return float(completion.strip().split("\n", 1)[0].strip() == answer.strip())
 
 
+def last_digits_match(completion: str, answer: str) -> float:
+    """1.0 when the completion's last run of digits is the answer's digits, character for character
+    (`is 2630` and `2630` both match `2630`; `02630` does not): correctness whatever the wording."""
+    runs = re.findall(r"\d+", completion)
+    return float(bool(runs) and runs[-1] == "".join(re.findall(r"\d", answer)))
+
+
 def last_boxed(text: str) -> Optional[str]:
     """The content of the last `\\boxed{...}` in text, braces balanced (`\\boxed{\\frac{1}{2}}` gives
     `\\frac{1}{2}`); None when there is none or the last one is never closed (a truncated answer).
@@ -202,6 +209,7 @@ def math_equiv(completion: str, answer: str) -> float:
 
 
 VERIFIERS: dict[str, Verifier] = {"exact_match": exact_match, "first_line_match": first_line_match,
+                                  "last_digits_match": last_digits_match,
                                   "boxed_match": boxed_match, "math_equiv": math_equiv}
 
 

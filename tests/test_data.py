@@ -49,3 +49,10 @@ def test_prompt_stream_resumes_exactly():
 
 def test_exact_match_verifier():
     assert exact_match(" 240", "240") == 1.0 and exact_match("241", "240") == 0.0
+
+
+def test_last_digits_match_verifier():
+    from tasks.verifiers import last_digits_match
+    assert last_digits_match("is 2630", "2630") == 1.0 and last_digits_match("2630", "2630") == 1.0
+    assert last_digits_match("02630", "2630") == 0.0 and last_digits_match("2631", "2630") == 0.0
+    assert last_digits_match("2630 or 11", "2630") == 0.0 and last_digits_match("none", "2630") == 0.0

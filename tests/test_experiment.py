@@ -53,3 +53,23 @@ def test_arm_errors_stop_before_any_work(tmp_path):
 def test_report_on_a_missing_run(tmp_path, capsys):
     assert main(["report", str(tmp_path / "nothing")]) == 2
     assert "no metrics.jsonl" in capsys.readouterr().err
+
+
+def test_teacher_choice_chains_grpo_teacher_into_opd(ray_session, tmp_path):
+    """A multi-stage experiment at toy length: SFT student -> GRPO teacher from it -> OPD from that
+    teacher, each stage's output named by the next; the mechanism-1 diagnostics are logged."""
+    out = tmp_path / "exp"
+    assert main(["experiment", "teacher-choice", "--out", str(out), "run.steps=2", "eval.size=8",
+                 "eval.interval=0", "logging.tensorboard=false"]) == 0
+    root = out / "teacher-choice"
+    results = {r["arm"]: r for r in json.loads((root / "results.json").read_text())}
+    assert list(results) == ["student", "grpo-teacher", "verbose-teacher", "opd-from-grpo-teacher",
+                             "opd-from-verbose-teacher"]
+    assert results["grpo-teacher"]["loss"] == "grpo" and results["student"]["stage"]
+    manifest = (root / "runs" / "opd-from-grpo-teacher" / "manifest.yaml").read_text()
+    assert f"path: {root / 'runs' / 'grpo-teacher' / 'final'}" in manifest
+    steps = [json.loads(line) for line in (root / "runs" / "opd-from-verbose-teacher" / "metrics.jsonl").read_text().splitlines()]
+    step = next(s for s in steps if "train/loss" in s)
+    assert {"teacher/logprob_sampled", "teacher/rank_sampled", "teacher/entropy", "rollout/response_length",
+            "rollout/repetition_3gram"} <= set(step)
+    assert (root / "teacher_rank_sampled.png").exists()
