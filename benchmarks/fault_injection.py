@@ -96,12 +96,14 @@ def main(argv=None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("overrides", nargs="*", help="manifest key=value overrides for both runs")
     args = p.parse_args(argv)
+    import transformers
     import yaml
     from launch.config import load_manifest
     from launch.driver import train
     from tasks.arithmetic import write_task
     from tasks.tiny import write_tiny_models
 
+    transformers.utils.logging.disable_progress_bar()
     root = Path(tempfile.mkdtemp(prefix="opd-faults-"))
     models = write_tiny_models(root / "models")
     data = write_task(root / "data", digits=2, n_train=512, n_eval=32)

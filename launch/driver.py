@@ -135,7 +135,8 @@ class Setup:
         self.rollouts = RolloutGroup.start(cfg, placement, self.sampling, pad_id)
         self.teachers = TeacherGroup.start(cfg, placement) if cfg.algorithm == "opd" else None
         # Wait for every actor to load, so step 1's stage timings measure work, not start-up.
-        gather([(name, a.__ray_ready__.remote()) for name, a in self._named_actors()], cfg.cluster.call_timeout_s)
+        gather([(f"{name}.__ray_ready__", a.__ray_ready__.remote()) for name, a in self._named_actors()],
+               cfg.cluster.call_timeout_s)
         self.rollouts.pool.on_replace = self._reconnect
         if self.teachers and cfg.teacher.live:
             self.teachers.pool.on_replace = self._reconnect
@@ -156,9 +157,8 @@ class Setup:
         self.learner.call("sync_weights", self.version)
 
     def _named_actors(self) -> list[tuple[str, object]]:
-        return ([(f"learner rank {r}.__ray_ready__", a) for r, a in enumerate(self.learner.ranks if self.learner else [])]
-                + [(f"{g.pool.role} {i}.__ray_ready__", a) for g in (self.rollouts, self.teachers) if g
-                   for i, a in enumerate(g.actors)])
+        return ([(f"learner rank {r}", a) for r, a in enumerate(self.learner.ranks if self.learner else [])]
+                + [(f"{g.pool.role} {i}", a) for g in (self.rollouts, self.teachers) if g for i, a in enumerate(g.actors)])
 
     def replaced(self) -> int:
         return sum(g.pool.replaced for g in (self.rollouts, self.teachers) if g)
