@@ -60,18 +60,16 @@ def write_verbose(src: str | Path, dst: str | Path, prefix: str = VERBOSE_PREFIX
     return Path(dst)
 
 
-def prepare_teacher_choice(root: str | Path) -> None:
-    """`opd experiment teacher-choice`'s prepare step: tiny models, the task, and its verbose copy."""
-    from tasks.tiny import write_tiny_models
-    data = Path(root) / "data"
-    paths = write_task(data)
-    write_verbose(paths["train"], data / "train_verbose.jsonl")
-    write_verbose(paths["eval"], data / "eval_verbose.jsonl")
-    write_tiny_models(Path(root) / "models")
-
-
 def prepare(root: str | Path) -> None:
     """The demo's models and task under root/models and root/data (experiments built on the demo)."""
     from tasks.tiny import write_tiny_models
     write_task(Path(root) / "data")
     write_tiny_models(Path(root) / "models")
+
+
+def prepare_teacher_choice(root: str | Path) -> None:
+    """`opd experiment teacher-choice`'s prepare step: the demo's models and task, and its verbose copy."""
+    prepare(root)
+    data = Path(root) / "data"
+    write_verbose(data / "train.jsonl", data / "train_verbose.jsonl")
+    write_verbose(data / "eval.jsonl", data / "eval_verbose.jsonl")
