@@ -20,8 +20,8 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP)
 
-demo: $(STAMP)
-	$(BIN)/python -m launch.demo
+demo: $(STAMP)  # make demo SEED=1: another seed (models' init, data split and order, sampling)
+	$(BIN)/python -m launch.demo $(if $(SEED),--seed $(SEED))
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q tests

@@ -1,46 +1,99 @@
 """`make demo`: tiny models -> teacher SFT -> brief student SFT -> on-policy distillation, then the
-held-out accuracy before and after. Every stage is an ordinary `opd` command a user could run."""
+held-out accuracy before and after, and the fraction of the teacher-student gap that OPD closed.
+Every stage is an ordinary `opd` command a user could run; the demo prints each one.
+
+    python -m launch.demo [--seed N] [key=value ...]   # overrides apply to the OPD stage only
+
+--seed N (default 0) is `opd make-tiny --seed N` (the tiny models' random init and the task's
+train/eval split) and `run.seed=N` on every stage (data order, rollout sampling): a different seed is
+a different run from scratch, which is what a different machine's float kernels amount to.
+"""
 from __future__ import annotations
 
+import argparse
 import json
 import subprocess
 import sys
 import time
 from pathlib import Path
 
-STAGES = [
-    ("teacher SFT", "configs/demo/teacher_sft.yaml"),
-    ("student SFT (brief warm start)", "configs/demo/student_sft.yaml"),
-    ("on-policy distillation", "configs/demo/opd.yaml"),
+TINY = Path("runs/tiny")
+STAGES = [  # title, manifest, run name (the manifest's run.name)
+    ("teacher SFT", "configs/demo/teacher_sft.yaml", "demo-teacher"),
+    ("student SFT (brief warm start)", "configs/demo/student_sft.yaml", "demo-student"),
+    ("on-policy distillation", "configs/demo/opd.yaml", "demo-opd"),
 ]
+PASS_MARK = 0.70  # the demo fails if OPD closes less of the teacher-student gap than this
+
+
+def gap_closed(teacher: float, before: float, after: float) -> float | None:
+    """(after - before) / (teacher - before): 0 is no progress, 1 is the teacher's accuracy. None when
+    the student already matched or beat the teacher (no gap to close)."""
+    gap = teacher - before
+    return (after - before) / gap if gap > 0 else None
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m launch.demo", description=__doc__.split("\n\n")[0])
+    p.add_argument("--seed", type=int, default=0, help="tiny models' init, data split and every stage's run.seed")
+    p.add_argument("overrides", nargs="*", help="key=value overrides for the OPD stage, e.g. loss.name=sampled_token_rkl")
+    return p.parse_intermixed_args(argv)
+
+
+def make_tiny_command(seed: int) -> list[str]:
+    return ["make-tiny", "--out", str(TINY), "--seed", str(seed)]
+
+
+def stage_commands(seed: int, opd_overrides: list[str] = ()) -> list[tuple[str, list[str], str]]:
+    """(title, `opd` arguments, run name) per stage. The demo owns its run folders: a second
+    `make demo` redoes every stage (run.overwrite=true)."""
+    return [(title, ["train", manifest, f"run.seed={seed}", "run.overwrite=true",
+                     *(opd_overrides if manifest.endswith("opd.yaml") else ())], run)
+            for title, manifest, run in STAGES]
 
 
 def opd(*args: str) -> None:
     subprocess.run([sys.executable, "-m", "launch.cli", *args], check=True)
 
 
-def main() -> int:
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(sys.argv[1:] if argv is None else argv)
     t0 = time.time()
-    if not Path("runs/tiny/models/student").exists():
-        opd("make-tiny", "--out", "runs/tiny")
-    summaries = []
-    for title, manifest in STAGES:
-        print(f"\n=== {title}: opd train {manifest}", flush=True)
-        # the demo owns its run folders: a second `make demo` redoes every stage
-        opd("train", manifest, "run.overwrite=true", *sys.argv[1:] if manifest.endswith("opd.yaml") else ())
-        name = Path(manifest).stem
-        run = {"teacher_sft": "demo-teacher", "student_sft": "demo-student", "opd": "demo-opd"}[name]
+    stamp = TINY / "demo-seed"  # which seed runs/tiny was made with: a new seed remakes it
+    if not (TINY / "models/student").exists() or not stamp.exists() or stamp.read_text().strip() != str(args.seed):
+        print(f"=== tiny models and task: opd {' '.join(make_tiny_command(args.seed))}", flush=True)
+        opd(*make_tiny_command(args.seed))
+        stamp.write_text(f"{args.seed}\n")
+    summaries, walls = [], []
+    for title, cmd, run in stage_commands(args.seed, args.overrides):
+        print(f"\n=== {title}: opd {' '.join(cmd)}", flush=True)
+        t = time.time()
+        opd(*cmd)
+        walls.append(time.time() - t)
         summaries.append(json.loads(Path(f"runs/{run}/summary.json").read_text()))
     teacher, student, distilled = summaries
-    lift = distilled["end_eval_accuracy"] - distilled["start_eval_accuracy"]
-    print("\n=== result (held-out 2-digit addition, greedy, exact match)")
-    print(f"teacher after SFT               {teacher['end_eval_accuracy']:6.1%}")
-    print(f"student before OPD              {distilled['start_eval_accuracy']:6.1%}")
-    print(f"student after {distilled['steps']} OPD steps       {distilled['end_eval_accuracy']:6.1%}   "
-          f"({lift * 100:+.1f} points, loss {distilled['loss']})")
-    print(f"wall time {time.time() - t0:.0f}s; metrics in runs/demo-opd/metrics.jsonl, "
+    t_acc, before, after = teacher["end_eval_accuracy"], distilled["start_eval_accuracy"], distilled["end_eval_accuracy"]
+    closed = gap_closed(t_acc, before, after)
+    print(f"\n=== result (held-out 2-digit addition, greedy, exact match; seed {args.seed})")
+    print(f"teacher after {teacher['steps']} SFT steps       {t_acc:6.1%}")
+    print(f"student after {student['steps']} SFT steps       {before:6.1%}")
+    print(f"student after {distilled['steps']} OPD steps       {after:6.1%}   "
+          f"({(after - before) * 100:+.1f} points, loss {distilled['loss']})")
+    if closed is not None:
+        print(f"gap closed                     {closed:6.1%}   (of the {(t_acc - before) * 100:.1f}-point "
+              f"teacher-student gap; pass mark {PASS_MARK:.0%})")
+    stages = ", ".join(f"{title.split(' (')[0]} {w:.0f}s" for (title, *_), w in zip(STAGES, walls))
+    print(f"wall time {time.time() - t0:.0f}s ({stages}); metrics in runs/demo-opd/metrics.jsonl, "
           f"model in {distilled['final_model']}")
-    return 0 if lift >= 0.20 else 1
+    if closed is None:
+        print(f"demo: FAILED: the student ({before:.1%}) was not weaker than the teacher ({t_acc:.1%}): "
+              "no gap to close", file=sys.stderr)
+        return 1
+    if closed < PASS_MARK:
+        print(f"demo: FAILED: OPD closed {closed:.1%} of the teacher-student gap, below the {PASS_MARK:.0%} "
+              "the demo promises", file=sys.stderr)
+        return 1
+    return 0
 
 
 if __name__ == "__main__":
