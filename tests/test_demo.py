@@ -59,12 +59,17 @@ def test_exit_status_follows_the_gap_closed(tmp_path, monkeypatch, capsys, after
             return
         run = {"teacher_sft": "demo-teacher", "student_sft": "demo-student", "opd": "demo-opd"}[Path(args[1]).stem]
         acc = {"demo-teacher": (0.0, 0.9), "demo-student": (0.0, 0.2), "demo-opd": (0.2, after)}[run]
-        (tmp_path / "runs" / run).mkdir(parents=True)
+        (tmp_path / "runs" / run).mkdir(parents=True, exist_ok=True)
         (tmp_path / "runs" / run / "summary.json").write_text(json.dumps(
             {"steps": 10, "loss": "x", "start_eval_accuracy": acc[0], "end_eval_accuracy": acc[1],
              "final_model": f"runs/{run}/final"}))
 
+    class Done:
+        def wait(self):
+            return 0
+
     monkeypatch.setattr(demo, "opd", fake_opd)
+    monkeypatch.setattr(demo, "spawn", lambda args, log: fake_opd(*args) or Done())  # the student's SFT
     assert demo.main(["--seed", "1"]) == status
     assert calls[0] == ("make-tiny", "--out", "runs/tiny", "--seed", "1")
     out = capsys.readouterr()
