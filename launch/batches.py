@@ -31,9 +31,10 @@ class PromptFormatter:
         return self.tok.decode(ids, skip_special_tokens=True)
 
 
-def score_request(needs, temperature: float) -> ScoreRequest:
+def score_request(needs, temperature: float, full_vocab_transport: str = "logprobs") -> ScoreRequest:
+    hidden = needs.teacher_full and full_vocab_transport == "hidden_states"
     return ScoreRequest(topk=needs.teacher_topk, at_student_topk=needs.teacher_at_student_topk,
-                        full_vocab=needs.teacher_full, temperature=temperature)
+                        full_vocab=needs.teacher_full and not hidden, hidden_states=hidden, temperature=temperature)
 
 
 def distill_batch(rollout: Rollout, scores: TeacherScores) -> TrainBatch:

@@ -80,6 +80,11 @@ class TeacherConfig:
     prompt_template: str = "{prompt}"  # row fields by name; OPSD puts privileged info here
     live: bool = False            # self-teacher follows the student's weights every step
     num_actors: int = 1
+    # How a full-vocabulary loss gets the teacher's distribution. logprobs: the teacher ships [N, T, V]
+    # log-probs. hidden_states: it ships its final hidden states [N, T, H] and the learner applies the
+    # teacher's output layer chunk by chunk inside the loss: same values, H/V of the transport, no
+    # [N, T, V] teacher tensor anywhere (HF and self teachers; a plain linear head).
+    full_vocab_transport: str = "logprobs"
     vllm: VLLMConfig = field(default_factory=VLLMConfig)
 
 
@@ -116,6 +121,10 @@ class LearnerConfig:
     weight_decay: float = 0.0
     betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
     grad_clip: float = 1.0
+    # auto: the loss takes the student's final hidden states and output layer and makes the logits chunk
+    # by chunk (no [M, V] logits or their gradient held; the loss runs once per chunk, not twice) where
+    # the model's head is a plain Linear and zero_stage < 3; else from logits. true: that path or an error.
+    fused_head: str = "auto"      # auto | true | false
     # A step whose loss or gradient norm is not finite is skipped (no weight change, no sync) and counted
     # (train/skipped_nonfinite); this many in a row stop the run.
     max_nonfinite_steps: int = 3
@@ -340,6 +349,12 @@ def validate(cfg: ExperimentConfig) -> None:
     _choice("rollout.engine", cfg.rollout.engine, ("hf", "vllm"))
     _choice("learner.zero_stage", cfg.learner.zero_stage, (0, 1, 2, 3))
     _choice("learner.optimizer", cfg.learner.optimizer, ("adamw", "sgd"))
+    cfg.learner.fused_head = str(cfg.learner.fused_head).lower()  # YAML reads true/false as booleans
+    _choice("learner.fused_head", cfg.learner.fused_head, ("auto", "true", "false"))
+    if cfg.learner.fused_head == "true" and cfg.learner.zero_stage == 3:
+        raise ManifestError("learner.fused_head: true needs the whole output layer on every rank; ZeRO stage 3 "
+                            "partitions it (use auto or false with learner.zero_stage: 3)")
+    _choice("teacher.full_vocab_transport", cfg.teacher.full_vocab_transport, ("logprobs", "hidden_states"))
     _choice("learner.schedule", cfg.learner.schedule, ("cosine", "linear", "constant"))
     _choice("model.dtype", cfg.model.dtype, ("float32", "bfloat16", "float16"))
     from tasks.verifiers import VERIFIERS  # light (no math_verify import until math_equiv runs)

@@ -111,7 +111,7 @@ class Setup:
         start_ray(cfg)
         self.verifier = get_verifier(cfg.eval.verifier)
         needs = build_configured_loss(cfg).needs
-        self.request = score_request(needs, rc.temperature)
+        self.request = score_request(needs, rc.temperature, cfg.teacher.full_vocab_transport)
         self.sampling = sampling_spec(cfg, return_topk=needs.student_topk)
         self.reference_rows = reference_rows(cfg)
         ref = cfg.loss.reference

@@ -52,6 +52,8 @@ class ScoreRequest:
     topk: int = 0                    # teacher's own top-k (ids, log-probs)
     at_student_topk: bool = False    # log-probs at Rollout.student_topk_ids
     full_vocab: bool = False         # the whole [N, T, V] log-prob tensor (co-located teachers only)
+    hidden_states: bool = False      # the teacher's final hidden states [N, T, H] instead of full_vocab:
+                                     # the learner applies the teacher's head (teacher.full_vocab_transport)
     temperature: float = 1.0         # applied to teacher logits exactly as to the student's
 
 
@@ -63,6 +65,7 @@ class TeacherScores:
     topk_logprobs: Optional[torch.Tensor] = None           # [N, T, K]
     at_student_topk: Optional[torch.Tensor] = None         # [N, T, Ks] log q at student top-k ids
     full_logprobs: Optional[torch.Tensor] = None           # [N, T, V]
+    hidden_states: Optional[torch.Tensor] = None           # [N, T, H] final hidden states (H << V)
     # The teacher's view of the student's tokens (failure mechanism 1: prefixes it would never write).
     sampled_rank: Optional[torch.Tensor] = None            # [N, T] long, 1 = the teacher's argmax
     entropy: Optional[torch.Tensor] = None                 # [N, T] teacher entropy (HF teachers only)

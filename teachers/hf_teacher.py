@@ -7,7 +7,7 @@ from typing import Optional
 import torch
 
 from opd.contracts import Rollout, SamplingSpec, ScoreRequest, TeacherScores, concat_scores
-from opd.modeling import actor_device, completion_logits, load_model
+from opd.modeling import actor_device, completion_hidden, completion_logits, load_model, output_head
 from opd.sampling import generate
 from opd.weight_sync.gloo import HFModelReceiver
 from teachers.base import capabilities_for, check_same_tokenizer
@@ -43,7 +43,12 @@ class HFTeacher(HFModelReceiver):
         return concat_scores(parts)
 
     def _score(self, prompts, completion_ids, completion_mask, request, student_topk_ids) -> TeacherScores:
-        logits = completion_logits(self.model, prompts, completion_ids, completion_mask, self.pad_id)
+        hidden = None
+        if request.hidden_states:  # the learner re-applies this model's head to them, chunk by chunk
+            hidden = completion_hidden(self.model, prompts, completion_ids, completion_mask, self.pad_id)
+            logits = output_head(self.model)(hidden)
+        else:
+            logits = completion_logits(self.model, prompts, completion_ids, completion_mask, self.pad_id)
         logp = torch.log_softmax(logits.float() / request.temperature, -1)  # [n, T, V] on the model's device
         mask = completion_mask.to(logp.device)
         at = lambda ids: logp.gather(-1, ids.to(logp.device)).masked_fill(~mask[..., None], 0.0).cpu()  # noqa: E731
@@ -61,4 +66,6 @@ class HFTeacher(HFModelReceiver):
             out.at_student_topk = at(student_topk_ids)
         if request.full_vocab:
             out.full_logprobs = logp.cpu()
+        if hidden is not None:
+            out.hidden_states = hidden.masked_fill(~mask[..., None], 0.0).cpu()
         return out
