@@ -187,7 +187,8 @@ def test_learner_steps_agree_across_head_paths_and_teacher_transports(write_mani
             cfg = load_manifest(write_manifest(
                 model={"path": str(assets["student"])}, teacher={"kind": "hf", "path": str(assets["teacher"]),
                                                                  "full_vocab_transport": transport},
-                loss={"name": "full_reverse_kl"}, learner={"micro_batch_size": 4, "lr": 1e-2, "fused_head": fused}))
+                loss={"name": "full_reverse_kl"},  # SGD: the weight change is lr x the gradient
+                learner={"micro_batch_size": 4, "lr": 1.0, "optimizer": "sgd", "fused_head": fused}))
             request = ScoreRequest(full_vocab=transport == "logprobs", hidden_states=transport == "hidden_states")
             scores = teacher.score(prompts, ids, mask, request)
             batch = TrainBatch(prompt_ids=prompts, completion_ids=ids, completion_mask=mask, teacher=scores)
