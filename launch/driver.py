@@ -65,7 +65,9 @@ def _loop(cfg: ExperimentConfig, run: RunDir, s: "Setup") -> dict:
             else:
                 batch = reward_batch(rollout, rewards, [i // cfg.rollout.samples_per_prompt for i in range(len(rows))])
         with timer("learner"), s.engines_asleep():
-            metrics.update({f"train/{k}": v for k, v in s.learner.train_step(batch).items()})
+            # the learner's teacher/* statistics (a hidden-state teacher's) keep the driver's names
+            metrics.update({k if k.startswith("teacher/") else f"train/{k}": v
+                            for k, v in s.learner.train_step(batch).items()})
         if not guard.skipped(step, metrics):  # a skipped step left the weights as they were: nothing to send
             with timer("sync"):
                 s.sync_weights(step)
@@ -111,7 +113,7 @@ class Setup:
         start_ray(cfg)
         self.verifier = get_verifier(cfg.eval.verifier)
         needs = build_configured_loss(cfg).needs
-        self.request = score_request(needs, rc.temperature, cfg.teacher.full_vocab_transport)
+        self.request = score_request(needs, rc.temperature, cfg.teacher.full_vocab_transport, cfg.teacher.kind == "self")
         self.sampling = sampling_spec(cfg, return_topk=needs.student_topk)
         self.reference_rows = reference_rows(cfg)
         ref = cfg.loss.reference

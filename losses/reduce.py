@@ -62,9 +62,12 @@ class Head:
         return F.linear(hidden, self.weight.to(hidden.dtype), bias)
 
 
-def _chunk_rows(batch: LossBatch, sl: slice, teacher_head: Optional[Head], temperature: float) -> LossBatch:
+def _chunk_rows(batch: LossBatch, sl: slice, teacher_head: Optional[Head], temperature: float,
+                diags_out: Optional[dict] = None) -> LossBatch:
     """The chunk's rows; a hidden-state teacher becomes full log-probs here, one chunk at a time
-    (log softmax(teacher_head(h) / temperature), as the teacher itself computes them)."""
+    (log softmax(teacher_head(h) / temperature), as the teacher itself computes them). With diags_out,
+    the teacher's token statistics over on-policy rows are added to it (teacher/*: what the driver
+    reports from a teacher that sends log-probs)."""
     sub = batch.rows(sl)
     if sub.teacher_hidden is None:
         return sub
@@ -73,6 +76,14 @@ def _chunk_rows(batch: LossBatch, sl: slice, teacher_head: Optional[Head], tempe
                          "teacher's output layer when teacher.full_vocab_transport is hidden_states")
     with torch.no_grad():  # the teacher is a constant (a live self-teacher's head is the student's own)
         logq = torch.log_softmax(_upcast(teacher_head(sub.teacher_hidden), temperature), -1)
+        if diags_out is not None:
+            at = logq.gather(-1, sub.tokens[:, None])
+            rank = 1 + (logq > at).sum(-1).to(logq.dtype)
+            stats = {"teacher/logprob_sampled": at.squeeze(-1), "teacher/rank_sampled": rank,
+                     "teacher/top1_fraction": (rank == 1).to(logq.dtype),
+                     "teacher/entropy": -(logq.exp() * logq).sum(-1)}
+            on_policy = sub.weights if sub.is_reference is None else sub.weights * ~sub.is_reference
+            _add_diagnostics(diags_out, stats, on_policy, torch.promote_types(logq.dtype, torch.float32))
     return replace(sub, teacher_full_logprobs=logq, teacher_hidden=None)
 
 
@@ -81,7 +92,7 @@ class _ChunkedLoss(torch.autograd.Function):
     def forward(ctx, logits, fn, batch, temperature, chunk, diags_out, teacher_head):
         total = torch.zeros((), dtype=torch.promote_types(logits.dtype, torch.float32))
         for sl in _spans(logits.shape[0], chunk):
-            sub = _chunk_rows(batch, sl, teacher_head, temperature)
+            sub = _chunk_rows(batch, sl, teacher_head, temperature, diags_out)
             out = fn(_upcast(logits[sl], temperature), sub)
             total += (out.per_token * sub.weights).sum()
             _add_diagnostics(diags_out, out.diagnostics, sub.weights, total.dtype)
@@ -127,7 +138,7 @@ class _FusedHeadLoss(torch.autograd.Function):
         grad_b = None if bias is None else torch.zeros(bias.shape, dtype=total.dtype, device=bias.device)
         head = Head(weight, bias)
         for sl in _spans(hidden.shape[0], chunk):
-            sub = _chunk_rows(batch, sl, teacher_head, temperature)
+            sub = _chunk_rows(batch, sl, teacher_head, temperature, diags_out)
             h = hidden[sl]
             x = _upcast(head(h), temperature).requires_grad_()  # forward runs under no_grad: x is a leaf
             with torch.enable_grad():

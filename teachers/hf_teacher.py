@@ -46,6 +46,9 @@ class HFTeacher(HFModelReceiver):
         hidden = None
         if request.hidden_states:  # the learner re-applies this model's head to them, chunk by chunk
             hidden = completion_hidden(self.model, prompts, completion_ids, completion_mask, self.pad_id)
+            hidden = hidden.masked_fill(~completion_mask.to(hidden.device)[..., None], 0.0)
+            if not (request.sampled or request.topk or request.at_student_topk):
+                return TeacherScores(hidden_states=hidden.cpu())  # no output layer here at all
             logits = output_head(self.model)(hidden)
         else:
             logits = completion_logits(self.model, prompts, completion_ids, completion_mask, self.pad_id)
@@ -68,7 +71,7 @@ class HFTeacher(HFModelReceiver):
         if request.full_vocab:
             out.full_logprobs = z.sub_(lse[..., None]).cpu()  # z is not read after this
         if hidden is not None:
-            out.hidden_states = hidden.masked_fill(~mask[..., None], 0.0).cpu()
+            out.hidden_states = hidden.cpu()
         return out
 
 

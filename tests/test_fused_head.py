@@ -104,7 +104,16 @@ def test_hidden_state_teacher_equals_full_logprob_teacher(name, fused):
     torch.testing.assert_close(v2, v1, rtol=1e-12, atol=1e-14)
     torch.testing.assert_close(g2, g1, rtol=1e-10, atol=1e-13)
     torch.testing.assert_close(gw2, gw1, rtol=1e-10, atol=1e-13)
-    assert d1.keys() == d2.keys() and all(torch.allclose(d1[k], d2[k]) for k in d1)
+    assert all(torch.allclose(d1[k], d2[k]) for k in d1)
+    # the teacher's token statistics, which a teacher sending log-probs reports itself (launch/batches.py)
+    w = b.weights
+    at = logq.gather(-1, b.tokens[:, None]).squeeze(-1)
+    rank = 1 + (logq > at[:, None]).sum(-1).double()
+    want = {"teacher/logprob_sampled": (w * at).sum(), "teacher/rank_sampled": (w * rank).sum(),
+            "teacher/top1_fraction": (w * (rank == 1)).sum(), "teacher/entropy": -(w * (logq.exp() * logq).sum(-1)).sum()}
+    assert set(d2) - set(d1) == set(want)
+    for k, v in want.items():
+        torch.testing.assert_close(d2[k], v, rtol=1e-10, atol=1e-12)
 
 
 def test_hidden_teacher_without_a_head_is_a_clear_error():
@@ -132,6 +141,9 @@ def test_hf_teacher_hidden_states_reproduce_its_log_probs(assets):
         torch.testing.assert_close(getattr(hid, field), getattr(full, field), rtol=1e-5, atol=1e-5)
     assert (hid.hidden_states[~mask] == 0).all()
     assert hid.hidden_states.nbytes * 55 == full.full_logprobs.nbytes * 128  # [.., H] against [.., V]
+    # sampled=False: the hidden states alone, and no output layer run
+    bare = teacher.score(prompts, ids, mask, ScoreRequest(hidden_states=True, sampled=False, temperature=0.7))
+    assert bare.sampled_logprobs is None and bare.entropy is None and torch.equal(bare.hidden_states, hid.hidden_states)
 
 
 def test_output_head_loaded_from_disk_matches_the_model(assets, tmp_path):
@@ -206,3 +218,35 @@ def test_learner_steps_agree_across_head_paths_and_teacher_transports(write_mani
         for k in w0:
             torch.testing.assert_close(w[k], w0[k], rtol=1e-5, atol=1e-6)
     (tmp_path / "ok").write_text(json.dumps({k[0] + k[1]: v[0]["loss"] for k, v in results.items()}))
+
+
+def test_score_request_skips_the_teacher_head_only_when_nothing_else_needs_it():
+    from launch.batches import score_request
+    from losses import build_loss as b
+    full, mixed = b("full_reverse_kl").needs, b("weighted_sum", {"components": [
+        {"name": "full_reverse_kl"}, {"name": "sampled_token_rkl"}]}).needs
+    assert score_request(full, 1.0).full_vocab and score_request(full, 1.0).sampled
+    r = score_request(full, 1.0, "hidden_states")
+    assert r.hidden_states and not r.full_vocab and not r.sampled
+    assert score_request(mixed, 1.0, "hidden_states").sampled  # sampled_token_rkl reads log q(y_t)
+    assert score_request(full, 1.0, "hidden_states", self_teacher=True).sampled  # opsd/pi_gap_nats
+
+
+def test_training_run_with_hidden_state_teacher_matches_log_prob_teacher(ray_session, write_manifest, assets,
+                                                                          tmp_path):
+    """`opd train` end to end (Ray actors, DeepSpeed): two steps with each transport log the same losses,
+    gradient norms and teacher statistics (the hidden-state run's come from the learner)."""
+    from launch.cli import main
+    logs = {}
+    for transport in ("logprobs", "hidden_states"):
+        manifest = write_manifest(model={"path": str(assets["student"])}, loss={"name": "full_reverse_kl"},
+                                  teacher={"kind": "hf", "path": str(assets["teacher"]),
+                                           "full_vocab_transport": transport},
+                                  run={"name": transport, "output_dir": str(tmp_path / "runs"), "steps": 2})
+        assert main(["train", str(manifest)]) == 0
+        rows = (tmp_path / "runs" / transport / "metrics.jsonl").read_text().splitlines()
+        logs[transport] = [r for r in map(json.loads, rows) if "train/loss" in r]
+    for a, b in zip(*logs.values()):
+        for key in ("train/loss", "train/grad_norm", "train/reverse_kl", "teacher/logprob_sampled",
+                    "teacher/rank_sampled", "teacher/entropy", "rollout/response_length"):
+            assert b[key] == pytest.approx(a[key], rel=1e-4), key
