@@ -30,6 +30,9 @@ def train(cfg: ExperimentConfig) -> dict:
     s = None
     try:
         s = Setup(cfg, inputs)
+        if cfg.rollout.max_lag > 0 and cfg.algorithm != "sft":  # SFT samples nothing to overlap
+            from launch.overlap import overlapped_loop
+            return overlapped_loop(cfg, run, s)
         return _loop(cfg, run, s)
     except RunStopped as e:
         raise RunStopped(f"{e}; {run.resume_hint()}") from e
