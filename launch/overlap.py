@@ -31,9 +31,11 @@ Checkpoints: the loop never samples across a checkpoint (nor past the last step)
 a checkpoint samples with the checkpointed weights in an uninterrupted run and a resumed one alike,
 and resume stays exact. With max_lag 0 it never samples ahead at all and does what _loop does.
 
-Faults: a rollout engine lost while step n+1 was in flight is replaced at collect time (the pool's
-on_replace reconnects weight sync; the sync that follows sends version n to every engine), and step
-n+1 then samples again, blocking, with version n: a lag of 0 for that step, and `rollout/lag` says so.
+Faults: a rollout engine lost while step n+1 was in flight is replaced at collect time, and step n+1
+then samples again, blocking, with version n: a lag of 0 for that step, and `rollout/lag` says so
+(its share is not retried in flight). The pool's on_replace (Setup._reconnect) re-sends the learner's
+weights, already version n, under the engines' tag n-1; nothing samples before the sync that follows
+tags them n (a skipped step syncs nothing, and then the learner still holds n-1).
 """
 from __future__ import annotations
 

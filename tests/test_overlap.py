@@ -86,6 +86,28 @@ def test_max_lag_1_trains_on_samples_of_the_previous_weights(ray_session, write_
     assert abs(ratio[0] - 1) < 1e-4 and all(1e-3 < abs(x - 1) < 0.5 for x in ratio[1:]), ratio
 
 
+def test_an_engine_lost_in_flight_is_replaced_and_its_step_samples_again(ray_session, write_manifest, tmp_path,
+                                                                          monkeypatch, capsys):
+    """Killed while step 2 is sampled ahead: replaced when collected, and step 2 samples again with the
+    weights of that time (lag 0); step 3 runs ahead again."""
+    original, submits = RolloutGroup.submit, []
+
+    def kill_then_submit(self, prompts, spec):
+        submits.append(1)
+        if len(submits) == 3:  # eval at step 0, step 1 (blocking), then step 2: sampled ahead during step 1
+            ray.kill(self.actors[0], no_restart=True)
+        return original(self, prompts, spec)
+    monkeypatch.setattr(RolloutGroup, "submit", kill_then_submit)
+    run = tmp_path / "runs" / "lost"
+    manifest = write_manifest(run={"name": "lost", "output_dir": str(tmp_path / "runs"), "steps": 3},
+                              eval={"interval": 0, "size": 8}, rollout={"max_lag": 1})
+    assert main(["train", str(manifest)]) == 0
+    assert "rollout engine 0.generate: the actor died" in capsys.readouterr().out
+    steps = [r for r in metrics(run) if "train/loss" in r]
+    assert [r["rollout/lag"] for r in steps] == [0, 0, 1]
+    assert [r["faults/restarts"] for r in steps] == [1, 0, 0] and "time/rollout_s" in steps[1]
+
+
 @pytest.mark.parametrize("engine", ["hf", "vllm"])
 def test_a_sync_sent_to_an_engine_mid_generation_waits_for_it(ray_session, write_manifest, assets, engine):
     """Engines as the driver starts them run one method at a time: a weight-sync method sent while
