@@ -97,6 +97,12 @@ class RolloutConfig:
     max_new_tokens: int = 32
     temperature: float = 1.0
     top_p: float = 1.0
+    # How many weight versions the sampling policy may trail the learner. 0: sample each step with the
+    # newest weights (strictly sequential steps). 1: the engines sample step n+1 while the teacher scores
+    # and the learner trains step n (launch/overlap.py); each batch is then one version stale, which
+    # sampled_token_rkl's importance ratio corrects token by token. Ignored by algorithm: sft (no
+    # rollouts); refused with cluster.colocate and with a live self-teacher.
+    max_lag: int = 0
     vllm: VLLMConfig = field(default_factory=VLLMConfig)
 
 
@@ -397,6 +403,7 @@ def validate(cfg: ExperimentConfig) -> None:
         _check_local_gpus(cfg.cluster.num_gpus)
     _check_cluster(cfg)
     _check_engines(cfg)
+    _check_overlap(cfg)
     from launch.placement import check_resources  # GPU arithmetic for the layout the manifest asks for
     check_resources(cfg)
     from launch.capabilities import check_loss  # the loss registry is heavier; import late
@@ -470,6 +477,25 @@ def _check_engines(cfg: ExperimentConfig) -> None:
         if (cfg.rollout.vllm.max_model_len or 1 << 62) < cfg.rollout.max_new_tokens + 1:
             raise ManifestError(f"rollout.vllm.max_model_len: {cfg.rollout.vllm.max_model_len} leaves no room for "
                                 f"a prompt and rollout.max_new_tokens {cfg.rollout.max_new_tokens}")
+
+
+def _check_overlap(cfg: ExperimentConfig) -> None:
+    """rollout.max_lag is 0 or 1. With 1, the engines generate during the learner step, so they cannot
+    sleep then (colocate); and a live self-teacher would score a rollout with weights newer than those
+    that sampled it, which is refused rather than given a meaning. SFT samples nothing: ignored there."""
+    lag = cfg.rollout.max_lag
+    if lag not in (0, 1):
+        raise ManifestError(f"rollout.max_lag: {lag} is not allowed; use 0 (sample with the newest weights) "
+                            "or 1 (sample the next step while the learner trains this one)")
+    if lag == 0 or cfg.algorithm == "sft":
+        return
+    if cfg.cluster.colocate:
+        raise ManifestError("rollout.max_lag: 1 needs the engines awake during the learner step, but "
+                            "cluster.colocate: true puts them to sleep then; set rollout.max_lag: 0")
+    if cfg.algorithm == "opd" and cfg.teacher.live:
+        raise ManifestError("rollout.max_lag: 1 with teacher.live: true is refused: the live self-teacher would "
+                            "score a rollout with weights a version newer than the ones that sampled it; "
+                            "set rollout.max_lag: 0 or teacher.live: false")
 
 
 def reference_rows(cfg: ExperimentConfig) -> int:
