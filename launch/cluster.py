@@ -193,6 +193,16 @@ class TeacherGroup:
             return teacher_prompts[s], rollout.completion_ids[s], rollout.completion_mask[s], request, topk
         return concat_scores(self.pool.call("score", [args(s) for s in _split(len(rollout), len(self.actors))]))
 
+    def submit_score(self, teacher_prompts, rollout: Pending, request: ScoreRequest) -> Pending:
+        """Score a rollout still being generated: each teacher gets the engines' reply references and starts
+        when they exist, without the rollout passing through the driver. collect_score() waits."""
+        parts = [ref for _, ref in rollout.calls]
+        return self.pool.submit("score_rollout", [(teacher_prompts[s], request, s.start, s.stop, *parts)
+                                                  for s in _split(len(teacher_prompts), len(self.actors))])
+
+    def collect_score(self, pending: Pending) -> TeacherScores:
+        return concat_scores(self.pool.collect(pending))
+
 
 class LearnerGroup:
     def __init__(self, cfg, rows_per_step: int, placement: Placement):

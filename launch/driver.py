@@ -4,6 +4,7 @@ from __future__ import annotations
 import time
 from contextlib import contextmanager
 from dataclasses import replace
+from typing import Optional
 
 import ray
 import torch
@@ -16,7 +17,7 @@ from launch.config import ExperimentConfig, reference_rows, rows_per_step, sampl
 from launch.guards import NonfiniteGuard
 from launch.inputs import Inputs, load_inputs
 from launch.placement import Placement
-from launch.remote import RunStopped, gather
+from launch.remote import Pending, RunStopped, gather
 from launch.run_dir import RunDir
 from opd.contracts import SamplingSpec, TrainBatch, concat_batches
 from tasks.data import PromptStream
@@ -77,14 +78,16 @@ def draw(cfg: ExperimentConfig, s: "Setup") -> tuple[list[dict], list[dict]]:
 
 
 def rollout_batch(cfg: ExperimentConfig, s: "Setup", step: int, prompts: list[dict], rows: list[dict], rollout,
-                  timer: "StageTimer", metrics: dict) -> TrainBatch:
-    """Rewards, teacher scores (OPD) or advantages (GRPO) for a sampled rollout: the step's TrainBatch."""
+                  timer: "StageTimer", metrics: dict, scores: Optional[Pending] = None) -> TrainBatch:
+    """Rewards, teacher scores (OPD) or advantages (GRPO) for a sampled rollout: the step's TrainBatch.
+    `scores`: teacher scoring already submitted (launch/overlap.py); else the teachers score it now."""
     rewards = s.rewards(rollout, rows)
     metrics.update(rollout_stats(rollout), **{"rollout/reward_mean": sum(rewards) / len(rewards)})
     if cfg.algorithm != "opd":
         return reward_batch(rollout, rewards, [i // cfg.rollout.samples_per_prompt for i in range(len(rows))])
-    with timer("teacher"):
-        scores = s.teachers.score([s.fmt.teacher(r) for r in rows], rollout, s.request)
+    with timer("teacher"):  # with scores submitted ahead: the time spent waiting for them
+        scores = (s.teachers.collect_score(scores) if scores
+                  else s.teachers.score([s.fmt.teacher(r) for r in rows], rollout, s.request))
     batch = distill_batch(rollout, scores)
     if s.reference_rows:  # an SFT mix: reference rows join the same optimizer step
         with timer("reference"):

@@ -3,9 +3,12 @@ the teacher scores and the learner trains step n.
 
 Step n, with the engines holding weight version n-1 (the learner's too: the sync of step n-1 is done):
 
-    1. take step n's rollout, sampled during step n-1 (or sample it now: see `runs_ahead`)
-    2. submit step n+1's rollout (non-blocking) -- the engines sample it with version n-1
-    3. teacher scores + learner step for step n  -- meanwhile the engines generate
+    1. take step n's rollout, sampled during step n-1, and its teacher scores, submitted then too (or
+       sample and score now: see `runs_ahead`)
+    2. submit step n+1's rollout (non-blocking) -- the engines sample it with version n-1 -- and its
+       teacher scoring, which Ray starts when the engines' replies exist (TeacherGroup.submit_score:
+       the rollout goes from the engines to the teachers without passing through the driver)
+    3. the learner step for step n -- meanwhile the engines generate and the teachers score step n+1
     4. collect step n+1's rollout, then sync version n to the engines
     5. log, eval, checkpoint as in the reference loop (launch/driver.py: _loop)
 
@@ -54,11 +57,13 @@ from opd.contracts import Rollout
 @dataclass
 class Ahead:
     """A step's prompts and rows, and its rollout: in flight (pending) or collected (rollout; None
-    when an engine was lost in flight, and the step samples again)."""
+    when an engine was lost in flight, and the step samples again); and its teacher scoring in flight
+    (scores: OPD only; dropped with a lost rollout, whose replies it was waiting for)."""
     prompts: list[dict]
     rows: list[dict]
     pending: Optional[Pending] = None
     rollout: Optional[Rollout] = None
+    scores: Optional[Pending] = None
 
 
 def overlapped_loop(cfg: ExperimentConfig, run: RunDir, s: Setup) -> dict:
@@ -72,12 +77,14 @@ def overlapped_loop(cfg: ExperimentConfig, run: RunDir, s: Setup) -> dict:
             with timer("rollout"):
                 this.rollout = s.rollouts.generate(student_prompts(s, this.rows), s.sampling_at(step))
         ahead = submit(cfg, s, step + 1) if runs_ahead(cfg, step) else None
-        batch = rollout_batch(cfg, s, step, this.prompts, this.rows, this.rollout, timer, metrics)
+        batch = rollout_batch(cfg, s, step, this.prompts, this.rows, this.rollout, timer, metrics, this.scores)
         metrics["rollout/lag"] = s.version - this.rollout.weight_version  # the learner holds s.version now
         learn(s, batch, timer, metrics)
         if ahead:
             with timer("rollout_wait"):  # generation time the teacher and learner did not hide
                 ahead.rollout = s.rollouts.collect(ahead.pending, retry=False)
+                if ahead.rollout is None:
+                    ahead.scores = None  # it waited on a lost engine's reply: the step scores again
         sync(s, step, guard, timer, metrics)
         log_step(run, s, step, batch, metrics, timer, t0, faults)
         between_steps(cfg, run, s, step, guard)
@@ -91,9 +98,13 @@ def runs_ahead(cfg: ExperimentConfig, step: int) -> bool:
 
 
 def submit(cfg: ExperimentConfig, s: Setup, step: int) -> Ahead:
-    """Draw `step`'s prompts and start sampling them with the weights the engines hold now."""
+    """Draw `step`'s prompts and start sampling them with the weights the engines hold now, and
+    (OPD) scoring them as soon as they exist."""
     prompts, rows = draw(cfg, s)
-    return Ahead(prompts, rows, pending=s.rollouts.submit(student_prompts(s, rows), s.sampling_at(step)))
+    pending = s.rollouts.submit(student_prompts(s, rows), s.sampling_at(step))
+    scores = (s.teachers.submit_score([s.fmt.teacher(r) for r in rows], pending, s.request)
+              if cfg.algorithm == "opd" else None)
+    return Ahead(prompts, rows, pending=pending, scores=scores)
 
 
 def student_prompts(s: Setup, rows: list[dict]) -> list[list[int]]:

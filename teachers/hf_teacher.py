@@ -10,10 +10,10 @@ from opd.contracts import Rollout, SamplingSpec, ScoreRequest, TeacherScores, co
 from opd.modeling import actor_device, completion_hidden, completion_logits, load_model, output_head
 from opd.sampling import generate
 from opd.weight_sync.gloo import HFModelReceiver
-from teachers.base import capabilities_for, check_same_tokenizer
+from teachers.base import ScoresRollouts, capabilities_for, check_same_tokenizer
 
 
-class HFTeacher(HFModelReceiver):
+class HFTeacher(HFModelReceiver, ScoresRollouts):
     capabilities = capabilities_for("hf")
 
     def __init__(self, model_path: str, dtype: str = "float32", student_path: Optional[str] = None,

@@ -171,3 +171,31 @@ def test_max_lag_is_ignored_by_sft_and_refused_by_train_before_any_work(write_ma
     assert main(["train", str(write_manifest()), "rollout.max_lag=3"]) == 2
     assert "rollout.max_lag: 3 is not allowed" in capsys.readouterr().err
     assert not (tmp_path / "runs").exists()
+
+
+def test_teachers_score_a_submitted_rollout_as_they_score_a_collected_one(ray_session, assets):
+    """TeacherGroup.submit_score chains scoring onto generation the driver has not collected (two engines,
+    two teachers, so teacher slices cross engine slices); the scores equal scoring the collected rollout."""
+    from launch.cluster import TeacherGroup
+    from actors.hf_engine import HFEngine
+    from opd.contracts import ScoreRequest
+    from teachers.hf_teacher import HFTeacher
+    engines = RolloutGroup(ActorPool("rollout engine", lambda i: ray.remote(HFEngine).remote(
+        str(assets["student"]), seed=i), 2, timeout_s=120))
+    teachers = TeacherGroup(ActorPool("teacher", lambda i: ray.remote(HFTeacher).remote(str(assets["teacher"])),
+                                      2, timeout_s=120))
+    prompts = PROMPTS + PROMPTS[:1]  # 5 rows: engine slices 2+3 (rows 0-1, 2-4), teacher slices the same
+    teacher_prompts = [[1, 9] + p[1:] for p in prompts]
+    request = ScoreRequest(topk=3, temperature=0.9)
+    spec = SamplingSpec(max_new_tokens=6, temperature=0.9, seed=3)
+    try:
+        pending = engines.submit(prompts, spec)
+        scored_ahead = teachers.collect_score(teachers.submit_score(teacher_prompts, pending, request))
+        rollout = engines.collect(pending)
+        scored_now = teachers.score(teacher_prompts, rollout, request)
+        for field in ("sampled_logprobs", "topk_ids", "topk_logprobs", "sampled_rank", "entropy"):
+            assert torch.equal(getattr(scored_ahead, field), getattr(scored_now, field)), field
+        assert scored_now.sampled_logprobs.shape == rollout.completion_ids.shape
+    finally:
+        for a in engines.actors + teachers.actors:
+            ray.kill(a)
