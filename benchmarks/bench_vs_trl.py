@@ -22,8 +22,9 @@ own processes and every actor; TRL: its one process), sampled every 0.2 s:
 
   ours  `python -m launch.cli train <manifest>`: local Ray mode, one HF rollout actor, one HF
         teacher actor, one DeepSpeed (ZeRO-0) learner rank; loss.name=full_reverse_kl; no eval
-        (data.eval: null, eval.interval: 0); our recommended settings OURS_DEFAULTS (the teacher ships
-        hidden states, the learner's loss takes the output layer chunk by chunk), changed with --ours. Step times come from runs/<name>/metrics.jsonl
+        (data.eval: null, eval.interval: 0); our recommended settings OURS_DEFAULTS (one-step-off
+        rollouts overlapping the learner, the teacher ships hidden states, the learner's loss takes the
+        output layer chunk by chunk), changed with --ours. Step times come from runs/<name>/metrics.jsonl
         (perf/step_s, which already excludes eval and the final save), stages from time/*_s.
   TRL   `trl.DistillationTrainer` (tested with trl 1.16.0, where it is the stable, always on-policy
         distillation trainer; earlier releases had GKDTrainer / trl.experimental.distillation),
@@ -99,7 +100,7 @@ SHAPES = {
                   "max_new_tokens": 32, "steps": 8},
 }
 # Our recommended settings for this job (each a manifest override; --ours adds or replaces).
-OURS_DEFAULTS = ["teacher.full_vocab_transport=hidden_states", "learner.fused_head=auto"]
+OURS_DEFAULTS = ["rollout.max_lag=1", "teacher.full_vocab_transport=hidden_states", "learner.fused_head=auto"]
 
 
 # ----------------------------------------------------------------------------- helpers
