@@ -31,9 +31,17 @@ class PromptFormatter:
         return self.tok.decode(ids, skip_special_tokens=True)
 
 
-def score_request(needs, temperature: float) -> ScoreRequest:
+def score_request(needs, temperature: float, full_vocab_transport: str = "logprobs",
+                  self_teacher: bool = False) -> ScoreRequest:
+    """What to ask the teachers for. With hidden states and a loss that reads nothing else, the teacher
+    skips its output layer (the learner applies it, and computes the teacher's token statistics), except
+    for a self-teacher, whose per-sequence log q(y) the driver needs for opsd/pi_gap_nats."""
+    hidden = needs.teacher_full and full_vocab_transport == "hidden_states"
+    head_free = hidden and not (needs.teacher_sampled or needs.teacher_topk or needs.teacher_at_student_topk
+                                or self_teacher)
     return ScoreRequest(topk=needs.teacher_topk, at_student_topk=needs.teacher_at_student_topk,
-                        full_vocab=needs.teacher_full, temperature=temperature)
+                        full_vocab=needs.teacher_full and not hidden, hidden_states=hidden, sampled=not head_free,
+                        temperature=temperature)
 
 
 def distill_batch(rollout: Rollout, scores: TeacherScores) -> TrainBatch:
@@ -79,7 +87,11 @@ def teacher_stats(rollout: Rollout, scores: TeacherScores, self_teacher: bool) -
     teacher/rank_sampled the teacher's rank of y_t (1 = its argmax), teacher/top1_fraction how often
     y_t is that argmax, teacher/entropy H(q) (HF teachers). For OPSD, opsd/pi_gap_nats: how much likelier the PI-conditioned teacher finds each completion than
     the PI-free student that wrote it, sum_t log q(y_t | x, PI) - log p(y_t | x), averaged over
-    completions (p: the behaviour log-probs, at the same temperature as q)."""
+    completions (p: the behaviour log-probs, at the same temperature as q).
+
+    Empty when the teacher sent hidden states only: the learner reports the same token means."""
+    if scores.sampled_logprobs is None:
+        return {}
     mask = rollout.completion_mask.float()
     q = scores.sampled_logprobs * mask
     tokens = mask.sum().clamp(min=1)

@@ -40,9 +40,32 @@ def check_loss(cfg) -> None:
     if cfg.rollout.engine == "vllm" and needs.student_topk > cfg.rollout.vllm.max_logprobs:
         raise ManifestError(f"rollout.vllm.max_logprobs: {cfg.rollout.vllm.max_logprobs}, but {cfg.loss.name!r} "
                             f"needs the student's top-{needs.student_topk}; raise it")
+    if cfg.teacher.full_vocab_transport == "hidden_states":
+        _check_hidden_transport(cfg, needs)
     if needs.needs_teacher:
         try:
             caps = capabilities_for(cfg.teacher.kind, cfg.teacher.vllm.max_logprobs)
             check_teacher(loss, caps, f"a {cfg.teacher.kind!r} teacher")
         except ValueError as e:
             raise ManifestError(str(e)) from None
+
+
+def _check_hidden_transport(cfg, needs) -> None:
+    from launch.config import ManifestError
+    key = "teacher.full_vocab_transport"
+    if cfg.algorithm != "opd" or not needs.teacher_full:
+        raise ManifestError(f"{key}: hidden_states serves losses over the teacher's whole distribution; "
+                            f"{cfg.loss.name!r} does not use it (remove the key, or use e.g. full_reverse_kl)")
+    if cfg.teacher.kind not in ("hf", "self"):
+        raise ManifestError(f"{key}: hidden_states needs the teacher's weights in an HF model (teacher.kind hf or "
+                            f"self); teacher.kind is {cfg.teacher.kind!r}")
+    from transformers import AutoConfig, AutoModelForCausalLM
+    import torch
+    from opd.modeling import plain_head_problem
+    path = cfg.model.path if cfg.teacher.kind == "self" else cfg.teacher.path
+    with torch.device("meta"):  # the architecture only: no weights are read
+        skeleton = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(path))
+    problem = plain_head_problem(skeleton)
+    if problem:
+        raise ManifestError(f"{key}: the teacher at {path} cannot be scored from hidden states: {problem}; "
+                            "use logprobs")

@@ -9,12 +9,13 @@ from __future__ import annotations
 import random
 import socket
 from dataclasses import replace
+from typing import Optional
 
 import ray
 
 from launch.config import ExperimentConfig, ManifestError, VLLMConfig
 from launch.placement import Placement
-from launch.remote import ActorPool, first_line, gather
+from launch.remote import ActorPool, Pending, first_line, gather
 from opd.contracts import (Rollout, SamplingSpec, ScoreRequest, TeacherScores, TrainBatch, concat_rollouts,
                            concat_scores)
 from opd.weight_sync import free_port
@@ -130,9 +131,20 @@ class RolloutGroup:
 
     def generate(self, prompts: list[list[int]], spec: SamplingSpec) -> Rollout:
         """Engine i samples its slice with a seed derived from (spec.seed, i)."""
+        return self.collect(self.submit(prompts, spec))
+
+    def submit(self, prompts: list[list[int]], spec: SamplingSpec) -> Pending:
+        """Start generate() on every engine and return at once. Each engine is a Ray actor running one
+        method at a time, so a weight sync sent to it later waits until this generation is done."""
         parts = _split(len(prompts), len(self.actors))
         specs = [spec if spec.seed is None else replace(spec, seed=derived_seed(spec.seed, i)) for i in range(len(parts))]
-        return concat_rollouts(self.pool.call("generate", [(prompts[s], sp) for s, sp in zip(parts, specs)]))
+        return self.pool.submit("generate", [(prompts[s], sp) for s, sp in zip(parts, specs)])
+
+    def collect(self, pending: Pending, retry: bool = True) -> Optional[Rollout]:
+        """The submitted rollout. A lost engine is replaced; with retry its slice is sampled again (same
+        seed), without, the answer is None (see ActorPool.collect)."""
+        parts = self.pool.collect(pending, retry)
+        return None if parts is None else concat_rollouts(parts)
 
     def sleep(self) -> None:
         self.pool.call("sleep", [()] * len(self.actors))
@@ -180,6 +192,16 @@ class TeacherGroup:
             topk = None if rollout.student_topk_ids is None else rollout.student_topk_ids[s]
             return teacher_prompts[s], rollout.completion_ids[s], rollout.completion_mask[s], request, topk
         return concat_scores(self.pool.call("score", [args(s) for s in _split(len(rollout), len(self.actors))]))
+
+    def submit_score(self, teacher_prompts, rollout: Pending, request: ScoreRequest) -> Pending:
+        """Score a rollout still being generated: each teacher gets the engines' reply references and starts
+        when they exist, without the rollout passing through the driver. collect_score() waits."""
+        parts = [ref for _, ref in rollout.calls]
+        return self.pool.submit("score_rollout", [(teacher_prompts[s], request, s.start, s.stop, *parts)
+                                                  for s in _split(len(teacher_prompts), len(self.actors))])
+
+    def collect_score(self, pending: Pending) -> TeacherScores:
+        return concat_scores(self.pool.collect(pending))
 
 
 class LearnerGroup:

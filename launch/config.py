@@ -80,6 +80,11 @@ class TeacherConfig:
     prompt_template: str = "{prompt}"  # row fields by name; OPSD puts privileged info here
     live: bool = False            # self-teacher follows the student's weights every step
     num_actors: int = 1
+    # How a full-vocabulary loss gets the teacher's distribution. logprobs: the teacher ships [N, T, V]
+    # log-probs. hidden_states: it ships its final hidden states [N, T, H] and the learner applies the
+    # teacher's output layer chunk by chunk inside the loss: same values, H/V of the transport, no
+    # [N, T, V] teacher tensor anywhere (HF and self teachers; a plain linear head).
+    full_vocab_transport: str = "logprobs"
     vllm: VLLMConfig = field(default_factory=VLLMConfig)
 
 
@@ -92,6 +97,12 @@ class RolloutConfig:
     max_new_tokens: int = 32
     temperature: float = 1.0
     top_p: float = 1.0
+    # How many weight versions the sampling policy may trail the learner. 0: sample each step with the
+    # newest weights (strictly sequential steps). 1: the engines sample step n+1 while the teacher scores
+    # and the learner trains step n (launch/overlap.py); each batch is then one version stale, which
+    # sampled_token_rkl's importance ratio corrects token by token. Ignored by algorithm: sft (no
+    # rollouts); refused with cluster.colocate and with a live self-teacher.
+    max_lag: int = 0
     vllm: VLLMConfig = field(default_factory=VLLMConfig)
 
 
@@ -116,6 +127,10 @@ class LearnerConfig:
     weight_decay: float = 0.0
     betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
     grad_clip: float = 1.0
+    # auto: the loss takes the student's final hidden states and output layer and makes the logits chunk
+    # by chunk (no [M, V] logits or their gradient held; the loss runs once per chunk, not twice) where
+    # the model's head is a plain Linear and zero_stage < 3; else from logits. true: that path or an error.
+    fused_head: str = "auto"      # auto | true | false
     # A step whose loss or gradient norm is not finite is skipped (no weight change, no sync) and counted
     # (train/skipped_nonfinite); this many in a row stop the run.
     max_nonfinite_steps: int = 3
@@ -340,6 +355,12 @@ def validate(cfg: ExperimentConfig) -> None:
     _choice("rollout.engine", cfg.rollout.engine, ("hf", "vllm"))
     _choice("learner.zero_stage", cfg.learner.zero_stage, (0, 1, 2, 3))
     _choice("learner.optimizer", cfg.learner.optimizer, ("adamw", "sgd"))
+    cfg.learner.fused_head = str(cfg.learner.fused_head).lower()  # YAML reads true/false as booleans
+    _choice("learner.fused_head", cfg.learner.fused_head, ("auto", "true", "false"))
+    if cfg.learner.fused_head == "true" and cfg.learner.zero_stage == 3:
+        raise ManifestError("learner.fused_head: true needs the whole output layer on every rank; ZeRO stage 3 "
+                            "partitions it (use auto or false with learner.zero_stage: 3)")
+    _choice("teacher.full_vocab_transport", cfg.teacher.full_vocab_transport, ("logprobs", "hidden_states"))
     _choice("learner.schedule", cfg.learner.schedule, ("cosine", "linear", "constant"))
     _choice("model.dtype", cfg.model.dtype, ("float32", "bfloat16", "float16"))
     from tasks.verifiers import VERIFIERS  # light (no math_verify import until math_equiv runs)
@@ -382,6 +403,7 @@ def validate(cfg: ExperimentConfig) -> None:
         _check_local_gpus(cfg.cluster.num_gpus)
     _check_cluster(cfg)
     _check_engines(cfg)
+    _check_overlap(cfg)
     from launch.placement import check_resources  # GPU arithmetic for the layout the manifest asks for
     check_resources(cfg)
     from launch.capabilities import check_loss  # the loss registry is heavier; import late
@@ -455,6 +477,25 @@ def _check_engines(cfg: ExperimentConfig) -> None:
         if (cfg.rollout.vllm.max_model_len or 1 << 62) < cfg.rollout.max_new_tokens + 1:
             raise ManifestError(f"rollout.vllm.max_model_len: {cfg.rollout.vllm.max_model_len} leaves no room for "
                                 f"a prompt and rollout.max_new_tokens {cfg.rollout.max_new_tokens}")
+
+
+def _check_overlap(cfg: ExperimentConfig) -> None:
+    """rollout.max_lag is 0 or 1. With 1, the engines generate during the learner step, so they cannot
+    sleep then (colocate); and a live self-teacher would score a rollout with weights newer than those
+    that sampled it, which is refused rather than given a meaning. SFT samples nothing: ignored there."""
+    lag = cfg.rollout.max_lag
+    if lag not in (0, 1):
+        raise ManifestError(f"rollout.max_lag: {lag} is not allowed; use 0 (sample with the newest weights) "
+                            "or 1 (sample the next step while the learner trains this one)")
+    if lag == 0 or cfg.algorithm == "sft":
+        return
+    if cfg.cluster.colocate:
+        raise ManifestError("rollout.max_lag: 1 needs the engines awake during the learner step, but "
+                            "cluster.colocate: true puts them to sleep then; set rollout.max_lag: 0")
+    if cfg.algorithm == "opd" and cfg.teacher.live:
+        raise ManifestError("rollout.max_lag: 1 with teacher.live: true is refused: the live self-teacher would "
+                            "score a rollout with weights a version newer than the ones that sampled it; "
+                            "set rollout.max_lag: 0 or teacher.live: false")
 
 
 def reference_rows(cfg: ExperimentConfig) -> int:

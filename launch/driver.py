@@ -4,6 +4,7 @@ from __future__ import annotations
 import time
 from contextlib import contextmanager
 from dataclasses import replace
+from typing import Optional
 
 import ray
 import torch
@@ -16,7 +17,7 @@ from launch.config import ExperimentConfig, reference_rows, rows_per_step, sampl
 from launch.guards import NonfiniteGuard
 from launch.inputs import Inputs, load_inputs
 from launch.placement import Placement
-from launch.remote import RunStopped, gather
+from launch.remote import Pending, RunStopped, gather
 from launch.run_dir import RunDir
 from opd.contracts import SamplingSpec, TrainBatch, concat_batches
 from tasks.data import PromptStream
@@ -30,6 +31,9 @@ def train(cfg: ExperimentConfig) -> dict:
     s = None
     try:
         s = Setup(cfg, inputs)
+        if cfg.rollout.max_lag > 0 and cfg.algorithm != "sft":  # SFT samples nothing to overlap
+            from launch.overlap import overlapped_loop
+            return overlapped_loop(cfg, run, s)
         return _loop(cfg, run, s)
     except RunStopped as e:
         raise RunStopped(f"{e}; {run.resume_hint()}") from e
@@ -39,43 +43,92 @@ def train(cfg: ExperimentConfig) -> dict:
 
 
 def _loop(cfg: ExperimentConfig, run: RunDir, s: "Setup") -> dict:
-    step = s.resume(run)
-    start_acc = run.start_eval if step else s.evaluate(run, step)
-    guard = NonfiniteGuard(cfg.learner.max_nonfinite_steps, run.resume_state.get("nonfinite_in_row", 0))
-    for step in range(step + 1, cfg.run.steps + 1):
+    """The reference loop: each step samples with the newest weights, then scores, learns and syncs."""
+    first, start_acc, guard = begin(cfg, run, s)
+    for step in range(first + 1, cfg.run.steps + 1):
         timer, t0, faults = StageTimer(), time.time(), s.replaced()
-        prompts = s.train.next_batch(cfg.rollout.prompts_per_step)
-        rows = [r for r in prompts for _ in range(1 if cfg.algorithm == "sft" else cfg.rollout.samples_per_prompt)]
+        prompts, rows = draw(cfg, s)
         metrics = {"data/skipped_rows": s.train_data.skipped}
         if cfg.algorithm == "sft":
             batch = sft_batch(s.fmt, rows, "answer")
         else:
             with timer("rollout"):  # the seed is a function of the step: a resumed or retried step samples alike
                 rollout = s.rollouts.generate([s.fmt.student(r) for r in rows], s.sampling_at(step))
-            rewards = s.rewards(rollout, rows)
-            metrics.update(rollout_stats(rollout), **{"rollout/reward_mean": sum(rewards) / len(rewards)})
-            if cfg.algorithm == "opd":
-                with timer("teacher"):
-                    scores = s.teachers.score([s.fmt.teacher(r) for r in rows], rollout, s.request)
-                batch = distill_batch(rollout, scores)
-                if s.reference_rows:  # an SFT mix: reference rows join the same optimizer step
-                    with timer("reference"):
-                        batch = concat_batches(batch, s.reference_batch(prompts, step))
-                metrics.update(teacher_stats(rollout, scores, cfg.teacher.kind == "self"))
-            else:
-                batch = reward_batch(rollout, rewards, [i // cfg.rollout.samples_per_prompt for i in range(len(rows))])
-        with timer("learner"), s.engines_asleep():
-            metrics.update({f"train/{k}": v for k, v in s.learner.train_step(batch).items()})
-        if not guard.skipped(step, metrics):  # a skipped step left the weights as they were: nothing to send
-            with timer("sync"):
-                s.sync_weights(step)
-        metrics.update(timer.metrics(), **{"perf/step_s": time.time() - t0, "faults/restarts": s.replaced() - faults,
-                                           "perf/tokens_per_s": batch.loss_tokens / (time.time() - t0)})
-        run.log(step, metrics)
-        if cfg.eval.interval and step % cfg.eval.interval == 0 and step != cfg.run.steps:
-            s.evaluate(run, step)
-        if cfg.checkpoint.interval and step % cfg.checkpoint.interval == 0:
-            s.checkpoint(run, step, guard.in_row)
+            batch = rollout_batch(cfg, s, step, prompts, rows, rollout, timer, metrics)
+        learn(s, batch, timer, metrics)
+        sync(s, step, guard, timer, metrics)
+        log_step(run, s, step, batch, metrics, timer, t0, faults)
+        between_steps(cfg, run, s, step, guard)
+    return finish(cfg, run, s, start_acc, guard)
+
+
+# The pieces of a step, shared by _loop and launch/overlap.py's overlapped_loop.
+
+def begin(cfg: ExperimentConfig, run: RunDir, s: "Setup") -> tuple[int, float | None, NonfiniteGuard]:
+    """(last step done, start-of-run eval accuracy, the non-finite guard), fresh or resumed."""
+    step = s.resume(run)
+    start_acc = run.start_eval if step else s.evaluate(run, step)
+    return step, start_acc, NonfiniteGuard(cfg.learner.max_nonfinite_steps, run.resume_state.get("nonfinite_in_row", 0))
+
+
+def draw(cfg: ExperimentConfig, s: "Setup") -> tuple[list[dict], list[dict]]:
+    """The step's prompts, and its rows: each prompt repeated samples_per_prompt times (once for SFT)."""
+    prompts = s.train.next_batch(cfg.rollout.prompts_per_step)
+    return prompts, [r for r in prompts for _ in range(1 if cfg.algorithm == "sft" else cfg.rollout.samples_per_prompt)]
+
+
+def rollout_batch(cfg: ExperimentConfig, s: "Setup", step: int, prompts: list[dict], rows: list[dict], rollout,
+                  timer: "StageTimer", metrics: dict, scores: Optional[Pending] = None) -> TrainBatch:
+    """Rewards, teacher scores (OPD) or advantages (GRPO) for a sampled rollout: the step's TrainBatch.
+    `scores`: teacher scoring already submitted (launch/overlap.py); else the teachers score it now."""
+    rewards = s.rewards(rollout, rows)
+    metrics.update(rollout_stats(rollout), **{"rollout/reward_mean": sum(rewards) / len(rewards)})
+    if cfg.algorithm != "opd":
+        return reward_batch(rollout, rewards, [i // cfg.rollout.samples_per_prompt for i in range(len(rows))])
+    with timer("teacher"):  # with scores submitted ahead: the time spent waiting for them
+        scores = (s.teachers.collect_score(scores) if scores
+                  else s.teachers.score([s.fmt.teacher(r) for r in rows], rollout, s.request))
+    batch = distill_batch(rollout, scores)
+    if s.reference_rows:  # an SFT mix: reference rows join the same optimizer step
+        with timer("reference"):
+            batch = concat_batches(batch, s.reference_batch(prompts, step))
+    metrics.update(teacher_stats(rollout, scores, cfg.teacher.kind == "self"))
+    return batch
+
+
+def learn(s: "Setup", batch: TrainBatch, timer: "StageTimer", metrics: dict) -> None:
+    with timer("learner"), s.engines_asleep():
+        # the learner's teacher/* statistics (a hidden-state teacher's) keep the driver's names
+        metrics.update({k if k.startswith("teacher/") else f"train/{k}": v
+                        for k, v in s.learner.train_step(batch).items()})
+
+
+def sync(s: "Setup", step: int, guard: NonfiniteGuard, timer: "StageTimer", metrics: dict) -> None:
+    if not guard.skipped(step, metrics):  # a skipped step left the weights as they were: nothing to send
+        with timer("sync"):
+            s.sync_weights(step)
+
+
+def log_step(run: RunDir, s: "Setup", step: int, batch: TrainBatch, metrics: dict, timer: "StageTimer", t0: float,
+             faults: int) -> None:
+    metrics.update(timer.metrics(), **{"perf/step_s": time.time() - t0, "faults/restarts": s.replaced() - faults,
+                                       "perf/tokens_per_s": batch.loss_tokens / (time.time() - t0)})
+    run.log(step, metrics)
+
+
+def between_steps(cfg: ExperimentConfig, run: RunDir, s: "Setup", step: int, guard: NonfiniteGuard) -> None:
+    if cfg.eval.interval and step % cfg.eval.interval == 0 and step != cfg.run.steps:
+        s.evaluate(run, step)
+    if checkpoint_due(cfg, step):
+        s.checkpoint(run, step, guard.in_row)
+
+
+def checkpoint_due(cfg: ExperimentConfig, step: int) -> bool:
+    return bool(cfg.checkpoint.interval and step % cfg.checkpoint.interval == 0)
+
+
+def finish(cfg: ExperimentConfig, run: RunDir, s: "Setup", start_acc: float | None, guard: NonfiniteGuard) -> dict:
+    """The final eval and model, the skipped-rows line, and the run's summary."""
     end_acc = s.evaluate(run, cfg.run.steps)
     s.learner.call("save_hf", str(run.final), cfg.model.path)
     print(f"opd: skipped rows: {s.skipped_rows_line()}", flush=True)
@@ -111,7 +164,7 @@ class Setup:
         start_ray(cfg)
         self.verifier = get_verifier(cfg.eval.verifier)
         needs = build_configured_loss(cfg).needs
-        self.request = score_request(needs, rc.temperature)
+        self.request = score_request(needs, rc.temperature, cfg.teacher.full_vocab_transport, cfg.teacher.kind == "self")
         self.sampling = sampling_spec(cfg, return_topk=needs.student_topk)
         self.reference_rows = reference_rows(cfg)
         ref = cfg.loss.reference

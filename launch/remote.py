@@ -71,6 +71,14 @@ def first_line(e: BaseException) -> str:
     return lines[0][:300] if lines else type(e).__name__
 
 
+@dataclass
+class Pending:
+    """Calls an ActorPool has sent and not yet collected: what to resend if one is lost."""
+    method: str
+    args: list
+    calls: list  # (name, ObjectRef), one per actor
+
+
 class ActorPool:
     """The actors of one role (rollout engines, teachers). `make(i)` starts actor i in its slot;
     `on_replace(indices)` runs after replacements (the driver re-sends the current weights)."""
@@ -83,11 +91,20 @@ class ActorPool:
 
     def call(self, method: str, args: Sequence[tuple]) -> list:
         """actor[i].method(*args[i]) on every actor at once; lost calls are retried on a replacement."""
-        results: list = [None] * len(self.actors)
-        todo, attempt = list(range(len(self.actors))), 0
+        return self.collect(self.submit(method, args))
+
+    def submit(self, method: str, args: Sequence[tuple]) -> "Pending":
+        """Start actor[i].method(*args[i]) on every actor and return at once (collect() waits)."""
+        return Pending(method, list(args), self._send(method, args, range(len(self.actors))))
+
+    def collect(self, pending: "Pending", retry: bool = True) -> Optional[list]:
+        """The results of submitted calls, in actor order. The deadline counts from here, not from the
+        submission. A lost call's actor is replaced (and on_replace run); then, with retry, its share
+        is sent again; without, collect returns None and the caller decides what to do instead."""
+        results: list = [None] * len(pending.calls)
+        todo, calls, attempt = list(range(len(pending.calls))), pending.calls, 0
         while True:
-            out = settle([(f"{self.role} {i}.{method}", getattr(self.actors[i], method).remote(*args[i]))
-                          for i in todo], self.timeout_s)
+            out = settle(calls, self.timeout_s)
             lost = [(i, r) for i, r in zip(todo, out) if isinstance(r, Lost)]
             for i, r in zip(todo, out):
                 results[i] = r
@@ -101,7 +118,13 @@ class ActorPool:
                 self.replace(i)
             if self.on_replace:
                 self.on_replace([i for i, _ in lost])
+            if not retry:
+                return None
             todo = [i for i, _ in lost]
+            calls = self._send(pending.method, pending.args, todo)
+
+    def _send(self, method: str, args: Sequence[tuple], indices) -> list[tuple[str, Any]]:
+        return [(f"{self.role} {i}.{method}", getattr(self.actors[i], method).remote(*args[i])) for i in indices]
 
     def replace(self, i: int) -> None:
         ray.kill(self.actors[i], no_restart=True)  # a hung actor must give its slot back

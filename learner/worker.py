@@ -16,7 +16,8 @@ import torch
 from learner import checkpoint
 from losses import LossBatch, build_loss
 from opd.contracts import TrainBatch
-from opd.modeling import DTYPES, actor_device, completion_logits, load_named_tensors
+from opd.modeling import (DTYPES, actor_device, completion_hidden, completion_logits, load_named_tensors,
+                          load_output_head, output_head, plain_head_problem)
 from opd.weight_sync import open_sender
 from opd.weight_sync.source import ParamStream
 
@@ -66,6 +67,7 @@ def loss_batch(b: TrainBatch, token_counts: tuple[int, int], device: torch.devic
         student_topk_ids=flat(b.student_topk_ids),
         teacher_at_student_topk=None if t is None else flat(t.at_student_topk),
         teacher_full_logprobs=None if t is None else flat(t.full_logprobs),
+        teacher_hidden=None if t is None else flat(t.hidden_states),
         advantages=per_row(b.advantages),
         is_reference=per_row(b.is_reference),
         seq_ids=torch.arange(n)[:, None].expand(n, T).reshape(-1),  # for discounting within a sequence
@@ -99,8 +101,10 @@ class LearnerWorker:
         decay = [p for n, p in model.named_parameters() if p.ndim >= 2]
         no_decay = [p for n, p in model.named_parameters() if p.ndim < 2]
         groups = [{"params": decay, "weight_decay": lc.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-        opt = (torch.optim.AdamW(groups, lr=lc.lr, betas=tuple(lc.betas)) if lc.optimizer == "adamw"
-               else torch.optim.SGD(groups, lr=lc.lr))
+        # fused: one kernel over all parameters (CPU and CUDA); 6x faster than the default on this CPU
+        # for an 18M-parameter student (0.05 s against 0.29 s a step)
+        opt = (torch.optim.AdamW(groups, lr=lc.lr, betas=tuple(lc.betas), fused=self.device.type in ("cpu", "cuda"))
+               if lc.optimizer == "adamw" else torch.optim.SGD(groups, lr=lc.lr))
         sched = torch.optim.lr_scheduler.LambdaLR(
             opt, lr_lambda(lc.schedule, cfg.run.steps, lc.warmup_ratio, lc.min_lr_ratio))
         ds_cfg = deepspeed_config(cfg, rows_per_step)
@@ -109,11 +113,36 @@ class LearnerWorker:
                                                     config=ds_cfg)
         self.loss = build_loss(cfg.loss.name, dict(cfg.loss.params), temperature=cfg.rollout.temperature)
         self.pad_id = model.config.pad_token_id or 0
+        self.fused_head = _use_fused_head(lc.fused_head, lc.zero_stage, model)
+        self.frozen_teacher_head = _frozen_teacher_head(cfg, self.device)
         self.senders: list = []
 
     def student_logits(self, b: TrainBatch) -> torch.Tensor:
         """Student logits at completion positions only: [n, T, V]."""
         return completion_logits(self.engine, b.prompt_ids, b.completion_ids, b.completion_mask, self.pad_id)
+
+    def micro_loss(self, micro: TrainBatch, token_counts: tuple[int, int]):
+        """(loss, diagnostics) of one micro-batch: from the student's hidden states and output layer
+        (learner.fused_head) or from its logits. A hidden-state teacher's head is applied inside the loss."""
+        batch = loss_batch(micro, token_counts, self.device)
+        teacher_head = self.teacher_head() if micro.teacher is not None and micro.teacher.hidden_states is not None \
+            else None
+        if self.fused_head:
+            hidden = completion_hidden(self.engine, micro.prompt_ids, micro.completion_ids, micro.completion_mask,
+                                       self.pad_id)
+            head = output_head(self.engine.module)
+            return self.loss.from_hidden(hidden.reshape(-1, hidden.shape[-1]), head, batch, teacher_head)
+        logits = self.student_logits(micro)
+        return self.loss(logits.reshape(-1, logits.shape[-1]), batch, teacher_head)
+
+    def teacher_head(self):
+        """The output layer that turns teacher hidden states into logits: the frozen teacher's, loaded
+        once, or for a live self-teacher the student's own current one (the teacher holds the weights
+        of the last sync, which are the learner's until this step's optimizer update)."""
+        if self.frozen_teacher_head is not None:
+            return self.frozen_teacher_head
+        head = output_head(self.engine.module)
+        return type(head)(head.weight.detach(), None if head.bias is None else head.bias.detach())
 
     def train_step(self, shard: TrainBatch, token_counts: tuple[int, int]) -> dict[str, float]:
         """One optimizer step on this rank's shard; token_counts = the whole global batch's
@@ -130,8 +159,7 @@ class LearnerWorker:
         grad_norm, overflows = None, self.engine.skipped_steps
         for start in range(0, len(shard), mb):
             micro = shard.select(list(range(start, start + mb)))
-            logits = self.student_logits(micro)
-            loss, diags = self.loss(logits.reshape(-1, logits.shape[-1]), loss_batch(micro, token_counts, self.device))
+            loss, diags = self.micro_loss(micro, token_counts)
             for k, v in {"loss": loss.detach(), **diags}.items():
                 sums[k] = sums.get(k, 0.0) + torch.as_tensor(v, dtype=torch.float64, device=self.device)
             # DeepSpeed divides by gas and averages over ranks; our weights already sum to 1 globally.
@@ -248,6 +276,24 @@ class LearnerWorker:
         except Exception as e:  # noqa: BLE001 - DeepSpeed and torch raise many kinds; say which checkpoint
             raise RuntimeError(f"checkpoint {p}: cannot be loaded on rank {self.rank} "
                                f"({type(e).__name__}: {(str(e).strip().splitlines() or [''])[0][:200]})") from e
+
+
+def _use_fused_head(setting: str, zero_stage: int, model) -> bool:
+    """learner.fused_head: auto -> wherever it is exact and the whole head is on this rank."""
+    problem = plain_head_problem(model) or ("ZeRO stage 3 partitions the output layer" if zero_stage == 3 else None)
+    if setting == "true" and problem:
+        raise ValueError(f"learner.fused_head: true, but {problem}; use auto or false")
+    return setting != "false" and problem is None
+
+
+def _frozen_teacher_head(cfg, device: torch.device):
+    """The teacher's output layer for teacher.full_vocab_transport: hidden_states (None for a live
+    self-teacher, whose head is the student's own, and for every other transport)."""
+    if cfg.algorithm != "opd" or cfg.teacher.full_vocab_transport != "hidden_states" or cfg.teacher.live:
+        return None
+    path = cfg.model.path if cfg.teacher.kind == "self" else cfg.teacher.path
+    head = load_output_head(path, cfg.model.dtype)
+    return type(head)(head.weight.to(device), None if head.bias is None else head.bias.to(device))
 
 
 def _rng_state() -> dict:

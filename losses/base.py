@@ -57,6 +57,9 @@ class LossBatch:
     student_topk_ids: Optional[torch.Tensor] = None        # [M, Ks] long
     teacher_at_student_topk: Optional[torch.Tensor] = None  # [M, Ks]
     teacher_full_logprobs: Optional[torch.Tensor] = None   # [M, V]
+    # [M, Ht] the teacher's final hidden states instead of teacher_full_logprobs: compute_loss applies the
+    # teacher's head chunk by chunk and hands the loss teacher_full_logprobs (losses never see this field).
+    teacher_hidden: Optional[torch.Tensor] = None
     advantages: Optional[torch.Tensor] = None              # [M] (sequence advantage per token)
     is_reference: Optional[torch.Tensor] = None            # [M] bool, SFT rows
     # [M] long: sequence index of each row. Needed (Needs.sequence_ids) only by losses that look

@@ -9,7 +9,7 @@ from typing import Any, Optional
 import torch
 
 from losses.base import REGISTRY, LossBatch, LossFn, Needs
-from losses.reduce import compute_loss
+from losses.reduce import Head, compute_loss, compute_loss_from_hidden
 
 
 @dataclass
@@ -20,9 +20,14 @@ class Loss:
     temperature: float = 1.0
     chunk_size: Optional[int] = None  # rows per chunk; None: sized from the vocabulary
 
-    def __call__(self, logits: torch.Tensor, batch: LossBatch):
-        """logits [M, V] (any float dtype) -> (loss scalar = sum_t w_t l_t, {name: sum_t w_t d_t})."""
-        return compute_loss(self.fn, logits, batch, self.temperature, self.chunk_size)
+    def __call__(self, logits: torch.Tensor, batch: LossBatch, teacher_head: Optional[Head] = None):
+        """logits [M, V] (any float dtype) -> (loss scalar = sum_t w_t l_t, {name: sum_t w_t d_t}).
+        teacher_head: the teacher's output layer, when the batch carries teacher_hidden."""
+        return compute_loss(self.fn, logits, batch, self.temperature, self.chunk_size, teacher_head)
+
+    def from_hidden(self, hidden: torch.Tensor, head: Head, batch: LossBatch, teacher_head: Optional[Head] = None):
+        """The same from the student's final hidden states [M, H] and output layer: no [M, V] logits held."""
+        return compute_loss_from_hidden(self.fn, hidden, head, batch, self.temperature, self.chunk_size, teacher_head)
 
 
 def build_loss(name: str, params: dict[str, Any] | None = None, temperature: float = 1.0,

@@ -20,22 +20,29 @@ def topk_overlap(student_ids: torch.Tensor, teacher_ids: torch.Tensor) -> torch.
     return hits.float() / min(student_ids.shape[1], teacher_ids.shape[1])
 
 
-def standard_diagnostics(logp: torch.Tensor, b: LossBatch) -> dict[str, torch.Tensor]:
+def standard_diagnostics(logp: torch.Tensor, b: LossBatch, p: torch.Tensor | None = None,
+                         reverse_kl: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
     """From student log-probs logp [M, V] (at the loss temperature) and whatever the batch holds:
 
     entropy            H(p), always
     sampled_log_ratio  log p(y_t) - log q(y_t)     when teacher_sampled_logprobs is present
     reverse_kl         exact sum_v p (log p - log q) when teacher_full_logprobs is present
     topk_overlap       student/teacher top-k overlap when both id sets are present
+
+    A loss that has already computed p = exp(logp) or the exact reverse KL passes them, so the
+    diagnostics do not redo [M, V] work (at a 32k vocabulary that was a fifth of the learner's loss time).
     """
     if not diagnostics_enabled():
         return {}
     logp = logp.detach()
-    out = {"entropy": entropy(logp)}
+    p = logp.exp() if p is None else p.detach()
+    out = {"entropy": -(p * logp).sum(-1)}
     if b.teacher_sampled_logprobs is not None:
         out["sampled_log_ratio"] = logp.gather(-1, b.tokens[:, None]).squeeze(-1) - b.teacher_sampled_logprobs
-    if b.teacher_full_logprobs is not None:
-        out["reverse_kl"] = (logp.exp() * (logp - b.teacher_full_logprobs)).sum(-1)
+    if reverse_kl is not None:
+        out["reverse_kl"] = reverse_kl.detach()
+    elif b.teacher_full_logprobs is not None:
+        out["reverse_kl"] = (p * (logp - b.teacher_full_logprobs)).sum(-1)
     if b.student_topk_ids is not None and b.teacher_topk_ids is not None:
         out["topk_overlap"] = topk_overlap(b.student_topk_ids, b.teacher_topk_ids)
     return out

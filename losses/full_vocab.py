@@ -31,8 +31,9 @@ def full_reverse_kl():
     def fn(logits: torch.Tensor, b: LossBatch) -> LossOutput:
         logq = _teacher(b, logits)
         logp = torch.log_softmax(logits, -1)
-        kl = (logp.exp() * (logp - logq)).sum(-1)
-        return LossOutput(kl, standard_diagnostics(logp, b))
+        p = logp.exp()
+        kl = (p * (logp - logq)).sum(-1)
+        return LossOutput(kl, standard_diagnostics(logp, b, p=p, reverse_kl=kl))
     return fn
 
 
@@ -69,9 +70,10 @@ def generalized_jsd(beta: float = 0.5):
     def fn(logits: torch.Tensor, b: LossBatch) -> LossOutput:
         logq = _teacher(b, logits)
         logp = torch.log_softmax(logits, -1)
+        p = logp.exp()
         logm = torch.logaddexp(logq + math.log(beta), logp + math.log(1 - beta))
         kl_teacher = _q_log_q_minus(logq, logm)
-        kl_student = (logp.exp() * (logp - logm)).sum(-1)
+        kl_student = (p * (logp - logm)).sum(-1)
         loss = beta * kl_teacher + (1 - beta) * kl_student
-        return LossOutput(loss, standard_diagnostics(logp, b))
+        return LossOutput(loss, standard_diagnostics(logp, b, p=p))
     return fn

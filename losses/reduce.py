@@ -1,5 +1,20 @@
 """The one place a loss is reduced: sum_t weights_t * loss_t over completion positions.
 
+Two entry points share one chunk loop:
+
+* `compute_loss(fn, logits, batch)`: from student logits [M, V] (the reference path).
+* `compute_loss_from_hidden(fn, hidden, head, batch)`: from the student's final hidden states [M, H]
+  and its output head, so the [M, V] logits never exist. Each chunk's logits are made, the loss and its
+  gradient taken, and d/dhidden, d/dhead accumulated in ONE pass (the gradient is stored for backward,
+  which only scales it): the loss runs once per chunk instead of twice, and peak extra memory is one
+  chunk's working set plus d/dhead. The learner's default (learner.fused_head).
+
+Either path also takes the teacher as final hidden states (LossBatch.teacher_hidden [M, Ht]) plus the
+teacher's head, and makes each chunk's full teacher log-probs on the spot: exact full-vocabulary losses
+without [N, T, V] teacher log-probs crossing a process boundary (teacher.full_vocab_transport).
+
+The logits path, in detail:
+
 Memory: forward and backward are both chunked over positions, so neither a float32 copy of the
 [M, V] logits nor the loss's [M, V] intermediates ever exist at once. `_ChunkedLoss.forward` runs
 each chunk under no_grad (upcast to float32) and keeps nothing but the logits reference; backward
@@ -10,9 +25,11 @@ CHUNK_BYTES per [chunk, V] float32 tensor. The price is running the loss twice p
 """
 from __future__ import annotations
 
+from dataclasses import dataclass, replace
 from typing import Optional
 
 import torch
+import torch.nn.functional as F
 
 from losses.base import LossBatch, LossFn, diagnostics_off
 
@@ -34,19 +51,53 @@ def _spans(m: int, chunk: int) -> list[slice]:
     return [slice(s, min(s + chunk, m)) for s in range(0, m, chunk)]
 
 
+@dataclass(frozen=True)
+class Head:
+    """An output layer: logits = hidden @ weight.T (+ bias). weight [V, H]."""
+    weight: torch.Tensor
+    bias: Optional[torch.Tensor] = None
+
+    def __call__(self, hidden: torch.Tensor) -> torch.Tensor:
+        bias = None if self.bias is None else self.bias.to(hidden.dtype)
+        return F.linear(hidden, self.weight.to(hidden.dtype), bias)
+
+
+def _chunk_rows(batch: LossBatch, sl: slice, teacher_head: Optional[Head], temperature: float,
+                diags_out: Optional[dict] = None) -> LossBatch:
+    """The chunk's rows; a hidden-state teacher becomes full log-probs here, one chunk at a time
+    (log softmax(teacher_head(h) / temperature), as the teacher itself computes them). With diags_out,
+    the teacher's token statistics over on-policy rows are added to it (teacher/*: what the driver
+    reports from a teacher that sends log-probs)."""
+    sub = batch.rows(sl)
+    if sub.teacher_hidden is None:
+        return sub
+    if teacher_head is None:
+        raise ValueError("LossBatch.teacher_hidden is set but no teacher head was given: the learner loads the "
+                         "teacher's output layer when teacher.full_vocab_transport is hidden_states")
+    with torch.no_grad():  # the teacher is a constant (a live self-teacher's head is the student's own)
+        logq = torch.log_softmax(_upcast(teacher_head(sub.teacher_hidden), temperature), -1)
+        if diags_out is not None:
+            at = logq.gather(-1, sub.tokens[:, None])
+            rank = 1 + (logq > at).sum(-1).to(logq.dtype)
+            stats = {"teacher/logprob_sampled": at.squeeze(-1), "teacher/rank_sampled": rank,
+                     "teacher/top1_fraction": (rank == 1).to(logq.dtype),
+                     "teacher/entropy": -(logq.exp() * logq).sum(-1)}
+            on_policy = sub.weights if sub.is_reference is None else sub.weights * ~sub.is_reference
+            _add_diagnostics(diags_out, stats, on_policy, torch.promote_types(logq.dtype, torch.float32))
+    return replace(sub, teacher_full_logprobs=logq, teacher_hidden=None)
+
+
 class _ChunkedLoss(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, logits, fn, batch, temperature, chunk, diags_out):
+    def forward(ctx, logits, fn, batch, temperature, chunk, diags_out, teacher_head):
         total = torch.zeros((), dtype=torch.promote_types(logits.dtype, torch.float32))
         for sl in _spans(logits.shape[0], chunk):
-            sub = batch.rows(sl)
+            sub = _chunk_rows(batch, sl, teacher_head, temperature, diags_out)
             out = fn(_upcast(logits[sl], temperature), sub)
             total += (out.per_token * sub.weights).sum()
-            for k, v in out.diagnostics.items():
-                d = (v.detach().to(total.dtype) * sub.weights).sum()
-                diags_out[k] = diags_out[k] + d if k in diags_out else d
+            _add_diagnostics(diags_out, out.diagnostics, sub.weights, total.dtype)
         ctx.save_for_backward(logits)
-        ctx.fn, ctx.batch, ctx.temperature, ctx.chunk = fn, batch, temperature, chunk
+        ctx.fn, ctx.batch, ctx.temperature, ctx.chunk, ctx.teacher_head = fn, batch, temperature, chunk, teacher_head
         return total
 
     @staticmethod
@@ -56,7 +107,7 @@ class _ChunkedLoss(torch.autograd.Function):
         scale = grad_total / ctx.temperature  # d x / d logits = 1 / temperature
         with torch.enable_grad(), diagnostics_off():
             for sl in _spans(logits.shape[0], ctx.chunk):
-                sub = ctx.batch.rows(sl)
+                sub = _chunk_rows(ctx.batch, sl, ctx.teacher_head, ctx.temperature)
                 x = _upcast(logits[sl], ctx.temperature).requires_grad_()
                 out = ctx.fn(x, sub)
                 part = (out.per_token * sub.weights).sum()
@@ -66,11 +117,76 @@ class _ChunkedLoss(torch.autograd.Function):
                 (gx,) = torch.autograd.grad(part, x)
                 grad[sl].copy_(gx.mul_(scale))
                 del out, part, gx, x
-        return grad, None, None, None, None, None
+        return grad, None, None, None, None, None, None
+
+
+def _add_diagnostics(acc: dict, diags: dict, weights: torch.Tensor, dtype: torch.dtype) -> None:
+    for k, v in diags.items():
+        d = (v.detach().to(dtype) * weights).sum()
+        acc[k] = acc[k] + d if k in acc else d
+
+
+class _FusedHeadLoss(torch.autograd.Function):
+    """loss(head(hidden)) with the gradient computed during forward, chunk by chunk."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, fn, batch, temperature, chunk, diags_out, teacher_head):
+        total = torch.zeros((), dtype=torch.promote_types(hidden.dtype, torch.float32))
+        # float32 accumulators whatever the model's dtype: a bf16 sum over chunks would round every chunk
+        grad_h = torch.zeros(hidden.shape, dtype=total.dtype, device=hidden.device)
+        grad_w = torch.zeros(weight.shape, dtype=total.dtype, device=weight.device)
+        grad_b = None if bias is None else torch.zeros(bias.shape, dtype=total.dtype, device=bias.device)
+        head = Head(weight, bias)
+        for sl in _spans(hidden.shape[0], chunk):
+            sub = _chunk_rows(batch, sl, teacher_head, temperature, diags_out)
+            h = hidden[sl]
+            x = _upcast(head(h), temperature).requires_grad_()  # forward runs under no_grad: x is a leaf
+            with torch.enable_grad():
+                out = fn(x, sub)
+                part = (out.per_token * sub.weights).sum()
+                gx = torch.autograd.grad(part, x)[0] if part.requires_grad else None
+            total += part.detach()
+            _add_diagnostics(diags_out, out.diagnostics, sub.weights, total.dtype)
+            if gx is not None:  # d loss / d logits = gx / temperature
+                gx = gx.div_(temperature) if temperature != 1.0 else gx
+                grad_h[sl] = gx @ weight.to(gx.dtype)
+                grad_w.addmm_(gx.T, h.to(gx.dtype))
+                if grad_b is not None:
+                    grad_b += gx.sum(0)
+            del out, part, gx, x
+        ctx.save_for_backward(grad_h.to(hidden.dtype), grad_w.to(weight.dtype),
+                              None if grad_b is None else grad_b.to(bias.dtype))
+        return total
+
+    @staticmethod
+    def backward(ctx, grad_total):
+        grad_h, grad_w, grad_b = ctx.saved_tensors
+        scale = lambda g: None if g is None else g * grad_total.to(g.dtype)  # noqa: E731
+        return scale(grad_h), scale(grad_w), scale(grad_b), None, None, None, None, None, None
+
+
+def compute_loss_from_hidden(fn: LossFn, hidden: torch.Tensor, head: Head, batch: LossBatch,
+                             temperature: float = 1.0, chunk_size: Optional[int] = None,
+                             teacher_head: Optional[Head] = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """compute_loss on logits = head(hidden), without ever holding them: hidden [M, H] (with grad), head
+    the student's output layer (its weight may be tied to the embeddings: the gradient flows to it).
+    Same value, gradient and diagnostics as compute_loss(fn, head(hidden), ...) up to float rounding."""
+    if hidden.dim() != 2 or hidden.shape[0] != batch.tokens.shape[0]:
+        raise ValueError(f"compute_loss_from_hidden: hidden {tuple(hidden.shape)} must be [M, H] with M = "
+                         f"{batch.tokens.shape[0]} rows of the LossBatch")
+    prepare = getattr(fn, "prepare", None)
+    if prepare is not None:
+        batch = prepare(batch)
+    chunk = chunk_size or auto_chunk_rows(head.weight.shape[0])
+    diags: dict[str, torch.Tensor] = {}
+    total = _FusedHeadLoss.apply(hidden, head.weight, head.bias, fn, batch, float(temperature), int(chunk), diags,
+                                 teacher_head)
+    return total, diags
 
 
 def compute_loss(fn: LossFn, logits: torch.Tensor, batch: LossBatch, temperature: float = 1.0,
-                 chunk_size: Optional[int] = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+                 chunk_size: Optional[int] = None,
+                 teacher_head: Optional[Head] = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """logits: [M, V] student logits (any float dtype) at the M positions of `batch`.
 
     Returns (loss, diagnostics): loss = sum_t w_t * l_t (a scalar with grad, float32 or float64);
@@ -84,5 +200,5 @@ def compute_loss(fn: LossFn, logits: torch.Tensor, batch: LossBatch, temperature
         batch = prepare(batch)
     chunk = chunk_size or auto_chunk_rows(logits.shape[1])
     diags: dict[str, torch.Tensor] = {}
-    total = _ChunkedLoss.apply(logits, fn, batch, float(temperature), int(chunk), diags)
+    total = _ChunkedLoss.apply(logits, fn, batch, float(temperature), int(chunk), diags, teacher_head)
     return total, diags

@@ -52,17 +52,23 @@ class ScoreRequest:
     topk: int = 0                    # teacher's own top-k (ids, log-probs)
     at_student_topk: bool = False    # log-probs at Rollout.student_topk_ids
     full_vocab: bool = False         # the whole [N, T, V] log-prob tensor (co-located teachers only)
+    hidden_states: bool = False      # the teacher's final hidden states [N, T, H] instead of full_vocab:
+                                     # the learner applies the teacher's head (teacher.full_vocab_transport)
+    sampled: bool = True             # log q(y_t), its rank and H(q), which need the teacher's own head.
+                                     # False only beside hidden_states: the learner computes them from the
+                                     # log-probs it makes anyway, and the teacher runs no head at all
     temperature: float = 1.0         # applied to teacher logits exactly as to the student's
 
 
 @dataclass
 class TeacherScores:
     """Teacher log-probs at every completion position (rows align with Rollout rows)."""
-    sampled_logprobs: torch.Tensor                         # [N, T] log q(y_t)
+    sampled_logprobs: Optional[torch.Tensor] = None        # [N, T] log q(y_t) (None: ScoreRequest.sampled False)
     topk_ids: Optional[torch.Tensor] = None                # [N, T, K] long
     topk_logprobs: Optional[torch.Tensor] = None           # [N, T, K]
     at_student_topk: Optional[torch.Tensor] = None         # [N, T, Ks] log q at student top-k ids
     full_logprobs: Optional[torch.Tensor] = None           # [N, T, V]
+    hidden_states: Optional[torch.Tensor] = None           # [N, T, H] final hidden states (H << V)
     # The teacher's view of the student's tokens (failure mechanism 1: prefixes it would never write).
     sampled_rank: Optional[torch.Tensor] = None            # [N, T] long, 1 = the teacher's argmax
     entropy: Optional[torch.Tensor] = None                 # [N, T] teacher entropy (HF teachers only)

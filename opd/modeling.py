@@ -49,19 +49,97 @@ def positions(mask: torch.Tensor) -> torch.Tensor:
     return (mask.cumsum(-1) - 1).clamp(min=0)
 
 
-def completion_logits(model, prompts: list[list[int]], completion_ids: torch.Tensor,
-                      completion_mask: torch.Tensor, pad_id: int) -> torch.Tensor:
-    """Logits that predict each completion token: [N, T, V] on the model's device.
+def _layout(model, prompts: list[list[int]], completion_ids: torch.Tensor, completion_mask: torch.Tensor,
+            pad_id: int) -> tuple[dict, torch.Tensor]:
+    """Model inputs for prompt + completion rows, and the T positions that predict the completion.
 
     Prompts are left-padded and completions right-padded, so position P-1+t predicts completion
-    token t in every row; only those T positions are computed (`logits_to_keep`)."""
+    token t in every row."""
     device = next(model.parameters()).device
     p_ids, p_mask = left_pad(prompts, pad_id)
     ids = torch.cat([p_ids, completion_ids.masked_fill(~completion_mask, pad_id)], 1).to(device)
     mask = torch.cat([p_mask, completion_mask.long()], 1).to(device)
     P, T = p_ids.shape[1], completion_ids.shape[1]
-    return model(input_ids=ids, attention_mask=mask, position_ids=positions(mask),
-                 logits_to_keep=torch.arange(P - 1, P + T - 1, device=device)).logits
+    return ({"input_ids": ids, "attention_mask": mask, "position_ids": positions(mask)},
+            torch.arange(P - 1, P + T - 1, device=device))
+
+
+def completion_logits(model, prompts: list[list[int]], completion_ids: torch.Tensor,
+                      completion_mask: torch.Tensor, pad_id: int) -> torch.Tensor:
+    """Logits that predict each completion token: [N, T, V] on the model's device; only those T
+    positions go through the output layer (`logits_to_keep`)."""
+    inputs, keep = _layout(model, prompts, completion_ids, completion_mask, pad_id)
+    return model(**inputs, logits_to_keep=keep).logits
+
+
+def completion_hidden(model, prompts: list[list[int]], completion_ids: torch.Tensor,
+                      completion_mask: torch.Tensor, pad_id: int) -> torch.Tensor:
+    """The final hidden states that predict each completion token, [N, T, H]: what the output layer
+    (`output_head(model)`) turns into completion_logits. `model` is an HF causal LM (or a wrapper
+    whose .module is one, as DeepSpeed's engine); its base model applies the final norm."""
+    hf = getattr(model, "module", model)
+    inputs, keep = _layout(hf, prompts, completion_ids, completion_mask, pad_id)
+    return hf.base_model(**inputs).last_hidden_state[:, keep]
+
+
+# Config keys of architectures whose logits are not a plain linear map of the base model's output
+# (soft-capping, scaling): for them the learner keeps the logits path and a teacher ships log-probs.
+_HEAD_EXTRAS = ("final_logit_softcapping", "logit_scale", "logits_scaling", "output_multiplier_scale")
+
+
+def plain_head_problem(model) -> str | None:
+    """Why logits != output_head(model)(completion_hidden(...)) for this model, or None when they are equal."""
+    head = model.get_output_embeddings()
+    if not isinstance(head, torch.nn.Linear):
+        return f"its output layer is a {type(head).__name__}, not a Linear"
+    extras = [k for k in _HEAD_EXTRAS if getattr(model.config, k, None) not in (None, 1, 1.0)]
+    return f"its config sets {extras[0]} (its logits are not a plain linear map)" if extras else None
+
+
+def output_head(model):
+    """The model's output layer as a losses.reduce.Head (sharing its parameters: tied embeddings included)."""
+    from losses.reduce import Head
+    head = model.get_output_embeddings()
+    return Head(head.weight, head.bias)
+
+
+def load_output_head(path: str, dtype: str = "float32"):
+    """Only the output layer of the HF model at `path` (a frozen teacher's head for the learner), as a
+    detached Head. Reads that one tensor from the safetensors files when it can find it by name; falls
+    back to loading the whole model on CPU."""
+    import json
+    from pathlib import Path
+
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from losses.reduce import Head
+    config = AutoConfig.from_pretrained(path)
+    with torch.device("meta"):
+        skeleton = AutoModelForCausalLM.from_config(config)
+    problem = plain_head_problem(skeleton)
+    if problem:
+        raise ValueError(f"{path}: the teacher's head cannot be applied outside the model: {problem}")
+    head = skeleton.get_output_embeddings()
+    names = {id(p): n for n, p in skeleton.named_parameters()}  # a tied head is named after the embeddings
+    wanted = {"weight": names[id(head.weight)]} | ({"bias": names[id(head.bias)]} if head.bias is not None else {})
+    files = {}
+    index = Path(path, "model.safetensors.index.json")
+    if index.exists():
+        files = json.loads(index.read_text())["weight_map"]
+    elif Path(path, "model.safetensors").exists():
+        files = dict.fromkeys(wanted.values(), "model.safetensors")
+    if all(n in files for n in wanted.values()):
+        from safetensors import safe_open
+        tensors = {}
+        for part, name in wanted.items():
+            with safe_open(str(Path(path, files[name])), framework="pt") as f:
+                if name in f.keys():
+                    tensors[part] = f.get_tensor(name).to(DTYPES[dtype])
+        if len(tensors) == len(wanted):
+            return Head(tensors["weight"], tensors.get("bias"))
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=DTYPES[dtype])
+    full = model.get_output_embeddings()
+    return Head(full.weight.detach().clone(), None if full.bias is None else full.bias.detach().clone())
 
 
 @torch.no_grad()

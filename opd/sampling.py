@@ -34,7 +34,9 @@ def generate(model, prompts: list[list[int]], spec: SamplingSpec, gen: torch.Gen
     device = next(model.parameters()).device
     ids, mask = (x.to(device) for x in left_pad(prompts, pad_id))
     pos = positions(mask)
-    out = model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True)
+    # the prompt's last position only through the output layer (at a 32k vocabulary the prefill's full
+    # [N, P, V] logits cost as much as P decode steps' head)
+    out = model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True, logits_to_keep=1)
     n = len(prompts)
     done = torch.zeros(n, dtype=torch.bool, device=device)
     stopped = torch.zeros(n, dtype=torch.bool, device=device)

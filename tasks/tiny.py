@@ -19,8 +19,11 @@ CHARS = string.digits + string.ascii_lowercase + " +-*=:;,.?!()'\n"
 SIZES = {"student": (128, 4, 4), "teacher": (128, 4, 4), "tiny": (64, 1, 2)}  # head_dim 32: vLLM's CPU attention needs >= 32
 
 
-def build_tokenizer() -> PreTrainedTokenizerFast:
-    vocab = {tok: i for i, tok in enumerate(SPECIALS + list(CHARS))}
+def build_tokenizer(vocab_size: int = 0) -> PreTrainedTokenizerFast:
+    """The character-level tokenizer; vocab_size > 55 pads it with `<extra_i>` tokens that text never
+    encodes to but a model may sample (a realistic vocabulary size for benchmarks)."""
+    base = SPECIALS + list(CHARS)
+    vocab = {tok: i for i, tok in enumerate(base + [f"<extra_{i}>" for i in range(max(0, vocab_size - len(base)))])}
     core = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
     core.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")  # one token per char
     core.decoder = decoders.Fuse()
@@ -38,12 +41,14 @@ def build_model(tokenizer, hidden: int, layers: int, heads: int, seed: int) -> L
     return LlamaForCausalLM(cfg)
 
 
-def write_tiny_models(out_dir: str | Path, seed: int = 0) -> dict[str, Path]:
-    """Write one randomly initialised model per SIZES entry (with the tokenizer) under out_dir."""
+def write_tiny_models(out_dir: str | Path, seed: int = 0, sizes: dict | None = None,
+                      vocab_size: int = 0) -> dict[str, Path]:
+    """Write one randomly initialised model per `sizes` entry (default SIZES), with the tokenizer
+    (build_tokenizer(vocab_size)), under out_dir."""
     out_dir = Path(out_dir)
-    tok = build_tokenizer()
+    tok = build_tokenizer(vocab_size)
     paths = {}
-    for i, (name, (hidden, layers, heads)) in enumerate(SIZES.items()):
+    for i, (name, (hidden, layers, heads)) in enumerate((sizes or SIZES).items()):
         path = out_dir / name
         build_model(tok, hidden, layers, heads, seed + i).save_pretrained(path)
         tok.save_pretrained(path)

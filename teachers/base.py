@@ -40,6 +40,20 @@ def check_same_tokenizer(teacher_tok, student_tok, key: str = "teacher.path") ->
                          f"(e.g. {diff[0]!r}); teacher and student must share a tokenizer")
 
 
+class ScoresRollouts:
+    """score_rollout: score a rollout given as the rollout engines' own replies, so the driver can chain
+    teacher scoring onto generation it has not collected (Ray starts the call once every part exists:
+    launch/overlap.py scores step n+1 while the learner trains step n)."""
+
+    def score_rollout(self, teacher_prompts: list[list[int]], request: ScoreRequest, start: int, stop: int,
+                      *parts) -> TeacherScores:
+        """Rows start:stop of the rollout the engines' `parts` make together (padded as the driver pads it)."""
+        from opd.contracts import concat_rollouts
+        r = concat_rollouts(list(parts))
+        topk = None if r.student_topk_ids is None else r.student_topk_ids[start:stop]
+        return self.score(teacher_prompts, r.completion_ids[start:stop], r.completion_mask[start:stop], request, topk)
+
+
 class Teacher(Protocol):
     capabilities: TeacherCapabilities
 

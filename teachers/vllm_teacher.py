@@ -22,7 +22,7 @@ import torch
 
 from opd.contracts import ScoreRequest, TeacherScores
 from opd.vllm_llm import LLMSpec, LLMWeightReceiver, build_llm, split_position
-from teachers.base import TeacherCapabilities, check_same_tokenizer
+from teachers.base import ScoresRollouts, TeacherCapabilities, check_same_tokenizer
 
 if TYPE_CHECKING:
     from vllm.outputs import RequestOutput
@@ -66,7 +66,7 @@ def teacher_scores_from_outputs(outputs: Sequence["RequestOutput"], rows: list[i
                          sampled_rank=rank)
 
 
-class VLLMTeacher(LLMWeightReceiver):
+class VLLMTeacher(LLMWeightReceiver, ScoresRollouts):
     """Teacher protocol on vllm.LLM. A live self-teacher receives the student's weights through the
     same receiver methods as the rollout engines (spec.sync_backend set); a frozen one has none."""
 

@@ -1,0 +1,111 @@
+"""The overlapped, one-step-off-policy loop (rollout.max_lag: 1): the engines sample step n+1 while
+the teacher scores and the learner trains step n.
+
+Step n, with the engines holding weight version n-1 (the learner's too: the sync of step n-1 is done):
+
+    1. take step n's rollout, sampled during step n-1, and its teacher scores, submitted then too (or
+       sample and score now: see `runs_ahead`)
+    2. submit step n+1's rollout (non-blocking) -- the engines sample it with version n-1 -- and its
+       teacher scoring, which Ray starts when the engines' replies exist (TeacherGroup.submit_score:
+       the rollout goes from the engines to the teachers without passing through the driver)
+    3. the learner step for step n -- meanwhile the engines generate and the teachers score step n+1
+    4. collect step n+1's rollout, then sync version n to the engines
+    5. log, eval, checkpoint as in the reference loop (launch/driver.py: _loop)
+
+So step n trains on samples of version n-2 against a learner at n-1: `rollout/lag` is 1 from step 2
+on, 0 at step 1. Sampling seeds are a function of the step (Setup.sampling_at), so a step's samples
+do not depend on when they were submitted, only on the weights the engines held.
+
+Why a weight sync cannot land mid-generation: the driver collects step n+1's rollout before it syncs.
+Even without that ordering, HFEngine and VLLMEngine are plain (synchronous) classes run as Ray actors
+with the default max_concurrency of 1 and no async methods: Ray runs one method at a time per actor,
+so a weight-sync call (start_weight_update / receive_weights / finish_weight_update, sent by the
+learner) queued behind a generate waits for it to finish (tests/test_overlap.py checks the order).
+
+What the lag does to the losses: a batch's behaviour log-probs come from the engine that sampled it,
+i.e. from version n-2, and Rollout.weight_version says so. sampled_token_rkl's importance ratio
+rho_t = exp(log p_theta(y_t) - log p_behaviour(y_t)) (optionally PPO-clipped, logged as
+train/importance_ratio) therefore corrects the stale sampling policy token by token, as in any
+off-policy PPO step. Full-vocabulary and top-k losses (full_reverse_kl, topk_*) compare the current
+student with the teacher over the vocabulary at each visited prefix: that per-position divergence
+is exact; only the distribution of prefixes is one version stale, and it is not re-weighted here.
+
+Checkpoints: the loop never samples across a checkpoint (nor past the last step), so the step after
+a checkpoint samples with the checkpointed weights in an uninterrupted run and a resumed one alike,
+and resume stays exact. With max_lag 0 it never samples ahead at all and does what _loop does.
+
+Faults: a rollout engine lost while step n+1 was in flight is replaced at collect time, and step n+1
+then samples again, blocking, with version n: a lag of 0 for that step, and `rollout/lag` says so
+(its share is not retried in flight). The pool's on_replace (Setup._reconnect) re-sends the learner's
+weights, already version n, under the engines' tag n-1; nothing samples before the sync that follows
+tags them n (a skipped step syncs nothing, and then the learner still holds n-1).
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Optional
+
+from launch.config import ExperimentConfig
+from launch.driver import (Setup, StageTimer, begin, between_steps, checkpoint_due, draw, finish, learn,
+                           log_step, rollout_batch, sync)
+from launch.remote import Pending
+from launch.run_dir import RunDir
+from opd.contracts import Rollout
+
+
+@dataclass
+class Ahead:
+    """A step's prompts and rows, and its rollout: in flight (pending) or collected (rollout; None
+    when an engine was lost in flight, and the step samples again); and its teacher scoring in flight
+    (scores: OPD only; dropped with a lost rollout, whose replies it was waiting for)."""
+    prompts: list[dict]
+    rows: list[dict]
+    pending: Optional[Pending] = None
+    rollout: Optional[Rollout] = None
+    scores: Optional[Pending] = None
+
+
+def overlapped_loop(cfg: ExperimentConfig, run: RunDir, s: Setup) -> dict:
+    first, start_acc, guard = begin(cfg, run, s)
+    ahead: Optional[Ahead] = None
+    for step in range(first + 1, cfg.run.steps + 1):
+        timer, t0, faults = StageTimer(), time.time(), s.replaced()
+        this = ahead or Ahead(*draw(cfg, s))
+        metrics = {"data/skipped_rows": s.train_data.skipped}
+        if this.rollout is None:
+            with timer("rollout"):
+                this.rollout = s.rollouts.generate(student_prompts(s, this.rows), s.sampling_at(step))
+        ahead = submit(cfg, s, step + 1) if runs_ahead(cfg, step) else None
+        batch = rollout_batch(cfg, s, step, this.prompts, this.rows, this.rollout, timer, metrics, this.scores)
+        metrics["rollout/lag"] = s.version - this.rollout.weight_version  # the learner holds s.version now
+        learn(s, batch, timer, metrics)
+        if ahead:
+            with timer("rollout_wait"):  # generation time the teacher and learner did not hide
+                ahead.rollout = s.rollouts.collect(ahead.pending, retry=False)
+                if ahead.rollout is None:
+                    ahead.scores = None  # it waited on a lost engine's reply: the step scores again
+        sync(s, step, guard, timer, metrics)
+        log_step(run, s, step, batch, metrics, timer, t0, faults)
+        between_steps(cfg, run, s, step, guard)
+    return finish(cfg, run, s, start_acc, guard)
+
+
+def runs_ahead(cfg: ExperimentConfig, step: int) -> bool:
+    """Whether step+1 is sampled during step: with max_lag > 0, except after the last step and
+    across a checkpoint (see the module docstring)."""
+    return cfg.rollout.max_lag > 0 and step < cfg.run.steps and not checkpoint_due(cfg, step)
+
+
+def submit(cfg: ExperimentConfig, s: Setup, step: int) -> Ahead:
+    """Draw `step`'s prompts and start sampling them with the weights the engines hold now, and
+    (OPD) scoring them as soon as they exist."""
+    prompts, rows = draw(cfg, s)
+    pending = s.rollouts.submit(student_prompts(s, rows), s.sampling_at(step))
+    scores = (s.teachers.submit_score([s.fmt.teacher(r) for r in rows], pending, s.request)
+              if cfg.algorithm == "opd" else None)
+    return Ahead(prompts, rows, pending=pending, scores=scores)
+
+
+def student_prompts(s: Setup, rows: list[dict]) -> list[list[int]]:
+    return [s.fmt.student(r) for r in rows]
