@@ -170,6 +170,10 @@ class EvalConfig:
     max_new_tokens: Optional[int] = None  # default: rollout.max_new_tokens
     temperature: float = 0.0      # 0 = greedy
     top_p: float = 1.0
+    # Stop the run at the first evaluation whose accuracy is at least this (null: run every step): the
+    # final model and summary are that step's. The demo's student warm start stops at 0.2, so it is
+    # partly competent whatever its seed (where an SFT run leaves its loss plateau varies by 100+ steps).
+    stop_at_accuracy: Optional[float] = None
 
 
 @dataclass
@@ -382,6 +386,10 @@ def validate(cfg: ExperimentConfig) -> None:
         if not 0 < top_p <= 1:
             raise ManifestError(f"{key}: must be in (0, 1], got {top_p}")
     _positive("rollout.temperature", cfg.rollout.temperature)
+    stop = cfg.eval.stop_at_accuracy
+    if stop is not None and not (0 < stop <= 1 and cfg.eval.interval > 0):
+        raise ManifestError(f"eval.stop_at_accuracy: {stop} needs a value in (0, 1] and eval.interval > 0 "
+                            f"(eval.interval is {cfg.eval.interval})")
 
     rows = rows_per_step(cfg)
     per_pass = cfg.learner.micro_batch_size * cfg.learner.num_ranks

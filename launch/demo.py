@@ -1,5 +1,7 @@
 """`make demo`: tiny models -> teacher SFT -> brief student SFT -> on-policy distillation, then the
 held-out accuracy before and after, and the fraction of the teacher-student gap that OPD closed.
+The student's SFT stops at its first evaluation with 20% right (eval.stop_at_accuracy), so it is
+partly competent, and clearly weaker than the teacher, whatever the seed.
 Every stage is an ordinary `opd` command a user could run; the demo prints each one.
 
     python -m launch.demo [--seed N] [key=value ...]   # overrides apply to the OPD stage only

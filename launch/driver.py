@@ -58,7 +58,8 @@ def _loop(cfg: ExperimentConfig, run: RunDir, s: "Setup") -> dict:
         learn(s, batch, timer, metrics)
         sync(s, step, guard, timer, metrics)
         log_step(run, s, step, batch, metrics, timer, t0, faults)
-        between_steps(cfg, run, s, step, guard)
+        if between_steps(cfg, run, s, step, guard):
+            break
     return finish(cfg, run, s, start_acc, guard)
 
 
@@ -116,11 +117,20 @@ def log_step(run: RunDir, s: "Setup", step: int, batch: TrainBatch, metrics: dic
     run.log(step, metrics)
 
 
-def between_steps(cfg: ExperimentConfig, run: RunDir, s: "Setup", step: int, guard: NonfiniteGuard) -> None:
+def between_steps(cfg: ExperimentConfig, run: RunDir, s: "Setup", step: int, guard: NonfiniteGuard) -> bool:
+    """Eval and checkpoint when due. True when the eval reached eval.stop_at_accuracy: the run ends here."""
+    acc = None
     if cfg.eval.interval and step % cfg.eval.interval == 0 and step != cfg.run.steps:
-        s.evaluate(run, step)
+        acc = s.evaluate(run, step)
     if checkpoint_due(cfg, step):
         s.checkpoint(run, step, guard.in_row)
+    stop = cfg.eval.stop_at_accuracy
+    if stop is not None and acc is not None and acc >= stop:
+        print(f"opd: eval accuracy {acc:.3f} >= eval.stop_at_accuracy {stop} at step {step}: the run ends here",
+              flush=True)
+        s.last_step, s.last_accuracy = step, acc
+        return True
+    return False
 
 
 def checkpoint_due(cfg: ExperimentConfig, step: int) -> bool:
@@ -128,11 +138,13 @@ def checkpoint_due(cfg: ExperimentConfig, step: int) -> bool:
 
 
 def finish(cfg: ExperimentConfig, run: RunDir, s: "Setup", start_acc: float | None, guard: NonfiniteGuard) -> dict:
-    """The final eval and model, the skipped-rows line, and the run's summary."""
-    end_acc = s.evaluate(run, cfg.run.steps)
+    """The final eval (or the one that stopped the run early) and model, the skipped-rows line, and the
+    run's summary."""
+    steps = s.last_step or cfg.run.steps
+    end_acc = s.last_accuracy if s.last_step else s.evaluate(run, cfg.run.steps)
     s.learner.call("save_hf", str(run.final), cfg.model.path)
     print(f"opd: skipped rows: {s.skipped_rows_line()}", flush=True)
-    summary = {"run": cfg.run.name, "algorithm": cfg.algorithm, "loss": cfg.loss.name, "steps": cfg.run.steps,
+    summary = {"run": cfg.run.name, "algorithm": cfg.algorithm, "loss": cfg.loss.name, "steps": steps,
                "start_eval_accuracy": start_acc, "end_eval_accuracy": end_acc, "final_model": str(run.final),
                "skipped_rows": s.skipped_rows, "skipped_nonfinite_steps": guard.total, "actor_restarts": s.replaced()}
     run.close(summary)
@@ -176,6 +188,7 @@ class Setup:
         self.placement = Placement(cfg, cfg.cluster.placement_timeout_s)
         self.learner = self.rollouts = self.teachers = None
         self.version = 0  # the weight version the engines hold (a skipped step keeps it)
+        self.last_step, self.last_accuracy = 0, None  # set when eval.stop_at_accuracy ends the run early
         try:
             self._start_actors(inputs.tokenizer.pad_token_id)
         except BaseException:

@@ -87,7 +87,8 @@ def overlapped_loop(cfg: ExperimentConfig, run: RunDir, s: Setup) -> dict:
                     ahead.scores = None  # it waited on a lost engine's reply: the step scores again
         sync(s, step, guard, timer, metrics)
         log_step(run, s, step, batch, metrics, timer, t0, faults)
-        between_steps(cfg, run, s, step, guard)
+        if between_steps(cfg, run, s, step, guard):
+            break  # a rollout still in flight finishes on its engine before the final save; nothing reads it
     return finish(cfg, run, s, start_acc, guard)
 
 

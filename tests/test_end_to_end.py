@@ -66,3 +66,32 @@ def test_algorithms_run(ray_session, write_manifest, tmp_path, over):
     steps = [r for r in rows if "train/loss" in r]
     assert len(steps) == 2 and all(torch.isfinite(torch.tensor(r["train/loss"])) for r in steps)
     assert [r["step"] for r in rows if "eval/accuracy" in r] == [0, 2]
+
+
+def test_eval_stop_at_accuracy_ends_the_run_at_that_evaluation(ray_session, write_manifest, tmp_path):
+    """SFT on a task with one answer ("7") learns it in a few dozen steps; the run stops at the first
+    evaluation at or above the threshold, and its summary and final model are that step's."""
+    rows = [{"prompt": f"{i}+{i}=", "answer": "7"} for i in range(64)]
+    data = tmp_path / "sevens.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    manifest = write_manifest(algorithm="sft", loss={"name": "sft"}, teacher={"kind": "none"},
+                              data={"train": str(data), "eval": str(data)},
+                              run={"name": "stop", "output_dir": str(tmp_path / "runs"), "steps": 200},
+                              learner={"micro_batch_size": 4, "lr": 1e-2},
+                              eval={"interval": 5, "size": 16, "stop_at_accuracy": 0.5})
+    assert main(["train", str(manifest)]) == 0
+    run = tmp_path / "runs" / "stop"
+    summary = json.loads((run / "summary.json").read_text())
+    steps = [r["step"] for r in read_metrics(run) if "train/loss" in r]
+    evals = [(r["step"], r["eval/accuracy"]) for r in read_metrics(run) if "eval/accuracy" in r]
+    assert 0 < summary["steps"] < 200 and summary["steps"] % 5 == 0 and steps[-1] == summary["steps"]
+    assert evals[-1] == (summary["steps"], summary["end_eval_accuracy"]) and summary["end_eval_accuracy"] >= 0.5
+    assert all(acc < 0.5 for _, acc in evals[:-1])  # it did not run past an earlier success
+    assert (run / "final" / "config.json").exists()
+
+
+def test_eval_stop_at_accuracy_is_checked_before_work(write_manifest):
+    from launch.config import ManifestError, load_manifest
+    for bad in ({"stop_at_accuracy": 1.5}, {"stop_at_accuracy": 0.5, "interval": 0}):
+        with pytest.raises(ManifestError, match="eval.stop_at_accuracy"):
+            load_manifest(write_manifest(eval=bad))
