@@ -37,6 +37,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+from benchmarks.bench_losses import _status_kb  # noqa: E402  (the same high-water-mark reading)
 
 VARIANTS = {  # name -> (teacher.full_vocab_transport, learner.fused_head)
     "logits + log-probs": ("logprobs", False),
@@ -44,14 +45,6 @@ VARIANTS = {  # name -> (teacher.full_vocab_transport, learner.fused_head)
     "logits + hidden states": ("hidden_states", False),
     "fused + hidden states": ("hidden_states", True),
 }
-
-
-def _status_kb(field: str) -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    raise KeyError(field)
 
 
 def child(a) -> dict:

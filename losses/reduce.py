@@ -165,18 +165,21 @@ class _FusedHeadLoss(torch.autograd.Function):
         return scale(grad_h), scale(grad_w), scale(grad_b), None, None, None, None, None, None
 
 
+def _checked_and_prepared(fn: LossFn, batch: LossBatch, x: torch.Tensor, what: str, shape: str) -> LossBatch:
+    """x must be 2-D with one row per LossBatch row; then the loss's `prepare`, if it has one, runs once."""
+    if x.dim() != 2 or x.shape[0] != batch.tokens.shape[0]:
+        raise ValueError(f"{what} {tuple(x.shape)} must be {shape} with M = {batch.tokens.shape[0]} rows of the LossBatch")
+    prepare = getattr(fn, "prepare", None)
+    return prepare(batch) if prepare is not None else batch
+
+
 def compute_loss_from_hidden(fn: LossFn, hidden: torch.Tensor, head: Head, batch: LossBatch,
                              temperature: float = 1.0, chunk_size: Optional[int] = None,
                              teacher_head: Optional[Head] = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """compute_loss on logits = head(hidden), without ever holding them: hidden [M, H] (with grad), head
     the student's output layer (its weight may be tied to the embeddings: the gradient flows to it).
     Same value, gradient and diagnostics as compute_loss(fn, head(hidden), ...) up to float rounding."""
-    if hidden.dim() != 2 or hidden.shape[0] != batch.tokens.shape[0]:
-        raise ValueError(f"compute_loss_from_hidden: hidden {tuple(hidden.shape)} must be [M, H] with M = "
-                         f"{batch.tokens.shape[0]} rows of the LossBatch")
-    prepare = getattr(fn, "prepare", None)
-    if prepare is not None:
-        batch = prepare(batch)
+    batch = _checked_and_prepared(fn, batch, hidden, "compute_loss_from_hidden: hidden", "[M, H]")
     chunk = chunk_size or auto_chunk_rows(head.weight.shape[0])
     diags: dict[str, torch.Tensor] = {}
     total = _FusedHeadLoss.apply(hidden, head.weight, head.bias, fn, batch, float(temperature), int(chunk), diags,
@@ -192,12 +195,7 @@ def compute_loss(fn: LossFn, logits: torch.Tensor, batch: LossBatch, temperature
     Returns (loss, diagnostics): loss = sum_t w_t * l_t (a scalar with grad, float32 or float64);
     each diagnostic is sum_t w_t * d_t, so summing over micro-batches and ranks gives the global
     token mean. chunk_size: rows per chunk (None: auto_chunk_rows(V)); results do not depend on it."""
-    if logits.dim() != 2 or logits.shape[0] != batch.tokens.shape[0]:
-        raise ValueError(f"compute_loss: logits {tuple(logits.shape)} must be [M, V] with M = "
-                         f"{batch.tokens.shape[0]} rows of the LossBatch")
-    prepare = getattr(fn, "prepare", None)
-    if prepare is not None:
-        batch = prepare(batch)
+    batch = _checked_and_prepared(fn, batch, logits, "compute_loss: logits", "[M, V]")
     chunk = chunk_size or auto_chunk_rows(logits.shape[1])
     diags: dict[str, torch.Tensor] = {}
     total = _ChunkedLoss.apply(logits, fn, batch, float(temperature), int(chunk), diags, teacher_head)
