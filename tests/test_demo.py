@@ -43,7 +43,8 @@ def test_stage_manifests_are_valid_and_name_their_runs():
         cfgs.append(cfg)
     teacher, student, opd = cfgs
     assert opd.model.path.endswith("runs/demo-student/final") and opd.teacher.path.endswith("runs/demo-teacher/final")
-    assert student.run.steps < teacher.run.steps  # the student's warm start is the brief one
+    # the student's warm start is the brief one: it stops at its first eval with 20% right
+    assert student.eval.stop_at_accuracy == 0.2 and student.eval.interval > 0 and teacher.eval.stop_at_accuracy is None
 
 
 @pytest.mark.parametrize("after, status", [(0.80, 0), (0.60, 1)])
