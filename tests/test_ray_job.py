@@ -17,10 +17,12 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.error
 import urllib.request
@@ -58,10 +60,14 @@ def head(tmp_path_factory):
     assert gen.returncode == 0 and token_file.read_text() == gen.stdout, gen.stderr
     auth = _clean_env(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN_PATH=str(token_file))
     port, dash = _free_port(), _free_port()
+    # Ray's session sockets live under --temp-dir, and an AF_UNIX path may not exceed 107 bytes: pytest's
+    # tmp path grows with its run counter (pytest-of-root/pytest-122/...) and once pushed the dashboard's
+    # socket path past that, so Ray gets a short directory of its own.
+    ray_tmp = tempfile.mkdtemp(prefix="opd-ray-", dir="/tmp")
     cmd = [RAY, "start", "--head", "--node-ip-address=127.0.0.1", f"--port={port}", "--dashboard-host=127.0.0.1",
            f"--dashboard-port={dash}", "--include-dashboard=true", f"--ray-client-server-port={_free_port()}",
            f"--dashboard-agent-listen-port={_free_port()}", "--num-cpus=4", "--num-gpus=0",
-           f"--temp-dir={tmp / 'ray'}", "--disable-usage-stats", "--block"]
+           f"--temp-dir={ray_tmp}", "--disable-usage-stats", "--block"]
     log = open(tmp / "head.log", "w")
     proc = subprocess.Popen(cmd, env=auth, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     url = f"http://127.0.0.1:{dash}"
@@ -86,6 +92,7 @@ def head(tmp_path_factory):
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
         log.close()
+        shutil.rmtree(ray_tmp, ignore_errors=True)
 
 
 def _submit(url: str, env: dict, *entrypoint: str, working_dir: bool = False, timeout: int = 60):
