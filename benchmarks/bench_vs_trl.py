@@ -481,10 +481,8 @@ def _bench_shape(a, shape: str, threads: list[int], logs: Path, work: Path) -> d
 
 
 def _param_count(path) -> int:
-    from transformers import AutoConfig, AutoModelForCausalLM
-    import torch
-    with torch.device("meta"):
-        return sum(p.numel() for p in AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(path)).parameters())
+    from opd.modeling import model_skeleton
+    return sum(p.numel() for p in model_skeleton(path).parameters())
 
 
 if __name__ == "__main__":

@@ -59,13 +59,9 @@ def _check_hidden_transport(cfg, needs) -> None:
     if cfg.teacher.kind not in ("hf", "self"):
         raise ManifestError(f"{key}: hidden_states needs the teacher's weights in an HF model (teacher.kind hf or "
                             f"self); teacher.kind is {cfg.teacher.kind!r}")
-    from transformers import AutoConfig, AutoModelForCausalLM
-    import torch
-    from opd.modeling import plain_head_problem
+    from opd.modeling import model_skeleton, plain_head_problem
     path = cfg.model.path if cfg.teacher.kind == "self" else cfg.teacher.path
-    with torch.device("meta"):  # the architecture only: no weights are read
-        skeleton = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(path))
-    problem = plain_head_problem(skeleton)
+    problem = plain_head_problem(model_skeleton(path))  # the architecture only: no weights are read
     if problem:
         raise ManifestError(f"{key}: the teacher at {path} cannot be scored from hidden states: {problem}; "
                             "use logprobs")

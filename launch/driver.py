@@ -53,13 +53,14 @@ def _loop(cfg: ExperimentConfig, run: RunDir, s: "Setup") -> dict:
             batch = sft_batch(s.fmt, rows, "answer")
         else:
             with timer("rollout"):  # the seed is a function of the step: a resumed or retried step samples alike
-                rollout = s.rollouts.generate([s.fmt.student(r) for r in rows], s.sampling_at(step))
+                rollout = s.rollouts.generate(student_prompts(s, rows), s.sampling_at(step))
             batch = rollout_batch(cfg, s, step, prompts, rows, rollout, timer, metrics)
         learn(s, batch, timer, metrics)
         sync(s, step, guard, timer, metrics)
         log_step(run, s, step, batch, metrics, timer, t0, faults)
-        if between_steps(cfg, run, s, step, guard):
-            break
+        stopped = between_steps(cfg, run, s, step, guard)
+        if stopped:
+            return finish(cfg, run, s, start_acc, guard, stopped)
     return finish(cfg, run, s, start_acc, guard)
 
 
@@ -76,6 +77,10 @@ def draw(cfg: ExperimentConfig, s: "Setup") -> tuple[list[dict], list[dict]]:
     """The step's prompts, and its rows: each prompt repeated samples_per_prompt times (once for SFT)."""
     prompts = s.train.next_batch(cfg.rollout.prompts_per_step)
     return prompts, [r for r in prompts for _ in range(1 if cfg.algorithm == "sft" else cfg.rollout.samples_per_prompt)]
+
+
+def student_prompts(s: "Setup", rows: list[dict]) -> list[list[int]]:
+    return [s.fmt.student(r) for r in rows]
 
 
 def rollout_batch(cfg: ExperimentConfig, s: "Setup", step: int, prompts: list[dict], rows: list[dict], rollout,
@@ -117,8 +122,10 @@ def log_step(run: RunDir, s: "Setup", step: int, batch: TrainBatch, metrics: dic
     run.log(step, metrics)
 
 
-def between_steps(cfg: ExperimentConfig, run: RunDir, s: "Setup", step: int, guard: NonfiniteGuard) -> bool:
-    """Eval and checkpoint when due. True when the eval reached eval.stop_at_accuracy: the run ends here."""
+def between_steps(cfg: ExperimentConfig, run: RunDir, s: "Setup", step: int,
+                  guard: NonfiniteGuard) -> Optional[tuple[int, float]]:
+    """Eval and checkpoint when due. (step, accuracy) when the eval reached eval.stop_at_accuracy: the
+    run ends here; else None."""
     acc = None
     if cfg.eval.interval and step % cfg.eval.interval == 0 and step != cfg.run.steps:
         acc = s.evaluate(run, step)
@@ -128,20 +135,19 @@ def between_steps(cfg: ExperimentConfig, run: RunDir, s: "Setup", step: int, gua
     if stop is not None and acc is not None and acc >= stop:
         print(f"opd: eval accuracy {acc:.3f} >= eval.stop_at_accuracy {stop} at step {step}: the run ends here",
               flush=True)
-        s.last_step, s.last_accuracy = step, acc
-        return True
-    return False
+        return step, acc
+    return None
 
 
 def checkpoint_due(cfg: ExperimentConfig, step: int) -> bool:
     return bool(cfg.checkpoint.interval and step % cfg.checkpoint.interval == 0)
 
 
-def finish(cfg: ExperimentConfig, run: RunDir, s: "Setup", start_acc: float | None, guard: NonfiniteGuard) -> dict:
-    """The final eval (or the one that stopped the run early) and model, the skipped-rows line, and the
-    run's summary."""
-    steps = s.last_step or cfg.run.steps
-    end_acc = s.last_accuracy if s.last_step else s.evaluate(run, cfg.run.steps)
+def finish(cfg: ExperimentConfig, run: RunDir, s: "Setup", start_acc: float | None, guard: NonfiniteGuard,
+           stopped: Optional[tuple[int, float]] = None) -> dict:
+    """The final eval (or, `stopped`, the step and accuracy of the one that ended the run early) and
+    model, the skipped-rows line, and the run's summary."""
+    steps, end_acc = stopped or (cfg.run.steps, s.evaluate(run, cfg.run.steps))
     s.learner.call("save_hf", str(run.final), cfg.model.path)
     print(f"opd: skipped rows: {s.skipped_rows_line()}", flush=True)
     summary = {"run": cfg.run.name, "algorithm": cfg.algorithm, "loss": cfg.loss.name, "steps": steps,
@@ -188,7 +194,6 @@ class Setup:
         self.placement = Placement(cfg, cfg.cluster.placement_timeout_s)
         self.learner = self.rollouts = self.teachers = None
         self.version = 0  # the weight version the engines hold (a skipped step keeps it)
-        self.last_step, self.last_accuracy = 0, None  # set when eval.stop_at_accuracy ends the run early
         try:
             self._start_actors(inputs.tokenizer.pad_token_id)
         except BaseException:

@@ -48,7 +48,7 @@ from typing import Optional
 
 from launch.config import ExperimentConfig
 from launch.driver import (Setup, StageTimer, begin, between_steps, checkpoint_due, draw, finish, learn,
-                           log_step, rollout_batch, sync)
+                           log_step, rollout_batch, student_prompts, sync)
 from launch.remote import Pending
 from launch.run_dir import RunDir
 from opd.contracts import Rollout
@@ -87,8 +87,9 @@ def overlapped_loop(cfg: ExperimentConfig, run: RunDir, s: Setup) -> dict:
                     ahead.scores = None  # it waited on a lost engine's reply: the step scores again
         sync(s, step, guard, timer, metrics)
         log_step(run, s, step, batch, metrics, timer, t0, faults)
-        if between_steps(cfg, run, s, step, guard):
-            break  # a rollout still in flight finishes on its engine before the final save; nothing reads it
+        stopped = between_steps(cfg, run, s, step, guard)
+        if stopped:  # a rollout still in flight finishes on its engine before the final save; nothing reads it
+            return finish(cfg, run, s, start_acc, guard, stopped)
     return finish(cfg, run, s, start_acc, guard)
 
 
@@ -106,7 +107,3 @@ def submit(cfg: ExperimentConfig, s: Setup, step: int) -> Ahead:
     scores = (s.teachers.submit_score([s.fmt.teacher(r) for r in rows], pending, s.request)
               if cfg.algorithm == "opd" else None)
     return Ahead(prompts, rows, pending=pending, scores=scores)
-
-
-def student_prompts(s: Setup, rows: list[dict]) -> list[list[int]]:
-    return [s.fmt.student(r) for r in rows]

@@ -141,8 +141,7 @@ class LearnerWorker:
         of the last sync, which are the learner's until this step's optimizer update)."""
         if self.frozen_teacher_head is not None:
             return self.frozen_teacher_head
-        head = output_head(self.engine.module)
-        return type(head)(head.weight.detach(), None if head.bias is None else head.bias.detach())
+        return output_head(self.engine.module).detach()
 
     def train_step(self, shard: TrainBatch, token_counts: tuple[int, int]) -> dict[str, float]:
         """One optimizer step on this rank's shard; token_counts = the whole global batch's
@@ -292,8 +291,7 @@ def _frozen_teacher_head(cfg, device: torch.device):
     if cfg.algorithm != "opd" or cfg.teacher.full_vocab_transport != "hidden_states" or cfg.teacher.live:
         return None
     path = cfg.model.path if cfg.teacher.kind == "self" else cfg.teacher.path
-    head = load_output_head(path, cfg.model.dtype)
-    return type(head)(head.weight.to(device), None if head.bias is None else head.bias.to(device))
+    return load_output_head(path, cfg.model.dtype).to(device)
 
 
 def _rng_state() -> dict:

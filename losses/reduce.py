@@ -61,6 +61,12 @@ class Head:
         bias = None if self.bias is None else self.bias.to(hidden.dtype)
         return F.linear(hidden, self.weight.to(hidden.dtype), bias)
 
+    def detach(self) -> "Head":
+        return Head(self.weight.detach(), None if self.bias is None else self.bias.detach())
+
+    def to(self, device: torch.device) -> "Head":
+        return Head(self.weight.to(device), None if self.bias is None else self.bias.to(device))
+
 
 def _chunk_rows(batch: LossBatch, sl: slice, teacher_head: Optional[Head], temperature: float,
                 diags_out: Optional[dict] = None) -> LossBatch:

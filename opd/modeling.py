@@ -87,6 +87,14 @@ def completion_hidden(model, prompts: list[list[int]], completion_ids: torch.Ten
 _HEAD_EXTRAS = ("final_logit_softcapping", "logit_scale", "logits_scaling", "output_multiplier_scale")
 
 
+def model_skeleton(path: str):
+    """The HF causal LM at `path` built on the meta device: its architecture, parameter names and
+    shapes, no weights read or allocated."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+    with torch.device("meta"):
+        return AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(path))
+
+
 def plain_head_problem(model) -> str | None:
     """Why logits != output_head(model)(completion_hidden(...)) for this model, or None when they are equal."""
     head = model.get_output_embeddings()
@@ -110,12 +118,10 @@ def load_output_head(path: str, dtype: str = "float32"):
     import json
     from pathlib import Path
 
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM
 
     from losses.reduce import Head
-    config = AutoConfig.from_pretrained(path)
-    with torch.device("meta"):
-        skeleton = AutoModelForCausalLM.from_config(config)
+    skeleton = model_skeleton(path)
     problem = plain_head_problem(skeleton)
     if problem:
         raise ValueError(f"{path}: the teacher's head cannot be applied outside the model: {problem}")
@@ -138,8 +144,7 @@ def load_output_head(path: str, dtype: str = "float32"):
         if len(tensors) == len(wanted):
             return Head(tensors["weight"], tensors.get("bias"))
     model = AutoModelForCausalLM.from_pretrained(path, dtype=DTYPES[dtype])
-    full = model.get_output_embeddings()
-    return Head(full.weight.detach().clone(), None if full.bias is None else full.bias.detach().clone())
+    return output_head(model).detach()
 
 
 @torch.no_grad()
