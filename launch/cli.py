@@ -93,7 +93,7 @@ def cmd_eval(args) -> int:
     else:
         from actors.hf_engine import HFEngine
         engine = HFEngine(args.model, use_gpu=gpu)
-    out = engine.generate([fmt.student(r) for r in rows], spec)
+    out = engine.generate(fmt.students(rows), spec)
     verify = get_verifier(args.verifier)
     acc = sum(verify(fmt.text(c), r["answer"]) for c, r in zip(out.completions(), rows)) / len(rows)
     print(json.dumps({"model": args.model, "engine": args.engine, "data": args.data, "size": len(rows),

@@ -217,8 +217,22 @@ class LearnerGroup:
         self.timeout_s = cfg.cluster.call_timeout_s
 
     def train_step(self, batch: TrainBatch) -> dict[str, float]:
-        shards = [batch.select(list(range(len(batch)))[s]) for s in _split(len(batch), len(self.ranks))]
-        return self._all("train_step", [(sh, batch.token_counts) for sh in shards])
+        return self.collect(self.submit_step(batch))
+
+    def submit_step(self, batch: TrainBatch) -> list:
+        """Start train_step on every rank, each on its share of the rows, and return at once."""
+        shards = ([batch] if len(self.ranks) == 1
+                  else [batch.select(list(range(len(batch)))[s]) for s in _split(len(batch), len(self.ranks))])
+        return self._submit("train_step", [(sh, batch.token_counts) for sh in shards])
+
+    def submit(self, method: str, *args) -> list:
+        """Start a collective method on every rank and return at once. Calls from the driver to a
+        rank run in the order they were sent, so one sent after submit_step runs right behind it."""
+        return self._submit(method, [args] * len(self.ranks))
+
+    def collect(self, calls: list):
+        """Rank 0's answer to submitted calls (see _submit for failures)."""
+        return gather(calls, self.timeout_s)[0]
 
     def export_weights(self):
         """ObjectRef to rank 0's full weights (every rank takes part in the gather)."""
@@ -228,13 +242,13 @@ class LearnerGroup:
 
     def call(self, method: str, *args):
         """Run a collective method on every rank; rank 0's answer."""
-        return self._all(method, [args] * len(self.ranks))
+        return self.collect(self.submit(method, *args))
 
-    def _all(self, method: str, args: list[tuple]):
-        """Rank 0's answer. The ranks move in lockstep, so a rank cannot be replaced mid-run: the
-        first rank that dies, raises or misses the deadline stops the run, by name."""
-        return gather([(f"learner rank {r}.{method}", getattr(w, method).remote(*a))
-                       for r, (w, a) in enumerate(zip(self.ranks, args))], self.timeout_s)[0]
+    def _submit(self, method: str, args: list[tuple]) -> list:
+        """(name, reference) per rank. The ranks move in lockstep, so a rank cannot be replaced mid-run:
+        at collect, the first rank that died, raised or missed the deadline stops the run, by name."""
+        return [(f"learner rank {r}.{method}", getattr(w, method).remote(*a))
+                for r, (w, a) in enumerate(zip(self.ranks, args))]
 
 
 def connect_weight_sync(cfg: ExperimentConfig, learner: LearnerGroup, targets: list, kinds: list[str]) -> None:

@@ -56,7 +56,7 @@ def _loop(cfg: ExperimentConfig, run: RunDir, s: "Setup") -> dict:
                 rollout = s.rollouts.generate(student_prompts(s, rows), s.sampling_at(step))
             batch = rollout_batch(cfg, s, step, prompts, rows, rollout, timer, metrics)
         learn(s, batch, timer, metrics)
-        sync(s, step, guard, timer, metrics)
+        sync(cfg, s, step, guard, timer, metrics)
         log_step(run, s, step, batch, metrics, timer, t0, faults)
         stopped = between_steps(cfg, run, s, step, guard)
         if stopped:
@@ -80,7 +80,7 @@ def draw(cfg: ExperimentConfig, s: "Setup") -> tuple[list[dict], list[dict]]:
 
 
 def student_prompts(s: "Setup", rows: list[dict]) -> list[list[int]]:
-    return [s.fmt.student(r) for r in rows]
+    return s.fmt.students(rows)
 
 
 def rollout_batch(cfg: ExperimentConfig, s: "Setup", step: int, prompts: list[dict], rows: list[dict], rollout,
@@ -93,7 +93,7 @@ def rollout_batch(cfg: ExperimentConfig, s: "Setup", step: int, prompts: list[di
         return reward_batch(rollout, rewards, [i // cfg.rollout.samples_per_prompt for i in range(len(rows))])
     with timer("teacher"):  # with scores submitted ahead: the time spent waiting for them
         scores = (s.teachers.collect_score(scores) if scores
-                  else s.teachers.score([s.fmt.teacher(r) for r in rows], rollout, s.request))
+                  else s.teachers.score(s.fmt.teachers(rows), rollout, s.request))
     batch = distill_batch(rollout, scores)
     if s.reference_rows:  # an SFT mix: reference rows join the same optimizer step
         with timer("reference"):
@@ -104,15 +104,29 @@ def rollout_batch(cfg: ExperimentConfig, s: "Setup", step: int, prompts: list[di
 
 def learn(s: "Setup", batch: TrainBatch, timer: "StageTimer", metrics: dict) -> None:
     with timer("learner"), s.engines_asleep():
-        # the learner's teacher/* statistics (a hidden-state teacher's) keep the driver's names
-        metrics.update({k if k.startswith("teacher/") else f"train/{k}": v
-                        for k, v in s.learner.train_step(batch).items()})
+        metrics.update(learner_metrics(s.learner.train_step(batch)))
 
 
-def sync(s: "Setup", step: int, guard: NonfiniteGuard, timer: "StageTimer", metrics: dict) -> None:
-    if not guard.skipped(step, metrics):  # a skipped step left the weights as they were: nothing to send
+def learner_metrics(out: dict[str, float]) -> dict[str, float]:
+    """The learner's answer under the names the run logs: train/*, the teacher/* statistics of a
+    hidden-state teacher under the driver's own names, and the step's compute time (the learner stage
+    less the call's transport) as time/learner_compute_s."""
+    return {"time/learner_compute_s" if k == "compute_s" else k if k.startswith("teacher/") else f"train/{k}": v
+            for k, v in out.items()}
+
+
+def sync(cfg: ExperimentConfig, s: "Setup", step: int, guard: NonfiniteGuard, timer: "StageTimer", metrics: dict,
+         sent: bool = False) -> None:
+    """Send the engines the step's weights, tagged with the step. A skipped step changed nothing. An SFT
+    run reads its engines only to evaluate, so it sends only before an evaluation. `sent`: the learner
+    sent them itself, right after its step (launch/overlap.py)."""
+    if not guard.skipped(step, metrics):
+        s.unsent = step  # the learner holds weights the engines lack
+    if sent:
+        s.version, s.unsent = step, None
+    elif s.unsent is not None and (cfg.algorithm != "sft" or engines_read_after(cfg, step)):
         with timer("sync"):
-            s.sync_weights(step)
+            s.sync_weights(s.unsent)
 
 
 def log_step(run: RunDir, s: "Setup", step: int, batch: TrainBatch, metrics: dict, timer: "StageTimer", t0: float,
@@ -126,9 +140,7 @@ def between_steps(cfg: ExperimentConfig, run: RunDir, s: "Setup", step: int,
                   guard: NonfiniteGuard) -> Optional[tuple[int, float]]:
     """Eval and checkpoint when due. (step, accuracy) when the eval reached eval.stop_at_accuracy: the
     run ends here; else None."""
-    acc = None
-    if cfg.eval.interval and step % cfg.eval.interval == 0 and step != cfg.run.steps:
-        acc = s.evaluate(run, step)
+    acc = s.evaluate(run, step) if eval_due(cfg, step) else None
     if checkpoint_due(cfg, step):
         s.checkpoint(run, step, guard.in_row)
     stop = cfg.eval.stop_at_accuracy
@@ -137,6 +149,16 @@ def between_steps(cfg: ExperimentConfig, run: RunDir, s: "Setup", step: int,
               flush=True)
         return step, acc
     return None
+
+
+def eval_due(cfg: ExperimentConfig, step: int) -> bool:
+    """An evaluation between steps (the last step's is finish()'s)."""
+    return bool(cfg.eval.interval and step % cfg.eval.interval == 0 and step != cfg.run.steps)
+
+
+def engines_read_after(cfg: ExperimentConfig, step: int) -> bool:
+    """Whether anything but the next step's sampling reads the engines after this step: an evaluation."""
+    return eval_due(cfg, step) or step == cfg.run.steps
 
 
 def checkpoint_due(cfg: ExperimentConfig, step: int) -> bool:
@@ -194,6 +216,7 @@ class Setup:
         self.placement = Placement(cfg, cfg.cluster.placement_timeout_s)
         self.learner = self.rollouts = self.teachers = None
         self.version = 0  # the weight version the engines hold (a skipped step keeps it)
+        self.unsent: Optional[int] = None  # the step whose weights the learner holds and the engines lack
         try:
             self._start_actors(inputs.tokenizer.pad_token_id)
         except BaseException:
@@ -240,8 +263,8 @@ class Setup:
         if self.cfg.loss.reference.source == "dataset":
             return sft_batch(self.fmt, prompts, "answer")
         spec = replace(self.reference_sampling, seed=derived_seed(self.cfg.run.seed, "reference", step))
-        written = self.teachers.generate([self.fmt.teacher(r) for r in prompts], spec)
-        return TrainBatch(prompt_ids=[self.fmt.student(r) for r in prompts], completion_ids=written.completion_ids,
+        written = self.teachers.generate(self.fmt.teachers(prompts), spec)
+        return TrainBatch(prompt_ids=self.fmt.students(prompts), completion_ids=written.completion_ids,
                           completion_mask=written.completion_mask, is_reference=torch.ones(len(prompts), dtype=torch.bool))
 
     def sampling_at(self, step: int) -> SamplingSpec:
@@ -249,7 +272,7 @@ class Setup:
 
     def sync_weights(self, version: int) -> None:
         self.learner.call("sync_weights", version)
-        self.version = version
+        self.version, self.unsent = version, None
 
     @contextmanager
     def engines_asleep(self):
@@ -285,7 +308,7 @@ class Setup:
         if not self.eval_rows:
             return None
         t = time.time()
-        rollout = self.rollouts.generate([self.fmt.student(r) for r in self.eval_rows], self.eval_sampling)
+        rollout = self.rollouts.generate(self.fmt.students(self.eval_rows), self.eval_sampling)
         acc = sum(self.rewards(rollout, self.eval_rows)) / len(self.eval_rows)
         run.log(step, {"eval/accuracy": acc, "time/eval_s": time.time() - t})
         return acc

@@ -75,7 +75,7 @@ def load_inputs(cfg: ExperimentConfig) -> Inputs:
         wanted_eval = sorted({column.get(f, f) for f in fields["data.prompt_template"]} | {dc.answer_field})
         evals = _load("data.eval", dc.eval, wanted_eval, column, student_fields)
         new_tokens = cfg.eval.max_new_tokens or cfg.rollout.max_new_tokens
-        _drop_long("data.eval", evals, [("prompt", _tokens(fmt.student), _context(cfg, "rollout", student) - new_tokens)])
+        _drop_long("data.eval", evals, [("prompt", _lengths(fmt.students), _context(cfg, "rollout", student) - new_tokens)])
         eval_rows, skipped["data.eval"] = evals.rows[:cfg.eval.size], evals.skip_reasons
     return Inputs(tokenizer=tok, fmt=fmt, train=train, eval_rows=eval_rows, skipped_rows=skipped)
 
@@ -111,41 +111,54 @@ def _context(cfg: ExperimentConfig, side: str, config) -> int:
 
 
 def _train_limits(cfg: ExperimentConfig, fmt: PromptFormatter, student) -> list[tuple]:
-    """(what, row -> tokens, most tokens) that every training row must meet, so no prompt is cut or
-    overflows a model's context mid-run."""
+    """(what, rows -> their token counts, most tokens) that every training row must meet, so no prompt
+    is cut or overflows a model's context mid-run."""
     new_tokens, context = cfg.rollout.max_new_tokens, _context(cfg, "rollout", student)
     if context <= new_tokens:
         raise ManifestError(f"rollout.max_new_tokens: {new_tokens} leaves no room for a prompt in the student's "
                             f"context of {context} tokens")
     if cfg.algorithm == "sft":  # the completion is the answer itself
-        answer = lambda r: len(fmt.tok(r["answer"], add_special_tokens=False).input_ids) + 1  # noqa: E731
-        return [("prompt + answer", lambda r: len(fmt.student(r)) + answer(r), context)]
-    limits = [("prompt", _tokens(fmt.student), context - new_tokens)]
+        def prompt_and_answer(rows: list[dict]) -> list[int]:  # the answer and its EOS
+            answers = fmt.tok([r["answer"] for r in rows], add_special_tokens=False).input_ids
+            return [len(p) + len(a) + 1 for p, a in zip(fmt.students(rows), answers)]
+        return [("prompt + answer", prompt_and_answer, context)]
+    limits = [("prompt", _lengths(fmt.students), context - new_tokens)]
     if cfg.algorithm == "opd":
         tc = cfg.teacher
         teacher = student if tc.kind == "self" else _model_config("teacher.path", tc.path)
-        limits.append(("teacher prompt", _tokens(fmt.teacher), _context(cfg, "teacher", teacher) - new_tokens))
+        limits.append(("teacher prompt", _lengths(fmt.teachers), _context(cfg, "teacher", teacher) - new_tokens))
     return limits
 
 
-def _tokens(encode):
-    return lambda row: len(encode(row))
+def _lengths(encode):
+    return lambda rows: [len(ids) for ids in encode(rows)]
 
 
-def _drop_long(key: str, ds: Dataset, limits: list[tuple]) -> None:
-    """Skip (and count) rows longer than a limit; a source with no row left stops the run."""
+def _drop_long(key: str, ds: Dataset, limits: list[tuple], chunk: int = 1024) -> None:
+    """Skip (and count) rows longer than a limit; a source with no row left stops the run. One
+    tokenizer call per `chunk` rows: a large dataset never holds all its token lists at once."""
     kept = []
-    for row in ds.rows:
-        reason = next((f"{what} over {most} tokens" for what, length, most in limits if length(row) > most), None)
+    for start in range(0, len(ds.rows), chunk):
+        rows = ds.rows[start:start + chunk]
+        counts = [lengths(rows) for _, lengths, _ in limits]
+        kept += _within(ds, rows, [(what, most) for what, _, most in limits], counts)
+    if not kept:
+        raise ManifestError(f"{key}: no row fits the models' context ({ds.skip_reasons}); lower "
+                            "rollout.max_new_tokens or shorten the prompts")
+    ds.rows = kept
+
+
+def _within(ds: Dataset, rows: list[dict], limits: list[tuple[str, int]], counts: list[list[int]]) -> list[dict]:
+    """The rows within every limit; the others are counted in ds by reason."""
+    kept = []
+    for i, row in enumerate(rows):
+        reason = next((f"{what} over {most} tokens" for (what, most), n in zip(limits, counts) if n[i] > most), None)
         if reason:
             ds.skipped += 1
             ds.skip_reasons[reason] = ds.skip_reasons.get(reason, 0) + 1
         else:
             kept.append(row)
-    if not kept:
-        raise ManifestError(f"{key}: no row fits the models' context ({ds.skip_reasons}); lower "
-                            "rollout.max_new_tokens or shorten the prompts")
-    ds.rows = kept
+    return kept
 
 
 def _load(key: str, source: str, required: list[str], column: dict, fields: dict[str, list[str]]) -> Dataset:

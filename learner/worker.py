@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import os
+import time
 from typing import Optional, Sequence
 
 import torch
@@ -111,11 +112,14 @@ class LearnerWorker:
         self.gas = ds_cfg["gradient_accumulation_steps"]
         self.engine, _, _, _ = deepspeed.initialize(model=model, optimizer=opt, lr_scheduler=sched,
                                                     config=ds_cfg)
+        if world_size == 1 and lc.zero_stage == 0:  # else DeepSpeed all-reduces one rank's gradients over
+            self.engine.enable_backward_allreduce = False  # gloo (ZeRO's reduction also moves them: kept)
         self.loss = build_loss(cfg.loss.name, dict(cfg.loss.params), temperature=cfg.rollout.temperature)
         self.pad_id = model.config.pad_token_id or 0
         self.fused_head = _use_fused_head(lc.fused_head, lc.zero_stage, model)
         self.frozen_teacher_head = _frozen_teacher_head(cfg, self.device)
         self.senders: list = []
+        self.last_step_skipped = False
 
     def student_logits(self, b: TrainBatch) -> torch.Tensor:
         """Student logits at completion positions only: [n, T, V]."""
@@ -150,7 +154,7 @@ class LearnerWorker:
         A non-finite loss or gradient norm skips the step: the weights, the optimizer's moments and the
         learning-rate schedule stay as they were, and `skipped_nonfinite` is 1. Every rank takes the same decision (ZeRO stage 0:
         a flag all-reduced before the step; stages 1-3: DeepSpeed's own overflow check, collective)."""
-        import torch.distributed as dist
+        t0 = time.perf_counter()
         self.engine.train()
         mb = self.cfg.learner.micro_batch_size
         assert len(shard) == mb * self.gas, f"rank {self.rank}: shard of {len(shard)} rows, expected {mb * self.gas}"
@@ -170,16 +174,24 @@ class LearnerWorker:
                     continue
             self.engine.step()
         skipped = self.engine.skipped_steps > overflows
+        self.last_step_skipped = skipped
         keys = sorted(sums)
-        vec = torch.stack([sums[k] for k in keys])
-        dist.all_reduce(vec)
+        vec = self._sum_over_ranks(torch.stack([sums[k] for k in keys]))
         out = {k: float(v) for k, v in zip(keys, vec)}
         if self.cfg.learner.zero_stage > 0:
             grad_norm = self.engine.get_global_grad_norm()
         out["grad_norm"] = float(grad_norm) if grad_norm is not None else float("nan")
         out["lr"] = float(self.engine.get_lr()[0])
         out["skipped_nonfinite"] = float(skipped)
+        out["compute_s"] = time.perf_counter() - t0  # the step itself, without the call's transport
         return out
+
+    def _sum_over_ranks(self, x: torch.Tensor, op=None) -> torch.Tensor:
+        """all_reduce (sum, or `op`) across the learner ranks; one rank has nothing to reduce."""
+        if self.world_size > 1:
+            import torch.distributed as dist
+            dist.all_reduce(x, op=op or dist.ReduceOp.SUM)
+        return x
 
     def _skip_boundary_step(self) -> None:
         """engine.step() at an accumulation boundary less the optimizer and the LR scheduler, as
@@ -195,8 +207,7 @@ class LearnerWorker:
         import torch.distributed as dist
         flag = torch.tensor([0.0 if math.isfinite(float(loss_sum)) and math.isfinite(grad_norm) else 1.0],
                             device=self.device)
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        return bool(flag.item())
+        return bool(self._sum_over_ranks(flag, dist.ReduceOp.MAX).item())
 
     def _grad_norm(self) -> float:
         """Pre-clipping global gradient norm (stage 0 holds full, all-reduced gradients)."""
@@ -235,6 +246,29 @@ class LearnerWorker:
         """Push the current weights to every receiver, tagged `version`. Called on every rank."""
         for sender in self.senders:
             sender.send(version)
+
+    def sync_after_step(self, version: int, wait_for: list) -> Optional[float]:
+        """The overlapped loop's weight sync, sent with train_step so it runs right behind it: once
+        `wait_for` (the engines' replies to the generation in flight) exist, push the weights of the
+        step just taken, tagged `version`, and answer the seconds the sending took. Waiting for those
+        replies is what keeps the sync from landing mid-generation. Sends nothing and answers None when
+        that step was skipped or a reply is an error or late: the driver then replaces the engine and
+        syncs itself. Every rank answers alike (the decision is all-reduced before the sync, itself a
+        collective)."""
+        import ray
+        import torch.distributed as dist
+        ok = not self.last_step_skipped
+        if ok:
+            try:
+                ray.get(wait_for, timeout=self.cfg.cluster.call_timeout_s)
+            except Exception:  # noqa: BLE001 - a lost engine (RayActorError, GetTimeoutError): the driver's to handle
+                ok = False
+        flag = torch.tensor([0.0 if ok else 1.0], device=self.device)
+        if self._sum_over_ranks(flag, dist.ReduceOp.MAX).item():
+            return None
+        t0 = time.perf_counter()
+        self.sync_weights(version)
+        return time.perf_counter() - t0
 
     def close_weight_sync(self) -> None:
         """Close every transfer group. Best effort: after a receiver died the driver reopens the groups

@@ -43,7 +43,8 @@ class Rollout:
         return len(self.prompt_ids)
 
     def completions(self) -> list[list[int]]:
-        return [row[m].tolist() for row, m in zip(self.completion_ids, self.completion_mask)]
+        return [[t for t, m in zip(ids, keep) if m]
+                for ids, keep in zip(self.completion_ids.tolist(), self.completion_mask.tolist())]
 
 
 @dataclass(frozen=True)
@@ -168,6 +169,8 @@ def pad_rows(rows: list[list], pad, dtype=torch.long, width: Optional[int] = Non
 
 def concat_rollouts(parts: list[Rollout]) -> Rollout:
     """Join rollouts from several actors (re-padding completions to the longest)."""
+    if len(parts) == 1:
+        return parts[0]
     width = max(p.completion_ids.shape[1] for p in parts)
 
     def cat(name, pad):
@@ -190,5 +193,7 @@ def concat_rollouts(parts: list[Rollout]) -> Rollout:
 
 def concat_scores(parts: list[TeacherScores]) -> TeacherScores:
     """Join teacher scores row-wise (all parts share the completion width T)."""
+    if len(parts) == 1:
+        return parts[0]
     return TeacherScores(**{f.name: None if getattr(parts[0], f.name) is None
                             else torch.cat([getattr(p, f.name) for p in parts]) for f in fields(TeacherScores)})

@@ -95,3 +95,27 @@ def test_eval_stop_at_accuracy_is_checked_before_work(write_manifest):
     for bad in ({"stop_at_accuracy": 1.5}, {"stop_at_accuracy": 0.5, "interval": 0}):
         with pytest.raises(ManifestError, match="eval.stop_at_accuracy"):
             load_manifest(write_manifest(eval=bad))
+
+
+def test_sft_sends_its_weights_only_before_an_evaluation(ray_session, write_manifest, tmp_path, capsys):
+    """SFT samples nothing between evaluations, so the learner sends its weights only at evaluation steps
+    and the last; each evaluation still sees the newest weights: the last one's accuracy is the saved
+    model's, evaluated on its own, and it moved off the untrained model's."""
+    rows = [{"prompt": f"{i}+{i}=", "answer": "7"} for i in range(64)]
+    data = tmp_path / "sevens.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    manifest = write_manifest(algorithm="sft", loss={"name": "sft"}, teacher={"kind": "none"},
+                              data={"train": str(data), "eval": str(data)},
+                              run={"name": "lazy", "output_dir": str(tmp_path / "runs"), "steps": 30},
+                              learner={"micro_batch_size": 4, "lr": 1e-2, "schedule": "constant", "warmup_ratio": 0},
+                              eval={"interval": 10, "size": 16, "max_new_tokens": 4})
+    assert main(["train", str(manifest)]) == 0
+    run = tmp_path / "runs" / "lazy"
+    rows = read_metrics(run)
+    assert [r["step"] for r in rows if "time/sync_s" in r] == [10, 20, 30]
+    evals = {r["step"]: r["eval/accuracy"] for r in rows if "eval/accuracy" in r}
+    assert sorted(evals) == [0, 10, 20, 30] and evals[30] != evals[0]
+    capsys.readouterr()
+    assert main(["eval", "--model", str(run / "final"), "--data", str(data), "--size", "16",
+                 "--max-new-tokens", "4"]) == 0
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["accuracy"] == evals[30]

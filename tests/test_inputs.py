@@ -84,3 +84,28 @@ def test_cli_bad_input_exits_2_with_no_run_folder(write_manifest, tmp_path, caps
     assert main(["train", str(write_manifest()), "teacher.prompt_template={hnt}{prompt}"]) == 2
     assert "opd: bad input: teacher.prompt_template: field 'hnt'" in capsys.readouterr().err
     assert not (tmp_path / "runs").exists()
+
+
+def test_prompts_tokenized_together_equal_prompts_tokenized_one_by_one(write_manifest):
+    """The driver tokenizes a step's prompts (and the dataset's, for the length check) in one call."""
+    inputs = load_inputs(load_manifest(write_manifest(), ["teacher.prompt_template={hint} | {prompt}"]))
+    tok, fmt = inputs.tokenizer, inputs.fmt
+    rows = inputs.train.rows[:4] + [{"prompt": "1+1=", "hint": ""}, {"prompt": "12+345=", "hint": "about 357. "}]
+    one = lambda text: [tok.bos_token_id] + tok(text, add_special_tokens=False).input_ids  # noqa: E731
+    assert fmt.students(rows) == [one(r["prompt"]) for r in rows] == [fmt.student(r) for r in rows]
+    assert fmt.teachers(rows) == [one(f"{r['hint']} | {r['prompt']}") for r in rows]
+    assert len({len(ids) for ids in fmt.teachers(rows)}) > 1  # ragged: nothing was padded
+    assert fmt.students([]) == []
+
+
+def test_the_length_check_skips_and_counts_alike_whatever_its_chunk(write_manifest):
+    from launch.inputs import _drop_long
+    from tasks.data import Dataset
+    rows = [{"prompt": "x" * n} for n in (1, 9, 2, 8, 3, 7, 4)]
+    limits = [("prompt", lambda rs: [len(r["prompt"]) for r in rs], 5)]
+    results = []
+    for chunk in (1, 3, 1024):
+        ds = Dataset(rows=list(rows))
+        _drop_long("data.train", ds, limits, chunk=chunk)
+        results.append(([r["prompt"] for r in ds.rows], ds.skipped, ds.skip_reasons))
+    assert results[0] == results[1] == results[2] == (["x", "xx", "xxx", "xxxx"], 3, {"prompt over 5 tokens": 3})

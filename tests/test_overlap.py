@@ -4,6 +4,7 @@ step trains on samples one weight version old, whose behaviour log-probs are tha
 sync sent to an engine mid-generation waits for the generation; bad values stop before any work."""
 import json
 import math
+import time
 
 import pytest
 import ray
@@ -32,12 +33,12 @@ def without(rows, drop=("time/", "perf/", "rollout/lag")):
 
 def record_batches(monkeypatch) -> list:
     """Every TrainBatch the driver hands the learner, in order."""
-    seen, original = [], LearnerGroup.train_step
+    seen, original = [], LearnerGroup.submit_step
 
     def wrapped(self, batch):
         seen.append(batch)
         return original(self, batch)
-    monkeypatch.setattr(LearnerGroup, "train_step", wrapped)
+    monkeypatch.setattr(LearnerGroup, "submit_step", wrapped)
     return seen
 
 
@@ -199,3 +200,28 @@ def test_teachers_score_a_submitted_rollout_as_they_score_a_collected_one(ray_se
     finally:
         for a in engines.actors + teachers.actors:
             ray.kill(a)
+
+
+def test_the_learner_syncs_after_its_step_only_when_the_step_and_the_generation_succeeded(
+        ray_session, write_manifest, assets):
+    """LearnerWorker.sync_after_step, in-process (no receivers: the sending itself is test_weight_sync's):
+    it waits for the replies it is given, sends when the step changed the weights and every reply
+    exists, and answers None (sends nothing) after a skipped step or a failed generation."""
+    from learner.worker import LearnerWorker
+    from opd.weight_sync import free_port
+
+    @ray.remote(num_cpus=0)
+    def fails():
+        raise RuntimeError("an engine died")
+
+    cfg = load_manifest(write_manifest(model={"path": str(assets["student"])}))
+    worker = LearnerWorker(cfg, 0, 1, "127.0.0.1", free_port(), rows_per_step=8)
+    sent = []
+    worker.sync_weights = sent.append
+    slow = Napper.remote().nap.remote(1.0)
+    t = time.perf_counter()
+    assert worker.sync_after_step(3, [slow, ray.put("rollout")]) is not None
+    assert time.perf_counter() - t >= 0.9 and sent == [3]  # it waited for the generation in flight
+    assert worker.sync_after_step(4, [fails.remote()]) is None and sent == [3]
+    worker.last_step_skipped = True
+    assert worker.sync_after_step(5, [ray.put("rollout")]) is None and sent == [3]
