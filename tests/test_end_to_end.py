@@ -68,17 +68,22 @@ def test_algorithms_run(ray_session, write_manifest, tmp_path, over):
     assert [r["step"] for r in rows if "eval/accuracy" in r] == [0, 2]
 
 
+def sevens_sft(write_manifest, tmp_path, name: str, steps: int, evaluation: dict):
+    """(manifest, data): SFT on a task with one answer ("7"), which the tiny model learns in a few dozen
+    steps at lr 1e-2; the same rows train and evaluate."""
+    data = tmp_path / "sevens.jsonl"
+    data.write_text("".join(json.dumps({"prompt": f"{i}+{i}=", "answer": "7"}) + "\n" for i in range(64)))
+    return write_manifest(algorithm="sft", loss={"name": "sft"}, teacher={"kind": "none"},
+                          data={"train": str(data), "eval": str(data)},
+                          run={"name": name, "output_dir": str(tmp_path / "runs"), "steps": steps},
+                          learner={"micro_batch_size": 4, "lr": 1e-2, "schedule": "constant", "warmup_ratio": 0},
+                          eval=evaluation), data
+
+
 def test_eval_stop_at_accuracy_ends_the_run_at_that_evaluation(ray_session, write_manifest, tmp_path):
     """SFT on a task with one answer ("7") learns it in a few dozen steps; the run stops at the first
     evaluation at or above the threshold, and its summary and final model are that step's."""
-    rows = [{"prompt": f"{i}+{i}=", "answer": "7"} for i in range(64)]
-    data = tmp_path / "sevens.jsonl"
-    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    manifest = write_manifest(algorithm="sft", loss={"name": "sft"}, teacher={"kind": "none"},
-                              data={"train": str(data), "eval": str(data)},
-                              run={"name": "stop", "output_dir": str(tmp_path / "runs"), "steps": 200},
-                              learner={"micro_batch_size": 4, "lr": 1e-2},
-                              eval={"interval": 5, "size": 16, "stop_at_accuracy": 0.5})
+    manifest, _ = sevens_sft(write_manifest, tmp_path, "stop", 200, {"interval": 5, "size": 16, "stop_at_accuracy": 0.5})
     assert main(["train", str(manifest)]) == 0
     run = tmp_path / "runs" / "stop"
     summary = json.loads((run / "summary.json").read_text())
@@ -101,14 +106,7 @@ def test_sft_sends_its_weights_only_before_an_evaluation(ray_session, write_mani
     """SFT samples nothing between evaluations, so the learner sends its weights only at evaluation steps
     and the last; each evaluation still sees the newest weights: the last one's accuracy is the saved
     model's, evaluated on its own, and it moved off the untrained model's."""
-    rows = [{"prompt": f"{i}+{i}=", "answer": "7"} for i in range(64)]
-    data = tmp_path / "sevens.jsonl"
-    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    manifest = write_manifest(algorithm="sft", loss={"name": "sft"}, teacher={"kind": "none"},
-                              data={"train": str(data), "eval": str(data)},
-                              run={"name": "lazy", "output_dir": str(tmp_path / "runs"), "steps": 30},
-                              learner={"micro_batch_size": 4, "lr": 1e-2, "schedule": "constant", "warmup_ratio": 0},
-                              eval={"interval": 10, "size": 16, "max_new_tokens": 4})
+    manifest, data = sevens_sft(write_manifest, tmp_path, "lazy", 30, {"interval": 10, "size": 16, "max_new_tokens": 4})
     assert main(["train", str(manifest)]) == 0
     run = tmp_path / "runs" / "lazy"
     rows = read_metrics(run)
