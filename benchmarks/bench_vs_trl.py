@@ -61,9 +61,10 @@ Settings matched (both sides get the same numbers):
 
 Differences that remain (by design of the two systems, not settings):
   * TRL runs everything in one process on one copy of the weights: no weight sync, no IPC. Ours
-    pays Ray IPC (prompts/rollouts/teacher log-probs through the object store), a full-vocab
-    teacher log-prob tensor [B, T, V] shipped from the teacher actor to the learner, and a weight
-    sync to the rollout actor every step.
+    pays Ray IPC (prompts, rollouts and the teacher's output through the object store: hidden states
+    [B, T, H] with our defaults, the full-vocab log-prob tensor [B, T, V] with
+    teacher.full_vocab_transport=logprobs) and a weight sync to the rollout actor every step (with
+    rollout.max_lag=1 the learner sends it right behind its step, as soon as the next rollout is done).
   * Rollout: our own KV-cached sampling loop vs HF `generate` (also KV-cached).
   * Learner: ours a DeepSpeed engine (ZeRO-0, torch AdamW) that materialises the student logits;
     TRL accelerate + fused torch AdamW and a chunked divergence kernel (torch fallback on CPU)
