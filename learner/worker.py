@@ -190,7 +190,7 @@ class LearnerWorker:
         """all_reduce (sum, or `op`) across the learner ranks; one rank has nothing to reduce."""
         if self.world_size > 1:
             import torch.distributed as dist
-            dist.all_reduce(x, op=op or dist.ReduceOp.SUM)
+            dist.all_reduce(x, op=dist.ReduceOp.SUM if op is None else op)
         return x
 
     def _skip_boundary_step(self) -> None:
