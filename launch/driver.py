@@ -53,7 +53,7 @@ def _loop(cfg: ExperimentConfig, run: RunDir, s: "Setup") -> dict:
             batch = sft_batch(s.fmt, rows, "answer")
         else:
             with timer("rollout"):  # the seed is a function of the step: a resumed or retried step samples alike
-                rollout = s.rollouts.generate(student_prompts(s, rows), s.sampling_at(step))
+                rollout = s.rollouts.generate(s.fmt.students(rows), s.sampling_at(step))
             batch = rollout_batch(cfg, s, step, prompts, rows, rollout, timer, metrics)
         learn(s, batch, timer, metrics)
         sync(cfg, s, step, guard, timer, metrics)
@@ -77,10 +77,6 @@ def draw(cfg: ExperimentConfig, s: "Setup") -> tuple[list[dict], list[dict]]:
     """The step's prompts, and its rows: each prompt repeated samples_per_prompt times (once for SFT)."""
     prompts = s.train.next_batch(cfg.rollout.prompts_per_step)
     return prompts, [r for r in prompts for _ in range(1 if cfg.algorithm == "sft" else cfg.rollout.samples_per_prompt)]
-
-
-def student_prompts(s: "Setup", rows: list[dict]) -> list[list[int]]:
-    return s.fmt.students(rows)
 
 
 def rollout_batch(cfg: ExperimentConfig, s: "Setup", step: int, prompts: list[dict], rows: list[dict], rollout,
@@ -124,7 +120,7 @@ def sync(cfg: ExperimentConfig, s: "Setup", step: int, guard: NonfiniteGuard, ti
         s.unsent = step  # the learner holds weights the engines lack
     if sent:
         s.version, s.unsent = step, None
-    elif s.unsent is not None and (cfg.algorithm != "sft" or engines_read_after(cfg, step)):
+    elif s.unsent is not None and engines_read_after(cfg, step):
         with timer("sync"):
             s.sync_weights(s.unsent)
 
@@ -157,8 +153,9 @@ def eval_due(cfg: ExperimentConfig, step: int) -> bool:
 
 
 def engines_read_after(cfg: ExperimentConfig, step: int) -> bool:
-    """Whether anything but the next step's sampling reads the engines after this step: an evaluation."""
-    return eval_due(cfg, step) or step == cfg.run.steps
+    """Whether the engines are read before the next step's sync: the next step samples from them (every
+    algorithm but SFT), or an evaluation follows this step."""
+    return cfg.algorithm != "sft" or eval_due(cfg, step) or step == cfg.run.steps
 
 
 def checkpoint_due(cfg: ExperimentConfig, step: int) -> bool:

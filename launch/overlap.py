@@ -57,7 +57,7 @@ from typing import Optional
 
 from launch.config import ExperimentConfig
 from launch.driver import (Setup, StageTimer, begin, between_steps, checkpoint_due, draw, finish, learner_metrics,
-                           log_step, rollout_batch, student_prompts, sync)
+                           log_step, rollout_batch, sync)
 from launch.remote import Pending
 from launch.run_dir import RunDir
 from opd.contracts import Rollout, TrainBatch
@@ -88,7 +88,7 @@ def overlapped_loop(cfg: ExperimentConfig, run: RunDir, s: Setup) -> dict:
         if this.batch is None:  # not readied during the previous step: sample, score and build it now
             if this.rollout is None:
                 with timer("rollout"):
-                    this.rollout = s.rollouts.generate(student_prompts(s, this.rows), s.sampling_at(step))
+                    this.rollout = s.rollouts.generate(s.fmt.students(this.rows), s.sampling_at(step))
             this.batch = rollout_batch(cfg, s, step, this.prompts, this.rows, this.rollout, timer, metrics,
                                        this.scores)
         ahead = submit(cfg, s, step + 1) if runs_ahead(cfg, step) else None
@@ -133,7 +133,7 @@ def submit(cfg: ExperimentConfig, s: Setup, step: int) -> Ahead:
     """Draw `step`'s prompts and start sampling them with the weights the engines hold now, and
     (OPD) scoring them as soon as they exist."""
     prompts, rows = draw(cfg, s)
-    pending = s.rollouts.submit(student_prompts(s, rows), s.sampling_at(step))
+    pending = s.rollouts.submit(s.fmt.students(rows), s.sampling_at(step))
     scores = (s.teachers.submit_score(s.fmt.teachers(rows), pending, s.request)
               if cfg.algorithm == "opd" else None)
     return Ahead(prompts, rows, pending=pending, scores=scores)
