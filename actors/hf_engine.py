@@ -10,6 +10,7 @@ import torch
 from opd.contracts import Rollout, SamplingSpec
 from opd.modeling import actor_device, load_model
 from opd.sampling import generate
+from opd.tokens import special_ids
 from opd.weight_sync.gloo import HFModelReceiver
 
 
@@ -17,10 +18,11 @@ class HFEngine(HFModelReceiver):
     """Rollout engine. A plain class: Ray wraps it as an actor, tests build it in-process."""
 
     def __init__(self, model_path: str, dtype: str = "float32", seed: int = 0, threads: int = 0,
-                 use_gpu: bool = False):
+                 use_gpu: bool = False, trust_remote_code: bool = False):
         self.device = actor_device(use_gpu)
-        self.model, tok = load_model(model_path, dtype, self.device, threads)
-        self.pad_id, self.eos_id = tok.pad_token_id, tok.eos_token_id
+        self.model, tok = load_model(model_path, dtype, self.device, threads, trust_remote_code)
+        ids = special_ids(tok, model_path)
+        self.pad_id, self.eos_id = ids.pad, ids.eos
         self.weight_version = 0
         self.gen = torch.Generator(self.device).manual_seed(seed)
 

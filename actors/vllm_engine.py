@@ -39,7 +39,8 @@ class VLLMEngine(LLMWeightReceiver):
         # One seed per row: repeated prompts with one shared seed would give identical samples.
         params = [SamplingParams(n=1, temperature=spec.temperature, top_p=spec.top_p, max_tokens=spec.max_new_tokens,
                                  logprobs=spec.return_topk if wants_logprobs else None,
-                                 seed=None if spec.seed is None else spec.seed + i, detokenize=False)
+                                 seed=None if spec.seed is None else spec.seed + i, detokenize=False,
+                                 stop_token_ids=list(spec.stop_ids) or None)
                   for i in range(len(prompts))]
         outputs = self.llm.generate([TokensPrompt(prompt_token_ids=list(p)) for p in prompts], params,
                                     use_tqdm=False)

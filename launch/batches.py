@@ -2,31 +2,78 @@
 from __future__ import annotations
 
 from collections import Counter
+from dataclasses import dataclass, field
+from typing import Optional
 
 import torch
 
 from losses import group_normalised_advantages
 from opd.contracts import Rollout, ScoreRequest, TeacherScores, TrainBatch, pad_rows
+from opd.tokens import special_ids
+
+
+@dataclass(frozen=True)
+class ChatSettings:
+    """data.chat_template on: prompts are rendered by the tokenizer's chat template."""
+    kwargs: dict = field(default_factory=dict)   # data.chat_template_kwargs, e.g. {"enable_thinking": False}
+    student_system: Optional[str] = None          # data.system_prompt (None: the row's own, if any)
+    teacher_system: Optional[str] = None          # teacher.system_prompt (None: the student's; "": none)
+    messages_field: str = "messages"
 
 
 class PromptFormatter:
-    """Renders the student's and the teacher's prompts from one row. For OPSD the teacher's template
-    carries privileged fields the student's never sees; completions are shared token for token."""
+    """Renders the student's and the teacher's prompts from one row, as token ids. For OPSD the teacher's
+    template (and, in chat format, its system message) carries privileged information the student never
+    sees; completions are shared token for token, so only the prompts differ.
 
-    def __init__(self, tokenizer, student_template: str, teacher_template: str):
-        self.tok, self.student_template, self.teacher_template = tokenizer, student_template, teacher_template
+    Plain text: <bos> (where the tokenizer has one and the text does not already start with it) + the
+    template's tokens. Chat: the row's conversation (its messages, or one user turn holding the prompt)
+    with the template applied to the last user turn, the system message set, rendered by
+    apply_chat_template(add_generation_prompt=True) and tokenized with no special tokens added (the
+    template writes any BOS itself, so none is doubled)."""
+
+    def __init__(self, tokenizer, student_template: str, teacher_template: str, chat: Optional[ChatSettings] = None):
+        self.tok, self.student_template, self.teacher_template, self.chat = tokenizer, student_template, teacher_template, chat
 
     def encode(self, texts: list[str]) -> list[list[int]]:
-        """<bos> + the tokens of each text. One tokenizer call for the list: a call per text costs
-        ~4x more, and a step tokenizes every prompt twice (student and teacher)."""
-        bos = [] if self.tok.bos_token_id is None else [self.tok.bos_token_id]
-        return [bos + ids for ids in self.tok(texts, add_special_tokens=False).input_ids] if texts else []
+        """The tokens of each text, <bos> first where the tokenizer has one. One tokenizer call for the list:
+        a call per text costs ~4x more, and a step tokenizes every prompt twice (student and teacher)."""
+        if not texts:
+            return []
+        ids = self.tok(texts, add_special_tokens=False).input_ids
+        bos = self.tok.bos_token_id
+        if self.chat is not None or bos is None:
+            return ids
+        return [x if x[:1] == [bos] else [bos] + x for x in ids]
 
     def students(self, rows: list[dict]) -> list[list[int]]:
-        return self.encode([self.student_template.format(**r) for r in rows])
+        return self.encode(self.render(rows, self.student_template, self.chat and self.chat.student_system))
 
     def teachers(self, rows: list[dict]) -> list[list[int]]:
-        return self.encode([self.teacher_template.format(**r) for r in rows])
+        system = None
+        if self.chat is not None:
+            system = self.chat.student_system if self.chat.teacher_system is None else self.chat.teacher_system
+        return self.encode(self.render(rows, self.teacher_template, system))
+
+    def render(self, rows: list[dict], template: str, system: Optional[str] = None) -> list[str]:
+        """The prompt texts (before tokenization)."""
+        if self.chat is None:
+            return [template.format(**r) for r in rows]
+        convs = [self.conversation(r, template, system) for r in rows]
+        return self.tok.apply_chat_template(convs, add_generation_prompt=True, tokenize=False, **self.chat.kwargs)
+
+    def conversation(self, row: dict, template: str, system: Optional[str]) -> list[dict]:
+        """The row's messages up to its last user turn (a trailing assistant answer is not prompt), that
+        turn's content replaced by the template (whose {prompt} is the turn as written), and the system
+        message replaced by `system` ("" removes it; None keeps the row's)."""
+        msgs = [dict(m) for m in (row.get(self.chat.messages_field) or [{"role": "user", "content": row["prompt"]}])]
+        last_user = max(i for i, m in enumerate(msgs) if m["role"] == "user")
+        msgs = msgs[:last_user + 1]
+        msgs[last_user]["content"] = template.format(**row)
+        if system is not None:
+            msgs = [m for i, m in enumerate(msgs) if not (i == 0 and m["role"] == "system")]
+            msgs = ([{"role": "system", "content": system}] if system else []) + msgs
+        return msgs
 
     def student(self, row: dict) -> list[int]:
         return self.students([row])[0]
@@ -35,6 +82,7 @@ class PromptFormatter:
         return self.teachers([row])[0]
 
     def text(self, ids: list[int]) -> str:
+        """A completion as text for the verifier: special tokens (end of turn, EOS) left out."""
         return self.tok.decode(ids, skip_special_tokens=True)
 
 
@@ -66,10 +114,11 @@ def reward_batch(rollout: Rollout, rewards: list[float], group_ids: list[int]) -
 
 
 def sft_batch(fmt: PromptFormatter, rows: list[dict], target_field: str) -> TrainBatch:
-    """Reference rows: the completion is the row's target text followed by EOS."""
-    targets = [t + [fmt.tok.eos_token_id] for t in fmt.tok([r[target_field] for r in rows],
-                                                             add_special_tokens=False).input_ids]
-    ids = pad_rows(targets, fmt.tok.pad_token_id)
+    """Reference rows: the completion is the row's target text followed by EOS (a chat tokenizer's EOS is
+    its end of turn)."""
+    special = special_ids(fmt.tok)
+    targets = [t + [special.eos] for t in fmt.tok([r[target_field] for r in rows], add_special_tokens=False).input_ids]
+    ids = pad_rows(targets, special.pad)
     mask = pad_rows([[1] * len(t) for t in targets], 0).bool()
     return TrainBatch(prompt_ids=fmt.students(rows), completion_ids=ids, completion_mask=mask,
                       is_reference=torch.ones(len(rows), dtype=torch.bool))

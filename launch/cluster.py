@@ -92,7 +92,8 @@ def llm_spec(cfg: ExperimentConfig, side: str, path: str, seed: int, sync_backen
                    max_model_len=v.max_model_len,
                    gpu_memory_utilization=v.gpu_memory_utilization or (0.4 if shared else 0.85),
                    kv_cache_memory_gb=v.kv_cache_memory_gb, max_logprobs=v.max_logprobs,
-                   enforce_eager=v.enforce_eager, seed=seed, sync_backend=sync_backend, sleep_mode=shared)
+                   enforce_eager=v.enforce_eager, seed=seed, sync_backend=sync_backend, sleep_mode=shared,
+                   trust_remote_code=(cfg.model if side == "rollout" else cfg.teacher).trust_remote_code)
 
 
 def sync_backend(cfg: ExperimentConfig) -> str:
@@ -126,7 +127,7 @@ class RolloutGroup:
             from actors.hf_engine import HFEngine
             return ray.remote(HFEngine).options(**opts).remote(
                 cfg.model.path, cfg.model.dtype, seed=cfg.run.seed + i, threads=cfg.cluster.threads_per_actor,
-                use_gpu=gpu)
+                use_gpu=gpu, trust_remote_code=cfg.model.trust_remote_code)
         return cls(ActorPool("rollout engine", make, len(slots), cfg.cluster.call_timeout_s))
 
     def generate(self, prompts: list[list[int]], spec: SamplingSpec) -> Rollout:
@@ -178,7 +179,8 @@ class TeacherGroup:
             from teachers.hf_teacher import HFTeacher
             return ray.remote(HFTeacher).options(**opts).remote(
                 path, cfg.model.dtype, student_path=cfg.model.path, threads=cfg.cluster.threads_per_actor,
-                use_gpu=cfg.cluster.num_gpus > 0)
+                use_gpu=cfg.cluster.num_gpus > 0,
+                trust_remote_code=(cfg.model if tc.kind == "self" else tc).trust_remote_code)
         return cls(ActorPool("teacher", make, len(slots), cfg.cluster.call_timeout_s))
 
     def generate(self, teacher_prompts: list[list[int]], spec: SamplingSpec) -> Rollout:

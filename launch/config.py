@@ -71,6 +71,7 @@ class VLLMConfig:
 class ModelConfig:
     path: str = MISSING           # Hugging Face model directory (student)
     dtype: str = "float32"
+    trust_remote_code: bool = False  # run the model folder's own Python (a custom architecture or tokenizer)
 
 
 @dataclass
@@ -78,6 +79,10 @@ class TeacherConfig:
     kind: str = "hf"              # hf | vllm | self (the student's own weights) | none
     path: Optional[str] = None    # required for hf / vllm; `self` uses model.path
     prompt_template: str = "{prompt}"  # row fields by name; OPSD puts privileged info here
+    # data.chat_template on: the teacher's system message. null: the student's (data.system_prompt);
+    # "": none. OPSD with a shared rule: the student has none, the teacher has the rule here.
+    system_prompt: Optional[str] = None
+    trust_remote_code: bool = False  # as model.trust_remote_code, for teacher.path
     live: bool = False            # self-teacher follows the student's weights every step
     num_actors: int = 1
     # How a full-vocabulary loss gets the teacher's distribution. logprobs: the teacher ships [N, T, V]
@@ -97,6 +102,9 @@ class RolloutConfig:
     max_new_tokens: int = 32
     temperature: float = 1.0
     top_p: float = 1.0
+    # Extra stops besides every end id the tokenizer and generation_config.json name (both engines stop
+    # at the same set): token ids, or strings that are one token (e.g. "<|im_end|>").
+    stop: list[Any] = field(default_factory=list)
     # How many weight versions the sampling policy may trail the learner. 0: sample each step with the
     # newest weights (strictly sequential steps). 1: the engines sample step n+1 while the teacher scores
     # and the learner trains step n (launch/overlap.py); each batch is then one version stale, which
@@ -156,11 +164,23 @@ class LossConfig:
 
 @dataclass
 class DataConfig:
-    train: str = MISSING          # .jsonl or .parquet
+    # .jsonl / .parquet file, a glob of them ("data/part-*.parquet"), a folder written by the datasets
+    # library's save_to_disk, or a hub dataset name ("org/name" or "org/name:split") where the hub is reachable
+    train: str = MISSING
     eval: Optional[str] = None
     prompt_field: str = "prompt"
-    answer_field: str = "answer"
-    prompt_template: str = "{prompt}"  # the student's prompt; row fields by name
+    answer_field: str = "answer"  # what the verifier compares against
+    sft_field: Optional[str] = None  # the text SFT (and loss.reference.source: dataset) trains on; null: answer_field
+    # The student's prompt, row fields by name. With chat_template on it is the content of the last user
+    # turn ({prompt} is that turn as the row has it).
+    prompt_template: str = "{prompt}"
+    # Chat models: render prompts with the tokenizer's chat template (apply_chat_template with
+    # add_generation_prompt) instead of as plain text. A row's conversation is its messages_field (a list
+    # of {role, content}) or else one user turn holding prompt_field.
+    chat_template: bool = False
+    chat_template_kwargs: dict[str, Any] = field(default_factory=dict)  # e.g. {enable_thinking: false}
+    system_prompt: Optional[str] = None  # a system message for the student (replaces the row's own)
+    messages_field: str = "messages"
 
 
 @dataclass

@@ -50,7 +50,7 @@ def _loop(cfg: ExperimentConfig, run: RunDir, s: "Setup") -> dict:
         prompts, rows = draw(cfg, s)
         metrics = {"data/skipped_rows": s.train_data.skipped}
         if cfg.algorithm == "sft":
-            batch = sft_batch(s.fmt, rows, "answer")
+            batch = sft_batch(s.fmt, rows, "target")
         else:
             with timer("rollout"):  # the seed is a function of the step: a resumed or retried step samples alike
                 rollout = s.rollouts.generate(s.fmt.students(rows), s.sampling_at(step))
@@ -202,20 +202,21 @@ class Setup:
         self.verifier = get_verifier(cfg.eval.verifier)
         needs = build_configured_loss(cfg).needs
         self.request = score_request(needs, rc.temperature, cfg.teacher.full_vocab_transport, cfg.teacher.kind == "self")
-        self.sampling = sampling_spec(cfg, return_topk=needs.student_topk)
+        stop = inputs.special.stop  # every engine stops at the same ids, in training, reference rows and eval
+        self.sampling = replace(sampling_spec(cfg, return_topk=needs.student_topk), stop_ids=stop)
         self.reference_rows = reference_rows(cfg)
         ref = cfg.loss.reference
         self.reference_sampling = SamplingSpec(max_new_tokens=ref.max_new_tokens or rc.max_new_tokens,
-                                               temperature=ref.temperature, behaviour_logprobs=False)
+                                               temperature=ref.temperature, behaviour_logprobs=False, stop_ids=stop)
         self.eval_sampling = SamplingSpec(max_new_tokens=cfg.eval.max_new_tokens or rc.max_new_tokens,
                                           temperature=cfg.eval.temperature, top_p=cfg.eval.top_p, seed=cfg.run.seed,
-                                          behaviour_logprobs=False)
+                                          behaviour_logprobs=False, stop_ids=stop)
         self.placement = Placement(cfg, cfg.cluster.placement_timeout_s)
         self.learner = self.rollouts = self.teachers = None
         self.version = 0  # the weight version the engines hold (a skipped step keeps it)
         self.unsent: Optional[int] = None  # the step whose weights the learner holds and the engines lack
         try:
-            self._start_actors(inputs.tokenizer.pad_token_id)
+            self._start_actors(inputs.special.pad)
         except BaseException:
             self.shutdown()  # a half-started run must not leave actors holding the cluster
             raise
@@ -258,7 +259,7 @@ class Setup:
         """SFT rows for this step's prompts under the student's prompt: the dataset's answers, or
         completions the teacher samples from its own prompt (loss.reference.source)."""
         if self.cfg.loss.reference.source == "dataset":
-            return sft_batch(self.fmt, prompts, "answer")
+            return sft_batch(self.fmt, prompts, "target")
         spec = replace(self.reference_sampling, seed=derived_seed(self.cfg.run.seed, "reference", step))
         written = self.teachers.generate(self.fmt.teachers(prompts), spec)
         return TrainBatch(prompt_ids=self.fmt.students(prompts), completion_ids=written.completion_ids,

@@ -6,8 +6,9 @@ from __future__ import annotations
 import string
 from dataclasses import dataclass, field
 
-from launch.batches import PromptFormatter
+from launch.batches import ChatSettings, PromptFormatter
 from launch.config import ExperimentConfig, ManifestError
+from opd.tokens import SpecialIds, special_ids
 from tasks.data import Dataset, load_dataset
 
 
@@ -17,6 +18,7 @@ class Inputs:
     fmt: PromptFormatter
     train: Dataset
     eval_rows: list[dict]
+    special: SpecialIds                 # pad, eos and every stop id (both engines stop at the same set)
     skipped_rows: dict[str, dict[str, int]] = field(default_factory=dict)  # data key -> reason -> rows
 
 
@@ -39,52 +41,111 @@ def template_fields(key: str, template: str) -> list[str]:
     return names
 
 
-def _tokenizer(key: str, path: str):
+def _remote_code_hint(key: str, e: Exception) -> str:
+    """transformers asks for trust_remote_code in a long message; the manifest key is what to name."""
+    if "trust_remote_code" not in str(e):
+        return ""
+    return (f"; it needs its own Python code: set {key.split('.')[0]}.trust_remote_code: true if you trust it")
+
+
+def _tokenizer(key: str, path: str, trust_remote_code: bool = False):
     from transformers import AutoTokenizer
     try:
-        return AutoTokenizer.from_pretrained(path)
+        return AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
     except Exception as e:  # noqa: BLE001 - transformers raises many kinds for "not a model directory"
+        hint = _remote_code_hint(key, e)
+        if hint:
+            raise ManifestError(f"{key}: {path!r} has a custom tokenizer{hint}") from None
         raise ManifestError(f"{key}: {path!r} is not a Hugging Face model directory with a tokenizer "
                             f"({type(e).__name__}: {str(e).splitlines()[0][:200]})") from None
 
 
 def load_inputs(cfg: ExperimentConfig) -> Inputs:
     dc, tc = cfg.data, cfg.teacher
-    tok = _tokenizer("model.path", cfg.model.path)
+    tok = _tokenizer("model.path", cfg.model.path, cfg.model.trust_remote_code)
+    student = _model_config("model.path", cfg.model.path, cfg.model.trust_remote_code)
+    teacher = None
     if cfg.algorithm == "opd" and tc.kind in ("hf", "vllm"):
         from teachers.base import check_same_tokenizer
         try:
-            check_same_tokenizer(_tokenizer("teacher.path", tc.path), tok)
+            check_same_tokenizer(_tokenizer("teacher.path", tc.path, tc.trust_remote_code), tok)
         except ValueError as e:
             raise ManifestError(str(e)) from None
-    student = _model_config("model.path", cfg.model.path)
-    _check_k(cfg.loss.params, "loss.params", student.vocab_size)
+        teacher = _model_config("teacher.path", tc.path, tc.trust_remote_code)
+    _check_embedding_rows(len(tok), student.vocab_size, teacher and teacher.vocab_size)
+    _check_k(cfg.loss.params, "loss.params", len(tok))
+    try:
+        special = special_ids(tok, cfg.model.path, cfg.rollout.stop)
+    except ValueError as e:
+        raise ManifestError(str(e)) from None
     templates = {"data.prompt_template": dc.prompt_template}
     if cfg.algorithm == "opd":
         templates["teacher.prompt_template"] = tc.prompt_template
     fields = {key: template_fields(key, t) for key, t in templates.items()}
-    # Templates say {prompt} and {answer} whatever the dataset calls those columns.
-    column = {"prompt": dc.prompt_field, "answer": dc.answer_field}
-    wanted = sorted({column.get(f, f) for names in fields.values() for f in names} | {dc.answer_field})
-    fmt = PromptFormatter(tok, dc.prompt_template, tc.prompt_template)
-    train = _load("data.train", dc.train, wanted, column, fields)
+    # Templates say {prompt} and {answer} whatever the dataset calls those columns; SFT trains on "target".
+    column = {"prompt": dc.prompt_field, "answer": dc.answer_field, "target": dc.sft_field or dc.answer_field}
+    wanted = sorted({column.get(f, f) for names in fields.values() for f in names}
+                    | {dc.answer_field, column["target"]})
+    fmt = PromptFormatter(tok, dc.prompt_template, tc.prompt_template, _chat_settings(cfg, tok))
+    train = _load("data.train", dc.train, wanted, column, fields, dc.messages_field, dc.chat_template)
+    _check_renders("data.train", fmt, train.rows[0], cfg.algorithm == "opd")
     _drop_long("data.train", train, _train_limits(cfg, fmt, student))
     eval_rows, skipped = [], {"data.train": train.skip_reasons}
     if dc.eval:
         student_fields = {"data.prompt_template": fields["data.prompt_template"]}
         wanted_eval = sorted({column.get(f, f) for f in fields["data.prompt_template"]} | {dc.answer_field})
-        evals = _load("data.eval", dc.eval, wanted_eval, column, student_fields)
+        evals = _load("data.eval", dc.eval, wanted_eval, column, student_fields, dc.messages_field, dc.chat_template)
         new_tokens = cfg.eval.max_new_tokens or cfg.rollout.max_new_tokens
         _drop_long("data.eval", evals, [("prompt", _lengths(fmt.students), _context(cfg, "rollout", student) - new_tokens)])
         eval_rows, skipped["data.eval"] = evals.rows[:cfg.eval.size], evals.skip_reasons
-    return Inputs(tokenizer=tok, fmt=fmt, train=train, eval_rows=eval_rows, skipped_rows=skipped)
+    return Inputs(tokenizer=tok, fmt=fmt, train=train, eval_rows=eval_rows, special=special, skipped_rows=skipped)
 
 
-def _model_config(key: str, path: str):
+def _chat_settings(cfg: ExperimentConfig, tok) -> ChatSettings | None:
+    dc = cfg.data
+    if not dc.chat_template:
+        if dc.chat_template_kwargs or dc.system_prompt is not None or cfg.teacher.system_prompt is not None:
+            raise ManifestError("data.chat_template: data.chat_template_kwargs, data.system_prompt and "
+                                "teacher.system_prompt apply to chat prompts; set data.chat_template: true")
+        return None
+    if not getattr(tok, "chat_template", None):
+        raise ManifestError(f"data.chat_template: the tokenizer of model.path {cfg.model.path!r} has no chat template; "
+                            "set data.chat_template: false and write the format in data.prompt_template")
+    return ChatSettings(kwargs=dict(dc.chat_template_kwargs), student_system=dc.system_prompt,
+                        teacher_system=cfg.teacher.system_prompt, messages_field=dc.messages_field)
+
+
+def _check_renders(key: str, fmt: PromptFormatter, row: dict, teacher: bool) -> None:
+    """Render one row's prompts now, so a template or chat-template problem stops the run here."""
+    try:
+        fmt.students([row])
+        if teacher:
+            fmt.teachers([row])
+    except Exception as e:  # noqa: BLE001 - Jinja, KeyError, tokenizer errors: one line naming the keys
+        raise ManifestError(f"{key}: its first row does not render as a prompt with data.prompt_template / "
+                            f"teacher.prompt_template / data.chat_template_kwargs ({type(e).__name__}: "
+                            f"{str(e).splitlines()[0][:200]})") from None
+
+
+def _check_embedding_rows(tokenizer_ids: int, student_rows: int, teacher_rows: int | None) -> None:
+    """Every tokenizer id needs an embedding row on both sides. Rows past the tokenizer are padding (Qwen3 pads
+    151,669 ids to 151,936 rows; a larger sibling may pad further): sizes may differ there, and full-vocabulary
+    losses then compare the rows both sides have (losses/full_vocab.py)."""
+    for key, rows in (("model.path", student_rows), ("teacher.path", teacher_rows)):
+        if rows is not None and rows < tokenizer_ids:
+            other = "" if teacher_rows is None else f" (student {student_rows} rows, teacher {teacher_rows} rows)"
+            raise ManifestError(f"{key}: the embedding has {rows} rows but the shared tokenizer has {tokenizer_ids} "
+                                f"ids{other}; every id needs a row")
+
+
+def _model_config(key: str, path: str, trust_remote_code: bool = False):
     from transformers import AutoConfig
     try:
-        config = AutoConfig.from_pretrained(path)
+        config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
     except Exception as e:  # noqa: BLE001 - as for tokenizers
+        hint = _remote_code_hint(key, e)
+        if hint:
+            raise ManifestError(f"{key}: {path!r} has a custom architecture{hint}") from None
         raise ManifestError(f"{key}: {path!r} has no readable config.json ({type(e).__name__}: "
                             f"{str(e).splitlines()[0][:200]})") from None
     return config.get_text_config() if hasattr(config, "get_text_config") else config
@@ -119,13 +180,13 @@ def _train_limits(cfg: ExperimentConfig, fmt: PromptFormatter, student) -> list[
                             f"context of {context} tokens")
     if cfg.algorithm == "sft":  # the completion is the answer itself
         def prompt_and_answer(rows: list[dict]) -> list[int]:  # the answer and its EOS
-            answers = fmt.tok([r["answer"] for r in rows], add_special_tokens=False).input_ids
+            answers = fmt.tok([r["target"] for r in rows], add_special_tokens=False).input_ids
             return [len(p) + len(a) + 1 for p, a in zip(fmt.students(rows), answers)]
         return [("prompt + answer", prompt_and_answer, context)]
     limits = [("prompt", _lengths(fmt.students), context - new_tokens)]
     if cfg.algorithm == "opd":
         tc = cfg.teacher
-        teacher = student if tc.kind == "self" else _model_config("teacher.path", tc.path)
+        teacher = student if tc.kind == "self" else _model_config("teacher.path", tc.path, tc.trust_remote_code)
         limits.append(("teacher prompt", _lengths(fmt.teachers), _context(cfg, "teacher", teacher) - new_tokens))
     return limits
 
@@ -161,9 +222,15 @@ def _within(ds: Dataset, rows: list[dict], limits: list[tuple[str, int]], counts
     return kept
 
 
-def _load(key: str, source: str, required: list[str], column: dict, fields: dict[str, list[str]]) -> Dataset:
+def _load(key: str, source: str, required: list[str], column: dict, fields: dict[str, list[str]],
+          messages_field: str = "messages", chat: bool = False) -> Dataset:
+    """Rows of `source` with every required field, under canonical names: prompt (in chat format, the last
+    user turn of the row's messages when it has them), answer, target. In chat format a row may hold
+    messages instead of the prompt field."""
+    if chat:
+        required = [f for f in required if f != column["prompt"]]
     try:
-        ds = load_dataset(source, required)
+        ds = load_dataset(source, required, messages_field)
     except FileNotFoundError:
         raise ManifestError(f"{key}: {source!r} does not exist") from None
     except ValueError as e:
@@ -176,9 +243,26 @@ def _load(key: str, source: str, required: list[str], column: dict, fields: dict
                 raise ManifestError(f"{owner}: field {col!r} is in no row of {key} {source!r} "
                                     f"(its rows have: {', '.join(sorted(have))})") from None
         raise ManifestError(f"{key}: {e}") from None
+    if chat:
+        _drop_rows(ds, lambda r: not r.get(messages_field) and not r.get(column["prompt"]),
+                   f"no {messages_field!r} and no {column['prompt']!r}")
+        _drop_rows(ds, lambda r: bool(r.get(messages_field)) and not any(m["role"] == "user" for m in r[messages_field]),
+                   f"{messages_field!r} has no user turn")
     for row in ds.rows:  # canonical names, so templates and verifiers say {prompt} / answer
-        row["prompt"], row["answer"] = row[column["prompt"]], row.get(column["answer"], "")
+        msgs = row.get(messages_field) if chat else None
+        row["prompt"] = [m for m in msgs if m["role"] == "user"][-1]["content"] if msgs else row[column["prompt"]]
+        row["answer"], row["target"] = row.get(column["answer"], ""), row.get(column["target"], "")
     return ds
+
+
+def _drop_rows(ds: Dataset, bad, reason: str) -> None:
+    kept = [r for r in ds.rows if not bad(r)]
+    if len(kept) != len(ds.rows):
+        ds.skipped += len(ds.rows) - len(kept)
+        ds.skip_reasons[reason] = ds.skip_reasons.get(reason, 0) + len(ds.rows) - len(kept)
+    if not kept:
+        raise ManifestError(f"{ds.source!r}: no usable rows ({ds.skip_reasons})")
+    ds.rows = kept
 
 
 def _columns(source: str) -> set[str]:

@@ -97,7 +97,8 @@ class LearnerWorker:
         from transformers import AutoModelForCausalLM
         deepspeed.init_distributed(dist_backend="nccl" if self.device.type == "cuda" else "gloo")
         self.cfg, self.rank, self.world_size = cfg, rank, world_size
-        model = AutoModelForCausalLM.from_pretrained(cfg.model.path, dtype=DTYPES[cfg.model.dtype])
+        model = AutoModelForCausalLM.from_pretrained(cfg.model.path, dtype=DTYPES[cfg.model.dtype],
+                                                     trust_remote_code=cfg.model.trust_remote_code)
         lc = cfg.learner
         decay = [p for n, p in model.named_parameters() if p.ndim >= 2]
         no_decay = [p for n, p in model.named_parameters() if p.ndim < 2]
@@ -229,10 +230,12 @@ class LearnerWorker:
         if self.rank != 0:
             return
         from transformers import AutoModelForCausalLM, AutoTokenizer
-        model = AutoModelForCausalLM.from_pretrained(self.cfg.model.path, dtype=DTYPES[self.cfg.model.dtype])
+        trust = self.cfg.model.trust_remote_code
+        model = AutoModelForCausalLM.from_pretrained(self.cfg.model.path, dtype=DTYPES[self.cfg.model.dtype],
+                                                     trust_remote_code=trust)
         load_named_tensors(model, weights)
-        model.save_pretrained(path)
-        AutoTokenizer.from_pretrained(tokenizer_path).save_pretrained(path)
+        model.save_pretrained(path)  # with generation_config.json: its stop ids travel with the model
+        AutoTokenizer.from_pretrained(tokenizer_path, trust_remote_code=trust).save_pretrained(path)
 
     def init_weight_sync(self, groups: Sequence[dict]) -> None:
         """Open one sender per target group: {"backend": gloo|nccl|ipc, "dtype": wire dtype name,

@@ -42,7 +42,9 @@ def standard_diagnostics(logp: torch.Tensor, b: LossBatch, p: torch.Tensor | Non
     if reverse_kl is not None:
         out["reverse_kl"] = reverse_kl.detach()
     elif b.teacher_full_logprobs is not None:
-        out["reverse_kl"] = (p * (logp - b.teacher_full_logprobs)).sum(-1)
+        rows = min(logp.shape[-1], b.teacher_full_logprobs.shape[-1])  # padding rows past the tokenizer may differ
+        lp, lq = (x if x.shape[-1] == rows else torch.log_softmax(x[:, :rows], -1) for x in (logp, b.teacher_full_logprobs))
+        out["reverse_kl"] = (lp.exp() * (lp - lq)).sum(-1) if rows != logp.shape[-1] else (p * (lp - lq)).sum(-1)
     if b.student_topk_ids is not None and b.teacher_topk_ids is not None:
         out["topk_overlap"] = topk_overlap(b.student_topk_ids, b.teacher_topk_ids)
     return out

@@ -1,7 +1,12 @@
 """Full-vocabulary divergences against a co-located teacher's whole distribution q [M, V].
 
 Teacher log-probs arrive at the loss temperature (the teacher applies it to its own logits).
-Entries with q(v) = 0 (log q = -inf) contribute 0 to q log q terms, by the limit 0 log 0 = 0."""
+Entries with q(v) = 0 (log q = -inf) contribute 0 to q log q terms, by the limit 0 log 0 = 0.
+
+Student and teacher may have different embedding row counts over one tokenizer (Qwen3 pads its ids to
+151,936 rows; a sibling may pad to 152,064): the rows past the tokenizer are padding. Then both
+distributions are taken over the rows both have, each renormalised there (log_softmax of the common
+rows), so p and q are distributions over one support; with equal sizes nothing changes."""
 from __future__ import annotations
 
 import math
@@ -20,17 +25,21 @@ def _q_log_q_minus(logq: torch.Tensor, other: torch.Tensor) -> torch.Tensor:
     return torch.where(q > 0, q * (logq - other), torch.zeros_like(other)).sum(-1)
 
 
-def _teacher(b: LossBatch, logits: torch.Tensor) -> torch.Tensor:
+def _student_and_teacher(b: LossBatch, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(log p, log q), each [M, V] over the rows both sides have."""
     b.require("teacher_full_logprobs")
-    return b.teacher_full_logprobs.to(logits.dtype)
+    logq = b.teacher_full_logprobs.to(logits.dtype)
+    rows = min(logits.shape[-1], logq.shape[-1])
+    if logq.shape[-1] != rows:
+        logq = torch.log_softmax(logq[:, :rows], -1)
+    return torch.log_softmax(logits[:, :rows], -1), logq
 
 
 @register("full_reverse_kl", needs=lambda **_: _FULL)
 def full_reverse_kl():
     """loss_t = sum_v p(v) (log p(v) - log q(v)): exact reverse KL(p||q) at each position."""
     def fn(logits: torch.Tensor, b: LossBatch) -> LossOutput:
-        logq = _teacher(b, logits)
-        logp = torch.log_softmax(logits, -1)
+        logp, logq = _student_and_teacher(b, logits)
         p = logp.exp()
         kl = (p * (logp - logq)).sum(-1)
         return LossOutput(kl, standard_diagnostics(logp, b, p=p, reverse_kl=kl))
@@ -41,8 +50,7 @@ def full_reverse_kl():
 def full_forward_kl():
     """loss_t = sum_v q(v) (log q(v) - log p(v)): exact forward KL(q||p) (soft cross-entropy minus H(q))."""
     def fn(logits: torch.Tensor, b: LossBatch) -> LossOutput:
-        logq = _teacher(b, logits)
-        logp = torch.log_softmax(logits, -1)
+        logp, logq = _student_and_teacher(b, logits)
         kl = _q_log_q_minus(logq, logp)
         diags = standard_diagnostics(logp, b)
         if diags:
@@ -68,8 +76,7 @@ def generalized_jsd(beta: float = 0.5):
         return full_reverse_kl()
 
     def fn(logits: torch.Tensor, b: LossBatch) -> LossOutput:
-        logq = _teacher(b, logits)
-        logp = torch.log_softmax(logits, -1)
+        logp, logq = _student_and_teacher(b, logits)
         p = logp.exp()
         logm = torch.logaddexp(logq + math.log(beta), logp + math.log(1 - beta))
         kl_teacher = _q_log_q_minus(logq, logm)

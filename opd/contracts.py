@@ -26,6 +26,9 @@ class SamplingSpec:
     return_topk: int = 0  # student top-k ids per position (0: none)
     seed: Optional[int] = None
     behaviour_logprobs: bool = True  # False for evaluation: nothing will read them
+    # Every id generation stops at (opd/tokens.py: the tokenizer's EOS, generation_config's, rollout.stop);
+    # the stop token ends the completion and is part of it. Empty: the engine's own EOS only.
+    stop_ids: tuple[int, ...] = ()
 
 
 @dataclass

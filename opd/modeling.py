@@ -23,14 +23,15 @@ def actor_device(use_gpu: bool) -> torch.device:
     return torch.device("cuda", 0)
 
 
-def load_model(path: str, dtype: str = "float32", device: torch.device | str = "cpu", threads: int = 0):
+def load_model(path: str, dtype: str = "float32", device: torch.device | str = "cpu", threads: int = 0,
+               trust_remote_code: bool = False):
     """Load an HF causal LM (eval mode, on `device`) and its tokenizer."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
     if threads:
         torch.set_num_threads(threads)
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=DTYPES[dtype]).to(device)
-    model.eval()
-    return model, AutoTokenizer.from_pretrained(path)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=DTYPES[dtype], trust_remote_code=trust_remote_code)
+    model.to(device).eval()
+    return model, AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
 
 
 def left_pad(prompts: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -27,11 +27,12 @@ def sample(logits: torch.Tensor, spec: SamplingSpec, gen: torch.Generator) -> tu
 @torch.no_grad()
 def generate(model, prompts: list[list[int]], spec: SamplingSpec, gen: torch.Generator, pad_id: int, eos_id: int,
              weight_version: int = 0) -> Rollout:
-    """Sample up to spec.max_new_tokens per prompt (left-padded batch, stop at EOS); `gen` is reseeded
-    with spec.seed when it has one."""
+    """Sample up to spec.max_new_tokens per prompt (left-padded batch, stop at any of spec.stop_ids, or
+    at eos_id when the spec names none); `gen` is reseeded with spec.seed when it has one."""
     if spec.seed is not None:
         gen.manual_seed(spec.seed)
     device = next(model.parameters()).device
+    stop_ids = torch.tensor(sorted(set(spec.stop_ids) or {eos_id}), device=device)
     ids, mask = (x.to(device) for x in left_pad(prompts, pad_id))
     pos = positions(mask)
     # the prompt's last position only through the output layer (at a 32k vocabulary the prefill's full
@@ -48,7 +49,7 @@ def generate(model, prompts: list[list[int]], spec: SamplingSpec, gen: torch.Gen
         if spec.return_topk:
             topks.append(logits.topk(spec.return_topk, -1).indices)
         toks.append(tok), lps.append(lp.masked_fill(done, 0.0)), alive.append(~done)
-        stopped |= (tok == eos_id) & ~done
+        stopped |= torch.isin(tok, stop_ids) & ~done
         done = done | stopped
         if done.all():
             break

@@ -39,6 +39,7 @@ class LLMSpec:
     sync_backend: Optional[str] = None   # gloo | nccl | ipc | None (frozen engine)
     sleep_mode: bool = False             # colocated with the learner: release memory during its step
     in_process: bool = True              # TP 1: run vLLM's engine and worker in the calling process
+    trust_remote_code: bool = False      # model.trust_remote_code / teacher.trust_remote_code
 
 
 def logprobs_mode_for(spec: SamplingSpec) -> str:
@@ -81,7 +82,7 @@ def build_llm(spec: LLMSpec, logprobs_mode: str) -> "LLM":
                   max_model_len=spec.max_model_len, gpu_memory_utilization=spec.gpu_memory_utilization,
                   enforce_eager=spec.enforce_eager or not cuda, logprobs_mode=logprobs_mode,
                   max_logprobs=spec.max_logprobs,
-                  enable_sleep_mode=spec.sleep_mode)
+                  enable_sleep_mode=spec.sleep_mode, trust_remote_code=spec.trust_remote_code)
     kv_cache_gb = spec.kv_cache_memory_gb or (None if cuda else CPU_KV_CACHE_GB)
     if kv_cache_gb:
         kwargs["kv_cache_memory_bytes"] = int(kv_cache_gb * (1 << 30))

@@ -9,6 +9,7 @@ import torch
 from opd.contracts import Rollout, SamplingSpec, ScoreRequest, TeacherScores, concat_scores
 from opd.modeling import actor_device, completion_hidden, completion_logits, load_model, output_head
 from opd.sampling import generate
+from opd.tokens import special_ids
 from opd.weight_sync.gloo import HFModelReceiver
 from teachers.base import ScoresRollouts, capabilities_for, check_same_tokenizer
 
@@ -17,12 +18,13 @@ class HFTeacher(HFModelReceiver, ScoresRollouts):
     capabilities = capabilities_for("hf")
 
     def __init__(self, model_path: str, dtype: str = "float32", student_path: Optional[str] = None,
-                 threads: int = 0, micro_batch: int = 64, use_gpu: bool = False):
-        self.model, tok = load_model(model_path, dtype, actor_device(use_gpu), threads)
+                 threads: int = 0, micro_batch: int = 64, use_gpu: bool = False, trust_remote_code: bool = False):
+        self.model, tok = load_model(model_path, dtype, actor_device(use_gpu), threads, trust_remote_code)
         if student_path and student_path != model_path:
             from transformers import AutoTokenizer
             check_same_tokenizer(tok, AutoTokenizer.from_pretrained(student_path))
-        self.pad_id, self.eos_id = tok.pad_token_id, tok.eos_token_id
+        ids = special_ids(tok, model_path)
+        self.pad_id, self.eos_id = ids.pad, ids.eos
         self.gen = torch.Generator(next(self.model.parameters()).device).manual_seed(0)
         self.micro_batch = micro_batch
         self.weight_version = 0
