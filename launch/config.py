@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import difflib
 import dataclasses
+import glob
 from dataclasses import dataclass, field, fields, is_dataclass
 from pathlib import Path
 from typing import Any, Optional
@@ -20,6 +21,8 @@ from typing import Any, Optional
 import yaml
 from omegaconf import MISSING, DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
+
+from tasks.data import source_kind
 
 
 @dataclass
@@ -326,7 +329,7 @@ def load_manifest(path: str | Path, overrides: list[str] = (), check_paths: bool
     for key in PATH_KEYS:
         section, name = key.split(".")
         value = getattr(getattr(typed, section), name)
-        if value:
+        if value and not (section == "data" and source_kind(value) == "hub"):  # a hub name stays a name
             setattr(getattr(typed, section), name, str(Path(value).expanduser().absolute()))
     validate(typed)
     if check_paths:
@@ -344,7 +347,8 @@ def missing_paths(cfg: ExperimentConfig) -> list[str]:
     for key in keys:
         section, name = key.split(".")
         value = getattr(getattr(cfg, section), name)
-        if value and not Path(value).exists():
+        kind = source_kind(value) if value and section == "data" else "file"
+        if value and (not glob.glob(value) if kind == "glob" else kind != "hub" and not Path(value).exists()):
             out.append(key)
     return out
 
