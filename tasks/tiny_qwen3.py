@@ -141,9 +141,14 @@ def small_rows(tok) -> int:
     return -(-len(tok) // 64) * 64
 
 
-def build_model(tok, size: Size, rows: int, seed: int) -> Qwen3ForCausalLM:
+def check_rows(tok, rows: int) -> None:
     if rows < len(tok):
-        raise ValueError(f"vocab_rows {rows} is smaller than the tokenizer ({len(tok)} tokens)")
+        raise ValueError(f"vocab-rows {rows} is smaller than the tokenizer ({len(tok)} tokens); "
+                         f"give at least {len(tok)} (Qwen3's is {QWEN3_ROWS})")
+
+
+def build_model(tok, size: Size, rows: int, seed: int) -> Qwen3ForCausalLM:
+    check_rows(tok, rows)
     torch.manual_seed(seed)
     cfg = Qwen3Config(vocab_size=rows, hidden_size=size.hidden, intermediate_size=size.intermediate,
                       num_hidden_layers=size.layers, num_attention_heads=size.heads,
@@ -176,6 +181,8 @@ def write_family(out_dir: str | Path, seed: int = 0, vocab_rows: tuple[int, ...]
     from tasks.chat_math import write_task
     out_dir = Path(out_dir)
     tok = build_tokenizer(seed)
+    for rows in vocab_rows:
+        check_rows(tok, rows)  # before anything is written
     paths = {}
     for name, size in SIZES.items():
         paths[name] = write_model(out_dir / name, tok, size, small_rows(tok), seed + len(paths))
