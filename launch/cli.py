@@ -128,8 +128,22 @@ def cmd_report(args) -> int:
 
 
 def cmd_make_tiny(args) -> int:
+    if args.family == "qwen3":
+        from tasks.tiny_qwen3 import QWEN3_ROWS, write_family
+        rows = (QWEN3_ROWS,) if args.vocab_rows is None else tuple(args.vocab_rows)
+        try:
+            paths = write_family(args.out or "runs/tiny-qwen3", seed=args.seed, vocab_rows=rows)
+        except ValueError as e:
+            print(f"opd make-tiny: --{e}", file=sys.stderr)
+            return 2
+        print(json.dumps({k: str(v) for k, v in paths.items()}, indent=2))
+        return 0
+    if args.vocab_rows is not None:
+        print("opd make-tiny: --vocab-rows applies to --family qwen3 only", file=sys.stderr)
+        return 2
     from tasks.arithmetic import write_task
     from tasks.tiny import write_tiny_models
+    args.out = args.out or "runs/tiny"
     models = write_tiny_models(os.path.join(args.out, "models"), seed=args.seed)
     data = write_task(os.path.join(args.out, "data"), digits=args.digits, seed=args.seed)
     print(json.dumps({k: str(v) for k, v in {**models, **data}.items()}, indent=2))
@@ -172,9 +186,15 @@ def main(argv=None) -> int:
     r.add_argument("runs", nargs="+", help="run folders, or run names under runs/")
     r.add_argument("--out", default="runs/report")
     r.set_defaults(fn=cmd_report)
-    m = sub.add_parser("make-tiny", help="write tiny HF models, tokenizer and the arithmetic task")
-    m.add_argument("--out", default="runs/tiny")
-    m.add_argument("--digits", type=int, default=2)
+    m = sub.add_parser("make-tiny", help="write tiny HF models, tokenizer and a task (arithmetic; chat math for qwen3)")
+    m.add_argument("--family", choices=["llama", "qwen3"], default="llama",
+                   help="llama: character-level Llamas + arithmetic (runs/tiny); qwen3: the tiny Qwen3 family "
+                        "+ chat-format math (runs/tiny-qwen3)")
+    m.add_argument("--out", default=None, help="default runs/tiny, or runs/tiny-qwen3 for --family qwen3")
+    m.add_argument("--digits", type=int, default=2, help="llama family: digits per operand")
+    m.add_argument("--vocab-rows", type=int, nargs="*", default=None, metavar="N",
+                   help="qwen3 family: also write student-N/ and teacher-N/ with N embedding rows for each N "
+                        "(default 151936, Qwen3's; none: only the small-vocabulary pair)")
     m.add_argument("--seed", type=int, default=0)
     m.set_defaults(fn=cmd_make_tiny)
     args, extra = p.parse_known_args(argv)

@@ -24,6 +24,14 @@ def assets(tmp_path_factory) -> dict[str, Path]:
     return {**models, **data}
 
 
+@pytest.fixture(scope="session")
+def qwen3_assets(tmp_path_factory) -> dict[str, Path]:
+    """The tiny Qwen3 family (`opd make-tiny --family qwen3`): student, teacher (small vocabulary rows),
+    student-151936, teacher-151936 (Qwen3's row count), and the chat-math task's train / eval."""
+    from tasks.tiny_qwen3 import write_family
+    return write_family(tmp_path_factory.mktemp("tiny-qwen3"), n_train=512, n_eval=32)
+
+
 @pytest.fixture
 def write_manifest(tmp_path, assets):
     """write_manifest(**sections) -> path of a runnable tiny OPD manifest with those overrides."""
