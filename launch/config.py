@@ -249,6 +249,12 @@ def _all_keys(cls=ExperimentConfig, prefix="") -> list[str]:
 
 def _explain(e: OmegaConfBaseException, source: str) -> ManifestError:
     key = getattr(e, "full_key", None) or "?"
+    if isinstance(e, ConfigKeyError) and getattr(e, "object_type", None) is EvalSetConfig:
+        # OmegaConf names a list item's key without its path
+        names = [f.name for f in fields(EvalSetConfig)]
+        near = difflib.get_close_matches(str(e.key), names, n=1, cutoff=0.6)
+        hint = f"; did you mean 'eval.sets[].{near[0]}'?" if near else f" (a set has {', '.join(names)})"
+        return ManifestError(f"{source}: unknown key 'eval.sets[].{e.key}'{hint}")
     if isinstance(e, ConfigKeyError):
         near = difflib.get_close_matches(key, _all_keys(), n=1, cutoff=0.6)
         hint = f"; did you mean {near[0]!r}?" if near else ""

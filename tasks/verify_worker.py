@@ -34,6 +34,7 @@ class BoundedScorer:
 
     def __init__(self, target: str):
         self.target = target
+        self.calls = 0     # answers scored
         self.timeouts = 0  # answers cut off at their limit (each one restarted the worker)
         self.starts = 0    # workers started
         self._proc: Optional[subprocess.Popen] = None
@@ -42,6 +43,7 @@ class BoundedScorer:
 
     def __call__(self, completion: str, answer: str, timeout_s: float) -> float:
         with self._lock:
+            self.calls += 1
             proc = self._send(json.dumps([completion, answer]) + "\n")
             readable, _, _ = select.select([proc.stdout], [], [], timeout_s)
             line = proc.stdout.readline() if readable else ""
