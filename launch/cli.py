@@ -22,9 +22,8 @@ def cmd_train(args) -> int:
     from launch.config import ManifestError, load_manifest
     from launch.experiment import is_experiment_file
     try:
-        if is_experiment_file(args.manifests[0]):
-            raise ManifestError(f"{args.manifests[0]} is an experiment file (it lists arms); run it with "
-                                f"`opd experiment {args.manifests[0]}`")
+        for m in filter(is_experiment_file, args.manifests):
+            raise ManifestError(f"{m} is an experiment file (it lists arms); run it with `opd experiment {m}`")
         cfg = load_manifest(args.manifests, args.overrides)
     except (ManifestError, FileNotFoundError) as e:
         print(f"opd: bad manifest: {e}", file=sys.stderr)
