@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Optional
 
 import torch
@@ -74,6 +74,13 @@ class PromptFormatter:
             msgs = [m for i, m in enumerate(msgs) if not (i == 0 and m["role"] == "system")]
             msgs = ([{"role": "system", "content": system}] if system else []) + msgs
         return msgs
+
+    def with_chat_kwargs(self, kwargs: Optional[dict]) -> "PromptFormatter":
+        """This formatter with `kwargs` merged over its chat_template_kwargs (itself when there are none)."""
+        if not kwargs or self.chat is None:
+            return self
+        chat = replace(self.chat, kwargs={**self.chat.kwargs, **kwargs})
+        return PromptFormatter(self.tok, self.student_template, self.teacher_template, chat)
 
     def student(self, row: dict) -> list[int]:
         return self.students([row])[0]

@@ -20,8 +20,11 @@ def _quiet() -> None:
 
 def cmd_train(args) -> int:
     from launch.config import ManifestError, load_manifest
+    from launch.experiment import is_experiment_file
     try:
-        cfg = load_manifest(args.manifest, args.overrides)
+        for m in filter(is_experiment_file, args.manifests):
+            raise ManifestError(f"{m} is an experiment file (it lists arms); run it with `opd experiment {m}`")
+        cfg = load_manifest(args.manifests, args.overrides)
     except (ManifestError, FileNotFoundError) as e:
         print(f"opd: bad manifest: {e}", file=sys.stderr)
         return 2
@@ -43,14 +46,17 @@ def cmd_check(args) -> int:
     """Validate a manifest without loading models or data, and check its layout against a described
     or live cluster: a GPU manifest can be checked on a laptop."""
     from launch.config import ManifestError, load_manifest, missing_paths
+    from launch.experiment import is_experiment_file
     from launch.placement import layout, unplaceable
     try:
-        cfg = load_manifest(args.manifest, args.overrides, check_paths=False)
+        if any(is_experiment_file(m) for m in args.manifests):
+            return _check_experiment(args)
+        cfg = load_manifest(args.manifests, args.overrides, check_paths=False)
     except (ManifestError, FileNotFoundError) as e:
         print(f"opd check: {e}", file=sys.stderr)
         return 2
     lay = layout(cfg)
-    print(f"{args.manifest}: valid ({cfg.algorithm}, loss {cfg.loss.name}; {lay.describe()}; "
+    print(f"{' + '.join(args.manifests)}: valid ({cfg.algorithm}, loss {cfg.loss.name}; {lay.describe()}; "
           f"{len(lay.bundles)} bundles, {lay.gpus:g} of cluster.num_gpus {cfg.cluster.num_gpus})")
     for key in missing_paths(cfg):
         print(f"warning: {key} does not exist on this machine; it must exist where the job runs")
@@ -69,6 +75,24 @@ def cmd_check(args) -> int:
         print(f"opd check: placement: {where} cannot hold the layout: {why}", file=sys.stderr)
         return 2
     print(f"placement: fits on {where}")
+    return 0
+
+
+def _check_experiment(args) -> int:
+    """`opd check EXPERIMENT.yaml [key=value ...]`: every arm's manifest as the experiment would run it
+    (overrides included), one line per arm; the first bad arm stops with its error."""
+    from pathlib import Path
+    from launch.config import ManifestError
+    from launch.experiment import load_experiment, resolve
+    from launch.placement import layout
+    if len(args.manifests) != 1:
+        raise ManifestError(f"{' + '.join(args.manifests)}: an experiment file is checked on its own "
+                            "(its arms name their manifests); give it alone, with key=value overrides")
+    exp = load_experiment(args.manifests[0])
+    for arm, cfg in resolve(exp, Path("runs/experiments").absolute() / exp.name, args.overrides):
+        lay = layout(cfg)
+        print(f"{exp.name} / {arm.name}: valid ({cfg.algorithm}, loss {cfg.loss.name}; {lay.describe()}): "
+              f"{arm.command()}")
     return 0
 
 
@@ -155,12 +179,12 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="opd", description="On-policy distillation trainer")
     sub = p.add_subparsers(dest="cmd", required=True)
     t = sub.add_parser("train", help="run an experiment manifest")
-    t.add_argument("manifest")
-    t.add_argument("overrides", nargs="*", help="key=value overrides, e.g. loss.name=full_reverse_kl")
+    t.add_argument("items", nargs="+", metavar="MANIFEST [MANIFEST ...] [key=value ...]",
+                   help="manifests, merged left to right, then key=value overrides, e.g. loss.name=full_reverse_kl")
     t.set_defaults(fn=cmd_train)
     c = sub.add_parser("check", help="validate a manifest (and its GPU layout) without loading anything")
-    c.add_argument("manifest")
-    c.add_argument("overrides", nargs="*", help="key=value overrides")
+    c.add_argument("items", nargs="+", metavar="MANIFEST [MANIFEST ...] [key=value ...]",
+                   help="manifests merged left to right (or one experiment file), then key=value overrides")
     c.add_argument("--nodes", type=int, default=0, help="describe a cluster: number of nodes ...")
     c.add_argument("--gpus-per-node", type=int, default=8)
     c.add_argument("--cpus-per-node", type=int, default=64)
@@ -177,7 +201,8 @@ def main(argv=None) -> int:
     e.add_argument("--max-new-tokens", type=int, default=16)
     e.add_argument("--engine", choices=["hf", "vllm"], default="hf")
     e.set_defaults(fn=cmd_eval)
-    x = sub.add_parser("experiment", help="run a named comparison (configs/experiments/NAME.yaml); 'list' lists them")
+    x = sub.add_parser("experiment", help="run a named comparison (configs/experiments/NAME.yaml, or an "
+                                          "experiment file's path); 'list' lists them")
     x.add_argument("name")
     x.add_argument("overrides", nargs="*", help="key=value overrides for every arm, e.g. run.seed=1")
     x.add_argument("--out", default="runs/experiments")
@@ -198,7 +223,12 @@ def main(argv=None) -> int:
     m.add_argument("--seed", type=int, default=0)
     m.set_defaults(fn=cmd_make_tiny)
     args, extra = p.parse_known_args(argv)
-    # argparse stops filling `overrides` at the first option: `opd train m.yaml --x 1 a=b` leaves a=b over
+    if hasattr(args, "items"):  # manifests up to the first key=value, overrides from there
+        first = next((i for i, item in enumerate(args.items) if "=" in item), len(args.items))
+        args.manifests, args.overrides = args.items[:first], args.items[first:]
+        if not args.manifests:
+            p.error(f"{args.cmd}: name a manifest before the key=value overrides")
+    # argparse stops filling `items` at the first option: `opd check m.yaml --nodes 1 a=b` leaves a=b over
     if extra and hasattr(args, "overrides") and not any(e.startswith("-") for e in extra):
         args.overrides += extra
     elif extra:

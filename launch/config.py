@@ -1,10 +1,11 @@
 """Experiment manifests: YAML -> typed dataclasses, with errors that name the key.
 
-A manifest may `extends: other.yaml` (relative to itself); `key=value` overrides come last.
+A manifest may `extends: other.yaml` (relative to itself); several manifests merge left to right
+(`opd train arm.yaml cpu.yaml`); `key=value` overrides come last.
 Unknown keys, wrong types, missing required values and impossible combinations all stop the run
 here, before Ray, models or data are touched.
 
-Paths (model.path, teacher.path, data.train, data.eval, run.output_dir) are relative to the
+Paths (model.path, teacher.path, data.train, data.eval, eval.sets[i].data, run.output_dir) are relative to the
 directory `opd` is started from: the repository root locally, the job's working directory under
 `ray job submit --working-dir`, so the same manifest means the same files on both. They are made
 absolute here, so the run's saved manifest says exactly which files it read.
@@ -187,6 +188,22 @@ class DataConfig:
 
 
 @dataclass
+class EvalSetConfig:
+    """One set of eval.sets (launch/evaluation.py); a field left null takes the eval: section's value."""
+    data: str = MISSING           # as data.eval: .jsonl or .parquet, same fields and prompt template
+    name: Optional[str] = None    # logged as eval/<name>/accuracy, eval/<name>/pass@k; default: data's file stem
+    size: Optional[int] = None
+    samples_per_prompt: Optional[int] = None
+    max_new_tokens: Optional[int] = None
+    temperature: Optional[float] = None
+    top_p: Optional[float] = None
+    verifier: Optional[str] = None
+    # data.chat_template on: this set's kwargs, merged over data.chat_template_kwargs (e.g. thinking on for
+    # one set only)
+    chat_template_kwargs: Optional[dict[str, Any]] = None
+
+
+@dataclass
 class EvalConfig:
     interval: int = 10            # steps between evaluations (0: only at start and end)
     size: int = 128
@@ -194,6 +211,16 @@ class EvalConfig:
     max_new_tokens: Optional[int] = None  # default: rollout.max_new_tokens
     temperature: float = 0.0      # 0 = greedy
     top_p: float = 1.0
+    # Samples per eval prompt (n): eval/accuracy is the mean over all of them (avg@n), eval/pass@k is
+    # logged for k = 1, 2, 4, ... <= n and n. 1: one answer per prompt, as before this key existed.
+    samples_per_prompt: int = 1
+    # math_equiv's limit per answer, in eval and in GRPO rewards: an answer still being compared after
+    # this many seconds scores 0 (its worker process is killed; tasks/verify_worker.py).
+    verify_timeout_s: float = 5.0
+    # Several evaluation sets, each reported apart; the first is the headline eval/accuracy. Without
+    # them, data.eval is the one set. e.g. [{name: aime24, data: aime24.jsonl, samples_per_prompt: 16,
+    # max_new_tokens: 16384}, {name: math500, data: math500.jsonl}]. Refused together with data.eval.
+    sets: list[EvalSetConfig] = field(default_factory=list)
     # Stop the run at the first evaluation whose accuracy is at least this (null: run every step): the
     # final model and summary are that step's. The demo's student warm start stops at 0.2, so it is
     # partly competent whatever its seed (where an SFT run leaves its loss plateau varies by 100+ steps).
@@ -248,6 +275,12 @@ def _all_keys(cls=ExperimentConfig, prefix="") -> list[str]:
 
 def _explain(e: OmegaConfBaseException, source: str) -> ManifestError:
     key = getattr(e, "full_key", None) or "?"
+    if isinstance(e, ConfigKeyError) and getattr(e, "object_type", None) is EvalSetConfig:
+        # OmegaConf names a list item's key without its path
+        names = [f.name for f in fields(EvalSetConfig)]
+        near = difflib.get_close_matches(str(e.key), names, n=1, cutoff=0.6)
+        hint = f"; did you mean 'eval.sets[].{near[0]}'?" if near else f" (a set has {', '.join(names)})"
+        return ManifestError(f"{source}: unknown key 'eval.sets[].{e.key}'{hint}")
     if isinstance(e, ConfigKeyError):
         near = difflib.get_close_matches(key, _all_keys(), n=1, cutoff=0.6)
         hint = f"; did you mean {near[0]!r}?" if near else ""
@@ -312,25 +345,35 @@ def parse_overrides(overrides) -> DictConfig:
 PATH_KEYS = ("model.path", "teacher.path", "data.train", "data.eval", "run.output_dir")
 
 
-def load_manifest(path: str | Path, overrides: list[str] = (), check_paths: bool = True) -> ExperimentConfig:
+def _path_fields(cfg: ExperimentConfig) -> list[tuple[str, object, str]]:
+    """(manifest key, the object holding its value, attribute name) of every path the manifest names."""
+    out = [(key, getattr(cfg, key.split(".")[0]), key.split(".")[1]) for key in PATH_KEYS]
+    return out + [(f"eval.sets[{i}].data", s, "data") for i, s in enumerate(cfg.eval.sets)]
+
+
+def load_manifest(paths: str | Path | list, overrides: list[str] = (), check_paths: bool = True) -> ExperimentConfig:
     """Read, merge, override and validate. Returns a typed ExperimentConfig (not a DictConfig).
-    check_paths=False (`opd check` on a laptop) skips the existence of files the run will read."""
+    `paths`: one manifest or several, merged left to right (each with its own `extends:`) before the
+    `key=value` overrides. check_paths=False (`opd check` on a laptop) skips the existence of files
+    the run will read."""
+    paths = [paths] if isinstance(paths, (str, Path)) else list(paths)
+    if not paths:
+        raise ManifestError("no manifest given")
     cfg = OmegaConf.structured(ExperimentConfig)
-    for source, layer in ((str(path), lambda: _load_yaml(Path(path))),
-                          ("command line", lambda: parse_overrides(overrides))):
+    layers = [(str(p), lambda p=p: _load_yaml(Path(p))) for p in paths]
+    for source, layer in layers + [("command line", lambda: parse_overrides(overrides))]:
         try:
             cfg = OmegaConf.merge(cfg, layer())
         except OmegaConfBaseException as e:
             raise _explain(e, source) from None
     missing = sorted(OmegaConf.missing_keys(cfg))
     if missing:
-        raise ManifestError(f"{path}: required value missing: {', '.join(missing)}")
+        raise ManifestError(f"{' + '.join(map(str, paths))}: required value missing: {', '.join(missing)}")
     typed: ExperimentConfig = OmegaConf.to_object(cfg)
-    for key in PATH_KEYS:
-        section, name = key.split(".")
-        value = getattr(getattr(typed, section), name)
-        if value and not (section == "data" and source_kind(value) == "hub"):  # a hub name stays a name
-            setattr(getattr(typed, section), name, str(Path(value).expanduser().absolute()))
+    for key, holder, name in _path_fields(typed):
+        value = getattr(holder, name)
+        if value and not (key.startswith(("data.", "eval.sets")) and source_kind(value) == "hub"):  # a hub name stays
+            setattr(holder, name, str(Path(value).expanduser().absolute()))
     validate(typed)
     if check_paths:
         for key in missing_paths(typed):
@@ -340,22 +383,23 @@ def load_manifest(path: str | Path, overrides: list[str] = (), check_paths: bool
 
 def missing_paths(cfg: ExperimentConfig) -> list[str]:
     """Keys whose path the run reads but which does not exist here."""
-    keys = ["model.path", "data.train", "data.eval"]
+    read = {"model.path", "data.train", "data.eval"}
     if cfg.algorithm == "opd" and cfg.teacher.kind in ("hf", "vllm"):
-        keys.append("teacher.path")
-    out = []
-    for key in keys:
-        section, name = key.split(".")
-        value = getattr(getattr(cfg, section), name)
-        kind = source_kind(value) if value and section == "data" else "file"
-        if value and (not glob.glob(value) if kind == "glob" else kind != "hub" and not Path(value).exists()):
-            out.append(key)
-    return out
+        read.add("teacher.path")
+    return [key for key, holder, name in _path_fields(cfg)
+            if (key in read or key.startswith("eval.sets")) and getattr(holder, name)
+            and not _source_exists(getattr(holder, name), key)]
+
+
+def _source_exists(value: str, key: str) -> bool:
+    """A data source (file, glob, folder or hub name) or model folder that can be read from here."""
+    kind = source_kind(value) if key.startswith(("data.", "eval.sets")) else "file"
+    return bool(glob.glob(value)) if kind == "glob" else kind == "hub" or Path(value).exists()
 
 
 def _missing_path_message(cfg: ExperimentConfig, key: str) -> str:
-    section, name = key.split(".")
-    msg = f"{key}: path {getattr(getattr(cfg, section), name)!r} does not exist"
+    value = next(getattr(holder, name) for k, holder, name in _path_fields(cfg) if k == key)
+    msg = f"{key}: path {value!r} does not exist"
     if cfg.cluster.mode == "ray":
         msg += (" where the job runs; paths must be reachable from the cluster: shared storage, or inside the "
                 "directory `ray job submit --working-dir` uploads (gitignored files such as runs/ are not uploaded)")
@@ -392,8 +436,6 @@ def validate(cfg: ExperimentConfig) -> None:
     _choice("teacher.full_vocab_transport", cfg.teacher.full_vocab_transport, ("logprobs", "hidden_states"))
     _choice("learner.schedule", cfg.learner.schedule, ("cosine", "linear", "constant"))
     _choice("model.dtype", cfg.model.dtype, ("float32", "bfloat16", "float16"))
-    from tasks.verifiers import VERIFIERS  # light (no math_verify import until math_equiv runs)
-    _choice("eval.verifier", cfg.eval.verifier, sorted(VERIFIERS))
     for key in ("run.steps", "rollout.prompts_per_step", "rollout.samples_per_prompt",
                 "rollout.max_new_tokens", "rollout.num_actors", "learner.num_ranks",
                 "learner.micro_batch_size", "teacher.num_actors"):
@@ -407,9 +449,11 @@ def validate(cfg: ExperimentConfig) -> None:
                        cfg.learner.max_nonfinite_steps), ("cluster.call_timeout_s", cfg.cluster.call_timeout_s),
                        ("cluster.connect_timeout_s", cfg.cluster.connect_timeout_s)):
         _positive(key, value)
-    for key, top_p in (("rollout.top_p", cfg.rollout.top_p), ("eval.top_p", cfg.eval.top_p)):
-        if not 0 < top_p <= 1:
-            raise ManifestError(f"{key}: must be in (0, 1], got {top_p}")
+    if not 0 < cfg.rollout.top_p <= 1:
+        raise ManifestError(f"rollout.top_p: must be in (0, 1], got {cfg.rollout.top_p}")
+    from launch.evaluation import eval_set_specs  # every eval.* value and set, with its key
+    eval_set_specs(cfg)
+    _positive("eval.verify_timeout_s", cfg.eval.verify_timeout_s)
     _positive("rollout.temperature", cfg.rollout.temperature)
     stop = cfg.eval.stop_at_accuracy
     if stop is not None and not (0 < stop <= 1 and cfg.eval.interval > 0):

@@ -14,6 +14,7 @@ from launch.capabilities import build_configured_loss
 from launch.cluster import (LearnerGroup, RolloutGroup, TeacherGroup, check_address, connect_weight_sync,
                             derived_seed, start_ray)
 from launch.config import ExperimentConfig, reference_rows, rows_per_step, sampling_spec
+from launch.evaluation import Evaluator
 from launch.guards import NonfiniteGuard
 from launch.inputs import Inputs, load_inputs
 from launch.placement import Placement
@@ -195,11 +196,13 @@ class Setup:
 
     def __init__(self, cfg: ExperimentConfig, inputs: Inputs):
         self.cfg, rc = cfg, cfg.rollout
-        self.fmt, self.train_data, self.eval_rows = inputs.fmt, inputs.train, inputs.eval_rows
+        self.fmt, self.train_data = inputs.fmt, inputs.train
         self.skipped_rows = inputs.skipped_rows
         self.train = PromptStream(self.train_data.rows, cfg.run.seed)
         start_ray(cfg)
-        self.verifier = get_verifier(cfg.eval.verifier)
+        self.verifier = get_verifier(cfg.eval.verifier, cfg.eval.verify_timeout_s)  # GRPO's rewards
+        self.evaluator = Evaluator(inputs.eval_sets, cfg.run.seed, cfg.eval.verify_timeout_s,
+                                   named=bool(cfg.eval.sets), stop_ids=inputs.special.stop)
         needs = build_configured_loss(cfg).needs
         self.request = score_request(needs, rc.temperature, cfg.teacher.full_vocab_transport, cfg.teacher.kind == "self")
         stop = inputs.special.stop  # every engine stops at the same ids, in training, reference rows and eval
@@ -208,9 +211,6 @@ class Setup:
         ref = cfg.loss.reference
         self.reference_sampling = SamplingSpec(max_new_tokens=ref.max_new_tokens or rc.max_new_tokens,
                                                temperature=ref.temperature, behaviour_logprobs=False, stop_ids=stop)
-        self.eval_sampling = SamplingSpec(max_new_tokens=cfg.eval.max_new_tokens or rc.max_new_tokens,
-                                          temperature=cfg.eval.temperature, top_p=cfg.eval.top_p, seed=cfg.run.seed,
-                                          behaviour_logprobs=False, stop_ids=stop)
         self.placement = Placement(cfg, cfg.cluster.placement_timeout_s)
         self.learner = self.rollouts = self.teachers = None
         self.version = 0  # the weight version the engines hold (a skipped step keeps it)
@@ -303,12 +303,12 @@ class Setup:
                          for key, reasons in self.skipped_rows.items())
 
     def evaluate(self, run: RunDir, step: int) -> float | None:
-        if not self.eval_rows:
+        """Every eval set, logged at `step`; the headline eval/accuracy (None without eval data)."""
+        if not self.evaluator.sets:
             return None
         t = time.time()
-        rollout = self.rollouts.generate(self.fmt.students(self.eval_rows), self.eval_sampling)
-        acc = sum(self.rewards(rollout, self.eval_rows)) / len(self.eval_rows)
-        run.log(step, {"eval/accuracy": acc, "time/eval_s": time.time() - t})
+        metrics, acc = self.evaluator(self.rollouts, self.fmt)
+        run.log(step, {**metrics, "time/eval_s": time.time() - t})
         return acc
 
     def checkpoint(self, run: RunDir, step: int, nonfinite_in_row: int) -> None:

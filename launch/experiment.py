@@ -6,7 +6,8 @@
     runs/ARM/      each arm's ordinary run folder (manifest, metrics.jsonl, final model)
     data/, models/ what the experiment's `prepare` step wrote (datasets, tiny initial models)
 
-configs/experiments/NAME.yaml lists the arms. An arm is an ordinary manifest plus overrides; an arm
+configs/experiments/NAME.yaml (or any experiment file, by its path) lists the arms. An arm is an
+ordinary manifest (or a list of manifests, merged left to right) plus overrides; an arm
 marked `stage: true` is a step others build on (reported in the table, left out of the plots). In
 overrides, `${root}` is runs/experiments/NAME, `${data}` its data folder, and `${final:ARM}` an earlier arm's final model,
 so stages feed each other by name. Every arm's manifest is checked before the first one runs.
@@ -32,9 +33,14 @@ _REF = re.compile(r"\$\{(root|data|final:([A-Za-z0-9_.-]+))\}")
 @dataclass
 class Arm:
     name: str
-    manifest: str
+    manifest: str | list[str]
     overrides: list[str] = field(default_factory=list)
     stage: bool = False
+
+    def command(self) -> str:
+        """The arm as an `opd train` command line (before the experiment's own run.* overrides)."""
+        manifests = [self.manifest] if isinstance(self.manifest, str) else self.manifest
+        return " ".join(["opd train", *manifests, *self.overrides])
 
 
 @dataclass
@@ -51,11 +57,28 @@ def available() -> list[str]:
     return sorted(p.stem for p in EXPERIMENTS.glob("*.yaml"))
 
 
+def is_experiment_file(path: str) -> bool:
+    """Whether `path` is an experiment file (a YAML mapping with `arms:`) rather than a manifest."""
+    p = Path(path)
+    if p.suffix not in (".yaml", ".yml") or not p.is_file():
+        return False
+    try:
+        doc = yaml.safe_load(p.read_text())
+    except yaml.YAMLError:
+        return False  # a manifest's YAML error is load_manifest's to report
+    return isinstance(doc, dict) and "arms" in doc
+
+
 def load_experiment(name: str) -> Experiment:
-    path = EXPERIMENTS / f"{name}.yaml"
+    """An experiment by name (configs/experiments/NAME.yaml) or by the path of its file."""
+    by_path = name.endswith((".yaml", ".yml"))
+    path = Path(name) if by_path else EXPERIMENTS / f"{name}.yaml"
+    if by_path and not is_experiment_file(name):
+        raise ManifestError(f"experiment {name!r}: not an experiment file (a YAML mapping with arms:)")
     if not path.exists():
         raise ManifestError(f"experiment {name!r}: no {path.relative_to(EXPERIMENTS.parent.parent)}; "
                             f"known: {', '.join(available())}")
+    name = path.stem
     doc = yaml.safe_load(path.read_text())
     src = f"{path.name}"
     unknown = set(doc) - {"description", "metric", "prepare", "arms", "plots"}
@@ -103,7 +126,7 @@ def resolve(exp: Experiment, root: Path, extra: list[str] = ()) -> list[tuple[Ar
 def run_experiment(name: str, out_dir: str = "runs/experiments", extra: list[str] = ()) -> dict:
     from launch.driver import train
     exp = load_experiment(name)
-    root = Path(out_dir).absolute() / name
+    root = Path(out_dir).absolute() / exp.name
     plan = resolve(exp, root, extra)  # a bad arm stops here, before any work
     t0 = time.time()
     for spec in exp.prepare:
@@ -111,7 +134,7 @@ def run_experiment(name: str, out_dir: str = "runs/experiments", extra: list[str
         getattr(importlib.import_module(module), fn)(root)
     results = []
     for arm, cfg in plan:
-        print(f"\n=== {exp.name} / {arm.name}: opd train {arm.manifest} {' '.join(arm.overrides)}", flush=True)
+        print(f"\n=== {exp.name} / {arm.name}: {arm.command()}", flush=True)
         t = time.time()
         train(cfg)
         rows = read_metrics(root / "runs" / arm.name)

@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from launch.batches import ChatSettings, PromptFormatter
 from launch.config import ExperimentConfig, ManifestError
 from opd.tokens import SpecialIds, special_ids
+from launch.evaluation import EvalSet, eval_set_specs
 from tasks.data import Dataset, load_dataset
 
 
@@ -17,7 +18,7 @@ class Inputs:
     tokenizer: object
     fmt: PromptFormatter
     train: Dataset
-    eval_rows: list[dict]
+    eval_sets: list[EvalSet]  # the first is the headline eval/accuracy (launch/evaluation.py)
     special: SpecialIds                 # pad, eos and every stop id (both engines stop at the same set)
     skipped_rows: dict[str, dict[str, int]] = field(default_factory=dict)  # data key -> reason -> rows
 
@@ -90,15 +91,16 @@ def load_inputs(cfg: ExperimentConfig) -> Inputs:
     train = _load("data.train", dc.train, wanted, column, fields, dc.messages_field, dc.chat_template)
     _check_renders("data.train", fmt, train.rows[0], cfg.algorithm == "opd")
     _drop_long("data.train", train, _train_limits(cfg, fmt, student))
-    eval_rows, skipped = [], {"data.train": train.skip_reasons}
-    if dc.eval:
-        student_fields = {"data.prompt_template": fields["data.prompt_template"]}
-        wanted_eval = sorted({column.get(f, f) for f in fields["data.prompt_template"]} | {dc.answer_field})
-        evals = _load("data.eval", dc.eval, wanted_eval, column, student_fields, dc.messages_field, dc.chat_template)
-        new_tokens = cfg.eval.max_new_tokens or cfg.rollout.max_new_tokens
-        _drop_long("data.eval", evals, [("prompt", _lengths(fmt.students), _context(cfg, "rollout", student) - new_tokens)])
-        eval_rows, skipped["data.eval"] = evals.rows[:cfg.eval.size], evals.skip_reasons
-    return Inputs(tokenizer=tok, fmt=fmt, train=train, eval_rows=eval_rows, special=special, skipped_rows=skipped)
+    eval_sets, skipped = [], {"data.train": train.skip_reasons}
+    student_fields = {"data.prompt_template": fields["data.prompt_template"]}
+    wanted_eval = sorted({column.get(f, f) for f in fields["data.prompt_template"]} | {dc.answer_field})
+    for spec in eval_set_specs(cfg):  # data.eval, or each of eval.sets, skipped rows counted under its key
+        evals = _load(spec.key, spec.data, wanted_eval, column, student_fields, dc.messages_field, dc.chat_template)
+        most = _context(cfg, "rollout", student) - spec.max_new_tokens
+        _drop_long(spec.key, evals, [("prompt", lambda rows: [len(p) for p in EvalSet(spec, rows).prompts(fmt)], most)])
+        eval_sets.append(EvalSet(spec, evals.rows[:spec.size]))
+        skipped[spec.key] = evals.skip_reasons
+    return Inputs(tokenizer=tok, fmt=fmt, train=train, eval_sets=eval_sets, special=special, skipped_rows=skipped)
 
 
 def _chat_settings(cfg: ExperimentConfig, tok) -> ChatSettings | None:

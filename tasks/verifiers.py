@@ -1,11 +1,15 @@
 """Verifiers: completion text + reference answer -> reward in [0, 1]."""
 from __future__ import annotations
 
+import functools
 import re
 from fractions import Fraction
 from typing import Callable, Optional
 
+from tasks.verify_worker import BoundedScorer
+
 Verifier = Callable[[str, str], float]
+VERIFY_TIMEOUT_S = 5.0  # math_equiv's default limit per answer (eval.verify_timeout_s)
 
 
 def exact_match(completion: str, answer: str) -> float:
@@ -72,7 +76,7 @@ def as_number(s: str) -> Optional[Fraction]:
         if m:
             value = Fraction(int(m.group(2)), int(m.group(3)))
             return -value if m.group(1) == "-" else value
-    except ZeroDivisionError:
+    except (ZeroDivisionError, ValueError):  # ValueError: over Python's 4300-digit int conversion limit
         pass
     return None
 
@@ -130,7 +134,9 @@ def _log10_bound(e) -> Optional[float]:
 
 def _too_costly(expr) -> bool:
     """True for a parsed answer whose exact evaluation would never finish (a number like 9^{9^9}):
-    some numeric subtree's magnitude bound is infinite."""
+    some numeric subtree's magnitude bound is infinite. math_equiv's time limit would stop such an
+    answer too, but at the cost of the limit and a worker restart, and scoring it 0 even against an
+    identical reference; this keeps it as its string form (9^{9^9} = 9^{9^9}) at once."""
     import sympy
     if not isinstance(expr, sympy.Basic):
         return False
@@ -162,13 +168,22 @@ def _math_parse(text: str, whole_text: bool) -> list:
             return []
         text = f"${text}$"
     # parsing_timeout=None: the library's timeout is signal.alarm, which raises "signal only works in
-    # main thread" off the main thread (Ray actor threads, the driver's pool); _too_costly stands in
-    # for it against numbers sympy would never finish.
+    # main thread" off the main thread; math_equiv's worker process is the time limit instead.
     parsed = parse(text, [LatexExtractionConfig(), ExprExtractionConfig()], parsing_timeout=None)
     return [p for p in parsed if not _too_costly(p)]
 
 
-def math_equiv(completion: str, answer: str) -> float:
+_WORKER = BoundedScorer("tasks.verifiers:math_equiv_unbounded")  # starts on the first math_equiv call
+
+
+def math_equiv(completion: str, answer: str, timeout_s: float = VERIFY_TIMEOUT_S) -> float:
+    """math_equiv_unbounded's answer, computed in a worker process (tasks/verify_worker.py) and cut off
+    after timeout_s seconds: an answer whose parse or comparison runs longer scores 0.0 (its worker is
+    killed and the next call starts another). Works from any thread; never raises on any text."""
+    return _WORKER(completion, answer, timeout_s)
+
+
+def math_equiv_unbounded(completion: str, answer: str) -> float:
     """1.0 when the completion's final answer is mathematically equal to the reference answer, by
     math-verify (`parse` both, then `verify(gold=reference, target=completion)`); never raises, 0.0 on
     anything unparsable.
@@ -189,9 +204,9 @@ def math_equiv(completion: str, answer: str) -> float:
     (50\\% = 50 = 0.5). Floats are compared after rounding to 6 decimals: 1/3 = 0.333333, but
     1/3 != 0.33 and != 0.333; \\pi != 3.14. Not equal: 2 vs -2, \\sqrt{2} vs 2, [1,3) vs [1,3].
 
-    No timeout (see _math_parse): a number too big to evaluate (a power or factorial with an exponent
-    above 10^5, e.g. 9^{9^9}) is compared as a string only; other pathological input could in
-    principle still be slow in sympy.
+    No time limit here (math_equiv adds one): a number too big to evaluate (a power or factorial with
+    an exponent above 10^5, e.g. 9^{9^9}) is compared as a string only, but other input (say
+    \\binom{10^9}{10^8}) can keep sympy busy for minutes.
     """
     try:
         from math_verify import verify
@@ -213,7 +228,11 @@ VERIFIERS: dict[str, Verifier] = {"exact_match": exact_match, "first_line_match"
                                   "boxed_match": boxed_match, "math_equiv": math_equiv}
 
 
-def get_verifier(name: str) -> Verifier:
+def get_verifier(name: str, timeout_s: Optional[float] = None) -> Verifier:
+    """The verifier `name`; for math_equiv, with timeout_s (eval.verify_timeout_s) as its limit per
+    answer when given. The others are a regular expression or a comparison: nothing to bound."""
     if name not in VERIFIERS:
         raise ValueError(f"eval.verifier: unknown verifier {name!r}; choose one of {sorted(VERIFIERS)}")
+    if name == "math_equiv" and timeout_s is not None:
+        return functools.partial(math_equiv, timeout_s=timeout_s)
     return VERIFIERS[name]

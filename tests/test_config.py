@@ -80,3 +80,33 @@ def test_missing_path_on_a_cluster_says_where_paths_must_live(write_manifest):
     with pytest.raises(ManifestError, match=r"model.path: path '/nowhere' does not exist where the job runs; "
                                             r"paths must be reachable from the cluster"):
         load_manifest(write_manifest(), ["model.path=/nowhere", "cluster.mode=ray"])
+
+
+def test_several_manifests_merge_left_to_right_before_overrides(tmp_path, write_manifest):
+    base = write_manifest(rollout={"max_new_tokens": 3, "temperature": 0.5})
+    (tmp_path / "small_parent.yaml").write_text("learner: {lr: 0.5}\nrollout: {temperature: 0.9}\n")
+    small = tmp_path / "small.yaml"  # extends: still works inside a later manifest
+    small.write_text("extends: small_parent.yaml\nrollout: {max_new_tokens: 5}\nrun: {steps: 7}\n")
+    cfg = load_manifest([base, small], ["run.steps=9"])
+    assert (cfg.rollout.max_new_tokens, cfg.rollout.temperature, cfg.learner.lr) == (5, 0.9, 0.5)
+    assert cfg.run.steps == 9 and cfg.run.name == "t"  # the override last; base's keys where small is silent
+    assert load_manifest([small, base]).rollout.max_new_tokens == 3  # the order decides
+    with pytest.raises(ManifestError, match=r"small.yaml: unknown key 'rollout.temprature'"):
+        small.write_text("rollout: {temprature: 1}\n")
+        load_manifest([base, small])
+
+
+def test_cli_takes_manifests_up_to_the_first_override(tmp_path, write_manifest, capsys):
+    from launch.cli import main
+    base = write_manifest()
+    more = tmp_path / "more.yaml"
+    more.write_text("rollout: {samples_per_prompt: 0}\n")
+    assert main(["check", str(base), "rollout.max_new_tokens=3"]) == 0
+    assert main(["check", str(base), str(more)]) == 2
+    assert "rollout.samples_per_prompt: must be > 0" in capsys.readouterr().err
+    assert main(["check", str(base), str(more), "rollout.samples_per_prompt=2"]) == 0
+    assert f"{base} + {more}: valid (opd" in capsys.readouterr().out
+    assert main(["train", str(base), str(more)]) == 2  # train merges the same way, and stops before work
+    assert "rollout.samples_per_prompt: must be > 0" in capsys.readouterr().err
+    assert main(["check", str(base), "run.steps=2", str(more)]) == 2  # a path after an override is no override
+    assert "is not key=value" in capsys.readouterr().err

@@ -73,3 +73,32 @@ def test_teacher_choice_chains_grpo_teacher_into_opd(ray_session, tmp_path):
     assert {"teacher/logprob_sampled", "teacher/rank_sampled", "teacher/entropy", "rollout/response_length",
             "rollout/repetition_3gram"} <= set(step)
     assert (root / "teacher_rank_sampled.png").exists()
+
+
+def test_check_on_an_experiment_file_checks_every_arm(capsys):
+    path = "configs/experiments/opsd.yaml"
+    assert main(["check", path]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert [line.split(":")[0] for line in lines] == [f"opsd / {a.name}" for a in load_experiment("opsd").arms]
+    assert all(": valid (" in line for line in lines) and "opd train configs/opsd/shared_rule.yaml" in lines[1]
+    assert main(["check", path, "run.steps=0"]) == 2  # overrides reach every arm, as `opd experiment` passes them
+    assert "experiment opsd, arm 'base': run.steps: must be > 0" in capsys.readouterr().err
+    assert main(["check", path, "configs/opsd/base_sft.yaml"]) == 2
+    assert "an experiment file is checked on its own" in capsys.readouterr().err
+    assert main(["train", path]) == 2
+    assert "is an experiment file (it lists arms); run it with `opd experiment" in capsys.readouterr().err
+
+
+def test_experiments_by_path_and_arms_of_several_manifests(tmp_path, write_manifest):
+    assert load_experiment("configs/experiments/opsd.yaml").name == "opsd"
+    with pytest.raises(ManifestError, match="not an experiment file"):
+        load_experiment(str(write_manifest()))
+    small = tmp_path / "small.yaml"
+    small.write_text("rollout: {max_new_tokens: 5}\n")
+    exp_file = tmp_path / "mine.yaml"
+    exp_file.write_text(f"arms:\n  - name: a\n    manifest: [{write_manifest()}, {small}]\n"
+                        "    overrides: [run.steps=3]\n")
+    exp = load_experiment(str(exp_file))
+    ((arm, cfg),) = resolve(exp, tmp_path / "out")
+    assert exp.name == "mine" and (cfg.rollout.max_new_tokens, cfg.run.steps) == (5, 3)
+    assert arm.command() == f"opd train {write_manifest()} {small} run.steps=3"

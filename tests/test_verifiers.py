@@ -1,11 +1,15 @@
 """math_equiv: library-backed (math-verify) final-answer equivalence for GSM8K / MATH-style answers."""
+import subprocess
+import sys
 import threading
+import time
 
 import pytest
 
 from launch.config import ManifestError, load_manifest
 from tasks.data import load_dataset
 from tasks.math_fixture import MATH_ROWS, write_math_fixture
+from tasks import verifiers
 from tasks.verifiers import VERIFIERS, boxed_match, get_verifier, math_equiv
 
 
@@ -106,8 +110,9 @@ def test_works_off_the_main_thread():
 
 
 @pytest.mark.timeout(60)
-def test_numbers_too_big_to_evaluate_do_not_hang():
-    """No timeout in the library, so math_equiv compares 9^{9^9}-sized numbers as strings only."""
+def test_numbers_too_big_to_evaluate_are_compared_as_strings():
+    """_too_costly: a 9^{9^9}-sized number is kept as its string, so an identical one still scores 1
+    (the time limit alone would score it 0)."""
     assert math_equiv("\\boxed{9^{9^{9^{9}}}}", "5") == 0.0
     assert math_equiv("\\boxed{10^{10^{10}}+1}", "10^{10^{10}}") == 0.0
     assert math_equiv("\\boxed{9^{9^{9}}}", "9^{9^{9}}") == 1.0
@@ -139,3 +144,65 @@ def test_manifest_rejects_an_unknown_verifier(write_manifest):
     with pytest.raises(ManifestError, match=r"eval.verifier: 'math_equal' is not one of .*'math_equiv'"):
         load_manifest(write_manifest(), ["eval.verifier=math_equal"])
     assert load_manifest(write_manifest(), ["eval.verifier=math_equiv"]).eval.verifier == "math_equiv"
+
+
+# --- the time limit: math_equiv runs in a worker process that is killed at eval.verify_timeout_s ---
+
+PATHOLOGICAL = {
+    "power tower": "\\boxed{9^{9^{9^9}}}",
+    "200 nested fractions": "\\boxed{" + "\\frac{1}{" * 200 + "2" + "}" * 200 + "}",
+    "200 nested braces": "\\boxed{" + "{" * 200 + "2" + "}" * 200 + "}",
+    "binomial": "\\boxed{\\binom{10^{9}}{10^{8}}}",  # sympy computes it: minutes, in C, past any signal
+}
+LIMIT_S, SLACK_S = 1.0, 1.5  # slack: killing the worker and the thread's start, on a loaded machine
+
+
+def _timed_in_thread(fn, *args):
+    t = time.monotonic()
+    (out,) = _in_thread(fn, *args)
+    return out, time.monotonic() - t
+
+
+def test_importing_starts_no_worker():
+    code = ("import tasks.verifiers as v, launch.config, launch.evaluation; "
+            "assert v._WORKER._proc is None and v._WORKER.starts == 0; print('idle')")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.stdout.strip() == "idle", out.stderr
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("name", list(PATHOLOGICAL))
+def test_pathological_answers_score_0_within_the_limit_from_a_thread(name):
+    assert math_equiv("\\boxed{7}", "7", LIMIT_S) == 1.0  # the worker is up: its start is not timed
+    timeouts = verifiers._WORKER.timeouts
+    got, seconds = _timed_in_thread(math_equiv, PATHOLOGICAL[name], "5", LIMIT_S)
+    assert got == 0.0 and seconds < LIMIT_S + SLACK_S, (got, seconds)
+    if name == "binomial":  # no guard catches it: the limit did
+        assert verifiers._WORKER.timeouts == timeouts + 1 and seconds >= LIMIT_S
+
+
+@pytest.mark.timeout(120)
+def test_equal_answers_still_score_1_after_a_timeout():
+    assert math_equiv(PATHOLOGICAL["binomial"], "5", LIMIT_S) == 0.0  # kills the worker
+    starts = verifiers._WORKER.starts
+    for completion, answer, want in [("\\boxed{x=5}", "5", 1.0), ("\\boxed{\\frac12}", "0.5", 1.0),
+                                     ("\\boxed{\\dfrac{1}{2}}", "1/2", 1.0), ("\\boxed{x=6}", "5", 0.0),
+                                     ("\\boxed{\\frac13}", "0.5", 0.0), ("\\boxed{\\dfrac{1}{2}}", "2", 0.0)]:
+        assert _in_thread(math_equiv, completion, answer, LIMIT_S) == [want], (completion, answer)
+    assert verifiers._WORKER.starts == starts + 1  # one fresh worker answered them all
+
+
+@pytest.mark.timeout(120)
+def test_get_verifier_binds_the_manifest_limit():
+    bounded = get_verifier("math_equiv", 0.5)
+    assert bounded("\\boxed{2^{10}}", "1024") == 1.0
+    got, seconds = _timed_in_thread(bounded, PATHOLOGICAL["binomial"], "5")
+    assert got == 0.0 and 0.5 <= seconds < 0.5 + SLACK_S
+    assert get_verifier("boxed_match", 0.5) is boxed_match  # nothing to bound
+
+
+def test_boxed_match_on_numbers_past_pythons_digit_limit():
+    """int() refuses strings over 4300 digits: such an answer is compared as text, not a crash."""
+    huge = "1" * 5000
+    assert boxed_match(f"\\boxed{{{huge}}}", "5") == 0.0
+    assert boxed_match(f"\\boxed{{{huge}}}", huge) == 1.0
