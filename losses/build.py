@@ -75,5 +75,5 @@ def check_teacher(loss: Loss, capabilities, teacher_name: str = "teacher") -> No
     missing = teacher_shortfalls(loss.needs, capabilities)
     if missing:
         raise ValueError(f"loss.name: {loss.name!r} needs {'; and '.join(missing)}, which {teacher_name} "
-                         f"cannot supply; use a co-located HF teacher or a loss with support: teacher (or, for T1 / T2, "
-                         f"support: student_masked)")
+                         f"cannot supply; use a co-located HF teacher or a loss with support: teacher "
+                         f"(or, for T1 / T2, support: student_masked)")

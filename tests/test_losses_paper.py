@@ -255,3 +255,24 @@ def test_sample_mean_changes_the_weight_of_long_samples():
     torch.testing.assert_close(tok, lengths / lengths.sum())
     torch.testing.assert_close(smp, (lengths > 0).float() / len(b))
     assert math.isclose(float(smp.sum()), 5 / 6, rel_tol=1e-6)  # the empty row counts in the denominator, as in slime
+
+
+def test_kl_to_reference_is_chunk_free_and_the_fused_head_agrees():
+    from losses.reduce import Head, compute_loss_from_hidden
+    z, b = kl_batch(seed=9, n_reference=1)
+    fn = build_loss("topk_reverse_kl_sg", {"k": 3, "support": "student_masked"}, kl_coef=0.2, kl_estimator="low_var_kl").fn
+    v_all, d_all = compute_loss(fn, z, b, T, chunk_size=20)
+    (g_all,) = torch.autograd.grad(v_all, z)
+    for chunk in (1, 3, 7):
+        v, d = compute_loss(fn, z, b, T, chunk_size=chunk)
+        torch.testing.assert_close(v, v_all, rtol=1e-12, atol=1e-15)
+        torch.testing.assert_close(torch.autograd.grad(v, z)[0], g_all, rtol=1e-12, atol=1e-15)
+        for key in d_all:
+            torch.testing.assert_close(d[key], d_all[key], rtol=1e-12, atol=1e-15)
+    w = torch.eye(z.shape[1], dtype=torch.float64)
+    h = z.detach().clone().requires_grad_()
+    v2, d2 = compute_loss_from_hidden(fn, h, Head(w), b, T, chunk_size=7)
+    v2.backward()
+    torch.testing.assert_close(v2, v_all.detach(), rtol=1e-12, atol=1e-14)
+    torch.testing.assert_close(h.grad, g_all, rtol=1e-10, atol=1e-13)
+    assert d2.keys() == d_all.keys() and "kl_to_reference" in d2
