@@ -51,7 +51,7 @@ class VLLMEngine(LLMWeightReceiver):
 def rollout_from_outputs(prompts: list[list[int]], outputs: Sequence["RequestOutput"], topk: int,
                          pad_id: int, version: int, with_logprobs: bool = True) -> Rollout:
     """vLLM RequestOutputs (one completion each, in prompt order) -> Rollout."""
-    ids, logps, tops, reasons = [], [], [], []
+    ids, logps, tops, top_lps, reasons = [], [], [], [], []
     for out in outputs:
         completion = out.outputs[0]
         tokens = list(completion.token_ids)
@@ -69,10 +69,14 @@ def rollout_from_outputs(prompts: list[list[int]], outputs: Sequence["RequestOut
             per_pos = [split_position(completion.logprobs[t], tok, topk) for t, tok in enumerate(tokens)]
             logps.append([p[0] for p in per_pos])
             tops.append([p[1] for p in per_pos])
+            top_lps.append([p[2] for p in per_pos])
     width = max((len(r) for r in ids), default=0)
     student_topk = None if topk == 0 else torch.tensor(
         [r + [[0] * topk] * (width - len(r)) for r in tops], dtype=torch.long).view(len(ids), width, topk)
+    topk_logprobs = None if topk == 0 else torch.tensor(
+        [r + [[0.0] * topk] * (width - len(r)) for r in top_lps], dtype=torch.float32).view(len(ids), width, topk)
     return Rollout(prompt_ids=[list(p) for p in prompts], completion_ids=pad_rows(ids, pad_id, width=width),
                    completion_mask=pad_rows([[True] * len(r) for r in ids], False, torch.bool, width),
                    behaviour_logprobs=pad_rows(logps, 0.0, torch.float32, width) if with_logprobs else None,
-                   finish_reasons=reasons, weight_version=version, student_topk_ids=student_topk)
+                   finish_reasons=reasons, weight_version=version, student_topk_ids=student_topk,
+                   student_topk_logprobs=topk_logprobs)

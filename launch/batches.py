@@ -109,7 +109,8 @@ def score_request(needs, temperature: float, full_vocab_transport: str = "logpro
 def distill_batch(rollout: Rollout, scores: TeacherScores) -> TrainBatch:
     return TrainBatch(prompt_ids=rollout.prompt_ids, completion_ids=rollout.completion_ids,
                       completion_mask=rollout.completion_mask, behaviour_logprobs=rollout.behaviour_logprobs,
-                      student_topk_ids=rollout.student_topk_ids, teacher=scores,
+                      student_topk_ids=rollout.student_topk_ids,
+                      student_topk_logprobs=rollout.student_topk_logprobs, teacher=scores,
                       weight_version=rollout.weight_version)
 
 

@@ -6,8 +6,11 @@ from teachers.base import capabilities_for
 
 
 def build_configured_loss(cfg):
+    """The loss as the learner builds it (learner/worker.py), KL-to-reference penalty included."""
     from losses import build_loss
-    return build_loss(cfg.loss.name, dict(cfg.loss.params), temperature=cfg.rollout.temperature)
+    kl = cfg.loss.kl_to_reference
+    return build_loss(cfg.loss.name, dict(cfg.loss.params), temperature=cfg.rollout.temperature,
+                      kl_coef=kl.coef, kl_estimator=kl.estimator)
 
 
 def check_loss(cfg) -> None:

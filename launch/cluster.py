@@ -217,15 +217,22 @@ class LearnerGroup:
         remote = ray.remote(LearnerWorker)
         self.ranks = [remote.options(**o).remote(cfg, r, n, addr, port, rows_per_step) for r, o in enumerate(opts)]
         self.timeout_s = cfg.cluster.call_timeout_s
+        self.updates, self.reduction = cfg.learner.updates_per_step, cfg.loss.reduction
 
     def train_step(self, batch: TrainBatch) -> dict[str, float]:
         return self.collect(self.submit_step(batch))
 
     def submit_step(self, batch: TrainBatch) -> list:
-        """Start train_step on every rank, each on its share of the rows, and return at once."""
+        """Start train_step on every rank, each on its share of the rows, and return at once. With
+        learner.updates_per_step n, update j takes the j-th of n equal runs of rows in order (slime's
+        mini-batches), split over the ranks like a whole step, so what an update holds does not depend on
+        the rank count; each rank gets its parts in update order, with every update's global denominators."""
+        size = len(batch) // self.updates
+        parts = [list(range(j * size, (j + 1) * size)) for j in range(self.updates)]
+        counts = [batch.denominators(self.reduction, slice(p[0], p[-1] + 1)) for p in parts]
         shards = ([batch] if len(self.ranks) == 1
-                  else [batch.select(list(range(len(batch)))[s]) for s in _split(len(batch), len(self.ranks))])
-        return self._submit("train_step", [(sh, batch.token_counts) for sh in shards])
+                  else [batch.select([i for p in parts for i in p[s]]) for s in _split(size, len(self.ranks))])
+        return self._submit("train_step", [(sh, counts[0] if self.updates == 1 else counts) for sh in shards])
 
     def submit(self, method: str, *args) -> list:
         """Start a collective method on every rank and return at once. Calls from the driver to a

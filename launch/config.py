@@ -144,6 +144,11 @@ class LearnerConfig:
     # by chunk (no [M, V] logits or their gradient held; the loss runs once per chunk, not twice) where
     # the model's head is a plain Linear and zero_stage < 3; else from logits. true: that path or an error.
     fused_head: str = "auto"      # auto | true | false
+    # Optimizer updates per step: the step's rows split, in order, into this many equal mini-batches, each
+    # reduced over its own global counts and stepped on (slime: rollout rows / --global-batch-size). The
+    # behaviour log-probs stay the rollout's, so later updates are off-policy by the earlier ones (an
+    # importance-ratio loss such as sampled_token_rkl corrects that). The LR schedule counts updates.
+    updates_per_step: int = 1
     # A step whose loss or gradient norm is not finite is skipped (no weight change, no sync) and counted
     # (train/skipped_nonfinite); this many in a row stop the run.
     max_nonfinite_steps: int = 3
@@ -160,10 +165,25 @@ class ReferenceConfig:
 
 
 @dataclass
+class KLToReferenceConfig:
+    """coef * KL estimator against a frozen reference model, on every on-policy token (slime's --use-kl-loss
+    --kl-loss-coef --kl-loss-type); losses/kl_reference.py says what each estimator's gradient is. The
+    reference lives in each learner rank (a frozen copy that scores the sampled tokens per micro-batch)."""
+    coef: float = 0.0             # 0: off, nothing loaded
+    estimator: str = "low_var_kl"  # k1 | k2 | k3 | low_var_kl (slime's default is k1: zero expected gradient)
+    path: Optional[str] = None    # the reference model; null: model.path (the student's initial weights)
+
+
+@dataclass
 class LossConfig:
     name: str = "sampled_token_rkl"
     params: dict[str, Any] = field(default_factory=dict)
     reference: ReferenceConfig = field(default_factory=ReferenceConfig)
+    # token_mean: sum over the (mini-)batch's tokens / its token count. sample_mean: each sample's token
+    # mean, then the mean over its samples (slime without --calculate-per-token-loss, the paper's scripts).
+    # Either over global counts (any rank / micro-batch split); SFT-mix reference rows keep their own.
+    reduction: str = "token_mean"
+    kl_to_reference: KLToReferenceConfig = field(default_factory=KLToReferenceConfig)
 
 
 @dataclass
@@ -342,12 +362,12 @@ def parse_overrides(overrides) -> DictConfig:
     return out
 
 
-PATH_KEYS = ("model.path", "teacher.path", "data.train", "data.eval", "run.output_dir")
+PATH_KEYS = ("model.path", "teacher.path", "data.train", "data.eval", "run.output_dir", "loss.kl_to_reference.path")
 
 
 def _path_fields(cfg: ExperimentConfig) -> list[tuple[str, object, str]]:
     """(manifest key, the object holding its value, attribute name) of every path the manifest names."""
-    out = [(key, getattr(cfg, key.split(".")[0]), key.split(".")[1]) for key in PATH_KEYS]
+    out = [(key, _section(cfg, key.split(".")[:-1]), key.split(".")[-1]) for key in PATH_KEYS]
     return out + [(f"eval.sets[{i}].data", s, "data") for i, s in enumerate(cfg.eval.sets)]
 
 
@@ -381,11 +401,19 @@ def load_manifest(paths: str | Path | list, overrides: list[str] = (), check_pat
     return typed
 
 
+def _section(cfg: ExperimentConfig, names: list[str]):
+    for n in names:
+        cfg = getattr(cfg, n)
+    return cfg
+
+
 def missing_paths(cfg: ExperimentConfig) -> list[str]:
     """Keys whose path the run reads but which does not exist here."""
     read = {"model.path", "data.train", "data.eval"}
     if cfg.algorithm == "opd" and cfg.teacher.kind in ("hf", "vllm"):
         read.add("teacher.path")
+    if cfg.loss.kl_to_reference.coef > 0:
+        read.add("loss.kl_to_reference.path")
     return [key for key, holder, name in _path_fields(cfg)
             if (key in read or key.startswith("eval.sets")) and getattr(holder, name)
             and not _source_exists(getattr(holder, name), key)]
@@ -460,14 +488,25 @@ def validate(cfg: ExperimentConfig) -> None:
         raise ManifestError(f"eval.stop_at_accuracy: {stop} needs a value in (0, 1] and eval.interval > 0 "
                             f"(eval.interval is {cfg.eval.interval})")
 
-    rows = rows_per_step(cfg)
+    _positive("learner.updates_per_step", cfg.learner.updates_per_step)
+    _choice("loss.reduction", cfg.loss.reduction, ("token_mean", "sample_mean"))
+    rows, updates = rows_per_step(cfg), cfg.learner.updates_per_step
+    if rows % updates:
+        raise ManifestError(f"learner.updates_per_step: {rows} rows per step do not split into {updates} equal "
+                            f"mini-batches; use a divisor of {rows}")
+    rows //= updates  # the rows of one optimizer update
     per_pass = cfg.learner.micro_batch_size * cfg.learner.num_ranks
     if rows % per_pass:
-        raise ManifestError(f"learner.micro_batch_size: {rows} rows per step do not split into "
+        per = "per step" if updates == 1 else f"per update (learner.updates_per_step: {updates})"
+        raise ManifestError(f"learner.micro_batch_size: {rows} rows {per} do not split into "
                             f"{cfg.learner.num_ranks} ranks x micro-batches of {cfg.learner.micro_batch_size}")
     if cfg.learner.grad_accum is not None and cfg.learner.grad_accum != rows // per_pass:
         raise ManifestError(f"learner.grad_accum: {cfg.learner.grad_accum} but {rows} rows / "
                             f"({per_pass} rows per pass) = {rows // per_pass}; remove it or make it match")
+    kl = cfg.loss.kl_to_reference
+    if kl.coef > 0 and cfg.algorithm == "sft":
+        raise ManifestError("loss.kl_to_reference.coef: algorithm 'sft' trains on reference rows only, which the "
+                            "KL-to-reference penalty skips; set it to 0")
 
     needs_teacher = cfg.algorithm == "opd"
     if needs_teacher and cfg.teacher.kind == "none":

@@ -1,9 +1,19 @@
 """The learner: one DeepSpeed rank per instance. Ray runs one actor per rank; a test can build a
 single rank in-process.
 
-Reduction rule: every token's loss is weighted by 1 / (completion tokens in the *global* batch),
-and DeepSpeed's own averaging over micro-steps and ranks is undone, so any split of a TrainBatch
-across ranks x micro-batches x accumulation gives the gradient of one big batch.
+Reduction rule: every token's loss is weighted by 1 / (completion tokens in the *global* batch)
+(loss.reduction token_mean) or 1 / (its row's tokens x rows in the global batch) (sample_mean), each
+kind of row (on-policy, reference) by its own count, and DeepSpeed's own averaging over micro-steps and
+ranks is undone, so any split of a TrainBatch across ranks x micro-batches x accumulation gives the
+gradient of one big batch. With learner.updates_per_step n, the "global batch" is each of the step's n
+mini-batches, and each is one optimizer update.
+
+KL to a frozen reference (loss.kl_to_reference): each rank holds a frozen copy of the reference model
+and scores the micro-batch's sampled tokens under no_grad right before the student's forward (as slime
+and verl score log p_ref in the training worker). Kept here rather than in a teacher actor because the
+reference scores the STUDENT's prompt (an OPSD teacher sees another), on exactly the micro-batches and
+padding the student's log-probs come from, with no [N, T] transport and no extra actor to place. The
+price is one more model's weights on each rank (not partitioned under ZeRO-3).
 """
 from __future__ import annotations
 
@@ -38,10 +48,12 @@ def lr_lambda(schedule: str, total: int, warmup_ratio: float, min_ratio: float):
 
 
 def deepspeed_config(cfg, rows_per_step: int) -> dict:
+    """DeepSpeed's batch is one optimizer update: rows_per_step / learner.updates_per_step rows."""
     lc = cfg.learner
-    gas = rows_per_step // (lc.micro_batch_size * lc.num_ranks)
+    rows = rows_per_step // lc.updates_per_step
+    gas = rows // (lc.micro_batch_size * lc.num_ranks)
     return {
-        "train_batch_size": rows_per_step,
+        "train_batch_size": rows,
         "train_micro_batch_size_per_gpu": lc.micro_batch_size,
         "gradient_accumulation_steps": gas,
         "gradient_clipping": lc.grad_clip,
@@ -52,35 +64,45 @@ def deepspeed_config(cfg, rows_per_step: int) -> dict:
     }
 
 
-def loss_batch(b: TrainBatch, token_counts: tuple[int, int], device: torch.device = torch.device("cpu")) -> LossBatch:
-    """Flatten a micro-batch's [n, T, ...] tensors to the loss's [n*T, ...] rows."""
+def loss_batch(b: TrainBatch, token_counts: tuple[int, int], device: torch.device = torch.device("cpu"),
+               reduction: str = "token_mean", reference_logprobs: Optional[torch.Tensor] = None) -> LossBatch:
+    """Flatten a micro-batch's [n, T, ...] tensors to the loss's [n*T, ...] rows. token_counts: the
+    global (on-policy, reference) denominators of `reduction` (TrainBatch.denominators);
+    reference_logprobs: [n, T] log p_ref of a frozen reference model, or None."""
     n, T = b.completion_ids.shape
     flat = lambda x: None if x is None else x.reshape(n * T, *x.shape[2:])  # noqa: E731
     per_row = lambda x: None if x is None else x[:, None].expand(n, T).reshape(-1)  # noqa: E731
     t = b.teacher
     return LossBatch(
         tokens=flat(b.completion_ids),
-        weights=flat(b.completion_mask.float() / _row_denominators(b, token_counts)[:, None]),
+        weights=flat(b.completion_mask.float() / _row_denominators(b, token_counts, reduction)[:, None]),
         behaviour_logprobs=flat(b.behaviour_logprobs),
         teacher_sampled_logprobs=None if t is None else flat(t.sampled_logprobs),
         teacher_topk_ids=None if t is None else flat(t.topk_ids),
         teacher_topk_logprobs=None if t is None else flat(t.topk_logprobs),
         student_topk_ids=flat(b.student_topk_ids),
+        student_topk_logprobs=flat(b.student_topk_logprobs),
         teacher_at_student_topk=None if t is None else flat(t.at_student_topk),
         teacher_full_logprobs=None if t is None else flat(t.full_logprobs),
         teacher_hidden=None if t is None else flat(t.hidden_states),
         advantages=per_row(b.advantages),
+        frozen_reference_logprobs=flat(reference_logprobs),
         is_reference=per_row(b.is_reference),
         seq_ids=torch.arange(n)[:, None].expand(n, T).reshape(-1),  # for discounting within a sequence
     ).to(device)
 
 
-def _row_denominators(b: TrainBatch, token_counts: tuple[int, int]) -> torch.Tensor:
-    """[n] the global token count of each row's kind (on-policy or reference): every token's weight is
-    1 / that, so each kind's loss is a token mean over the whole batch, however it is split."""
-    policy, reference = (max(1, c) for c in token_counts)
+def _row_denominators(b: TrainBatch, counts: tuple[int, int], reduction: str = "token_mean") -> torch.Tensor:
+    """[n] each row's token weight is 1 / this. token_mean: the global token count of the row's kind
+    (on-policy or reference), so each kind's loss is a token mean over the whole batch. sample_mean: the
+    row's own token count x the global row count of its kind: a mean per sample, then over samples.
+    Either way, however the batch is split."""
+    policy, reference = (max(1, c) for c in counts)
     ref = b.is_reference if b.is_reference is not None else torch.zeros(len(b), dtype=torch.bool)
-    return torch.where(ref, float(reference), float(policy))
+    per_kind = torch.where(ref, float(reference), float(policy))
+    if reduction == "token_mean":
+        return per_kind
+    return per_kind * b.completion_mask.sum(-1).clamp(min=1).float()
 
 
 class LearnerWorker:
@@ -107,15 +129,18 @@ class LearnerWorker:
         # for an 18M-parameter student (0.05 s against 0.29 s a step)
         opt = (torch.optim.AdamW(groups, lr=lc.lr, betas=tuple(lc.betas), fused=self.device.type in ("cpu", "cuda"))
                if lc.optimizer == "adamw" else torch.optim.SGD(groups, lr=lc.lr))
-        sched = torch.optim.lr_scheduler.LambdaLR(
-            opt, lr_lambda(lc.schedule, cfg.run.steps, lc.warmup_ratio, lc.min_lr_ratio))
+        sched = torch.optim.lr_scheduler.LambdaLR(  # counts optimizer updates, as slime's train_iters
+            opt, lr_lambda(lc.schedule, cfg.run.steps * lc.updates_per_step, lc.warmup_ratio, lc.min_lr_ratio))
         ds_cfg = deepspeed_config(cfg, rows_per_step)
         self.gas = ds_cfg["gradient_accumulation_steps"]
         self.engine, _, _, _ = deepspeed.initialize(model=model, optimizer=opt, lr_scheduler=sched,
                                                     config=ds_cfg)
         if world_size == 1 and lc.zero_stage == 0:  # else DeepSpeed all-reduces one rank's gradients over
             self.engine.enable_backward_allreduce = False  # gloo (ZeRO's reduction also moves them: kept)
-        self.loss = build_loss(cfg.loss.name, dict(cfg.loss.params), temperature=cfg.rollout.temperature)
+        kl = cfg.loss.kl_to_reference
+        self.loss = build_loss(cfg.loss.name, dict(cfg.loss.params), temperature=cfg.rollout.temperature,
+                               kl_coef=kl.coef, kl_estimator=kl.estimator)
+        self.reference = _frozen_reference(cfg, self.device) if self.loss.needs.frozen_reference_logprobs else None
         self.pad_id = model.config.pad_token_id or 0
         self.fused_head = _use_fused_head(lc.fused_head, lc.zero_stage, model)
         self.frozen_teacher_head = _frozen_teacher_head(cfg, self.device)
@@ -129,7 +154,8 @@ class LearnerWorker:
     def micro_loss(self, micro: TrainBatch, token_counts: tuple[int, int]):
         """(loss, diagnostics) of one micro-batch: from the student's hidden states and output layer
         (learner.fused_head) or from its logits. A hidden-state teacher's head is applied inside the loss."""
-        batch = loss_batch(micro, token_counts, self.device)
+        ref = None if self.reference is None else self.reference_logprobs(micro)
+        batch = loss_batch(micro, token_counts, self.device, self.cfg.loss.reduction, ref)
         teacher_head = self.teacher_head() if micro.teacher is not None and micro.teacher.hidden_states is not None \
             else None
         if self.fused_head:
@@ -140,6 +166,16 @@ class LearnerWorker:
         logits = self.student_logits(micro)
         return self.loss(logits.reshape(-1, logits.shape[-1]), batch, teacher_head)
 
+    @torch.no_grad()
+    def reference_logprobs(self, b: TrainBatch) -> torch.Tensor:
+        """[n, T] log p_ref(y_t) of the frozen reference at the loss temperature (0 on padding)."""
+        logits = completion_logits(self.reference, b.prompt_ids, b.completion_ids, b.completion_mask, self.pad_id)
+        z = logits.float() / self.loss.temperature
+        del logits
+        ids = b.completion_ids.to(z.device)[..., None]
+        out = z.gather(-1, ids).squeeze(-1) - torch.logsumexp(z, -1)
+        return out.masked_fill(~b.completion_mask.to(z.device), 0.0)
+
     def teacher_head(self):
         """The output layer that turns teacher hidden states into logits: the frozen teacher's, loaded
         once, or for a live self-teacher the student's own current one (the teacher holds the weights
@@ -148,42 +184,54 @@ class LearnerWorker:
             return self.frozen_teacher_head
         return output_head(self.engine.module).detach()
 
-    def train_step(self, shard: TrainBatch, token_counts: tuple[int, int]) -> dict[str, float]:
-        """One optimizer step on this rank's shard; token_counts = the whole global batch's
-        (on-policy, reference) tokens.
+    def train_step(self, shard: TrainBatch, token_counts) -> dict[str, float]:
+        """The step's optimizer updates on this rank's shard. token_counts: the global (on-policy,
+        reference) denominators of loss.reduction (TrainBatch.denominators), one pair, or one pair per
+        update (learner.updates_per_step): the shard is then that many equal parts in order, part j this
+        rank's rows of update j.
 
-        A non-finite loss or gradient norm skips the step: the weights, the optimizer's moments and the
-        learning-rate schedule stay as they were, and `skipped_nonfinite` is 1. Every rank takes the same decision (ZeRO stage 0:
-        a flag all-reduced before the step; stages 1-3: DeepSpeed's own overflow check, collective)."""
+        A non-finite loss or gradient norm skips the update: the weights, the optimizer's moments and the
+        learning-rate schedule stay as they were. Every rank takes the same decision (ZeRO stage 0:
+        a flag all-reduced before the step; stages 1-3: DeepSpeed's own overflow check, collective).
+        `skipped_nonfinite` is 1 when every update of the step was skipped (the weights did not change);
+        with several updates, `skipped_updates` counts them. Loss, diagnostics and grad_norm are means
+        over the updates."""
         t0 = time.perf_counter()
         self.engine.train()
-        mb = self.cfg.learner.micro_batch_size
-        assert len(shard) == mb * self.gas, f"rank {self.rank}: shard of {len(shard)} rows, expected {mb * self.gas}"
+        updates = [token_counts] if isinstance(token_counts[0], int) else list(token_counts)
+        mb, n = self.cfg.learner.micro_batch_size, len(updates)
+        assert len(shard) == mb * self.gas * n, \
+            f"rank {self.rank}: shard of {len(shard)} rows, expected {mb * self.gas * n}"
         sums: dict[str, torch.Tensor] = {}
-        grad_norm, overflows = None, self.engine.skipped_steps
-        for start in range(0, len(shard), mb):
-            micro = shard.select(list(range(start, start + mb)))
-            loss, diags = self.micro_loss(micro, token_counts)
-            for k, v in {"loss": loss.detach(), **diags}.items():
-                sums[k] = sums.get(k, 0.0) + torch.as_tensor(v, dtype=torch.float64, device=self.device)
-            # DeepSpeed divides by gas and averages over ranks; our weights already sum to 1 globally.
-            self.engine.backward(loss * self.gas * self.world_size)
-            if self.engine.is_gradient_accumulation_boundary() and self.cfg.learner.zero_stage == 0:
-                grad_norm = self._grad_norm()  # ZeRO stages report their own; stage 0 does not
-                if self._all_agree_nonfinite(sums["loss"], grad_norm):
-                    self._skip_boundary_step()
-                    continue
-            self.engine.step()
-        skipped = self.engine.skipped_steps > overflows
-        self.last_step_skipped = skipped
+        norms, overflows = [], self.engine.skipped_steps
+        for j, counts in enumerate(updates):
+            loss_sum, grad_norm = torch.zeros((), dtype=torch.float64, device=self.device), None
+            for start in range(j * mb * self.gas, (j + 1) * mb * self.gas, mb):
+                micro = shard.select(list(range(start, start + mb)))
+                loss, diags = self.micro_loss(micro, counts)
+                loss_sum += loss.detach().to(torch.float64)
+                for k, v in {"loss": loss.detach(), **diags}.items():
+                    sums[k] = sums.get(k, 0.0) + torch.as_tensor(v, dtype=torch.float64, device=self.device)
+                # DeepSpeed divides by gas and averages over ranks; our weights already sum to 1 globally.
+                self.engine.backward(loss * self.gas * self.world_size)
+                if self.engine.is_gradient_accumulation_boundary() and self.cfg.learner.zero_stage == 0:
+                    grad_norm = self._grad_norm()  # ZeRO stages report their own; stage 0 does not
+                    if self._all_agree_nonfinite(loss_sum, grad_norm):
+                        self._skip_boundary_step()
+                        continue
+                self.engine.step()
+            norms.append(self.engine.get_global_grad_norm() if self.cfg.learner.zero_stage > 0 else grad_norm)
+        skipped = self.engine.skipped_steps - overflows
+        self.last_step_skipped = skipped == n
         keys = sorted(sums)
         vec = self._sum_over_ranks(torch.stack([sums[k] for k in keys]))
-        out = {k: float(v) for k, v in zip(keys, vec)}
-        if self.cfg.learner.zero_stage > 0:
-            grad_norm = self.engine.get_global_grad_norm()
-        out["grad_norm"] = float(grad_norm) if grad_norm is not None else float("nan")
+        out = {k: float(v) / n for k, v in zip(keys, vec)}
+        norms = [float(g) if g is not None else float("nan") for g in norms]
+        out["grad_norm"] = sum(norms) / n
         out["lr"] = float(self.engine.get_lr()[0])
-        out["skipped_nonfinite"] = float(skipped)
+        out["skipped_nonfinite"] = float(skipped == n)
+        if n > 1:
+            out["skipped_updates"] = float(skipped)
         out["compute_s"] = time.perf_counter() - t0  # the step itself, without the call's transport
         return out
 
@@ -320,6 +368,15 @@ def _use_fused_head(setting: str, zero_stage: int, model) -> bool:
     if setting == "true" and problem:
         raise ValueError(f"learner.fused_head: true, but {problem}; use auto or false")
     return setting != "false" and problem is None
+
+
+def _frozen_reference(cfg, device: torch.device):
+    """The frozen reference model of loss.kl_to_reference: its path, or the student's initial weights."""
+    from transformers import AutoModelForCausalLM
+    path = cfg.loss.kl_to_reference.path or cfg.model.path
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=DTYPES[cfg.model.dtype]).to(device).eval()
+    model.requires_grad_(False)
+    return model
 
 
 def _frozen_teacher_head(cfg, device: torch.device):

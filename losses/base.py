@@ -24,13 +24,14 @@ class Needs:
     teacher_sampled: bool = False        # log q(y_t) of the sampled token
     teacher_topk: int = 0                # teacher's own top-k of this size
     teacher_at_student_topk: bool = False  # log q at the student's top-k ids (implies student_topk)
-    student_topk: int = 0                # student top-k ids from the rollout, of this size
+    student_topk: int = 0                # student top-k ids (and behaviour log-probs there) from the rollout
     teacher_full: bool = False           # full [.., V] teacher log-probs (co-located teacher only)
     behaviour_logprobs: bool = False     # log p_old(y_t) from the rollout
     advantages: bool = False             # per-sequence advantages (verifier rewards)
     reference_rows: bool = False         # SFT rows (reference / teacher-written tokens)
     needs_teacher: bool = False
     sequence_ids: bool = False           # LossBatch.seq_ids (whole sequences, rows in time order)
+    frozen_reference_logprobs: bool = False  # log p_ref(y_t) from a frozen reference model (the learner's)
 
     def union(self, other: "Needs") -> "Needs":
         vals = {}
@@ -55,12 +56,15 @@ class LossBatch:
     teacher_topk_ids: Optional[torch.Tensor] = None        # [M, K] long
     teacher_topk_logprobs: Optional[torch.Tensor] = None   # [M, K]
     student_topk_ids: Optional[torch.Tensor] = None        # [M, Ks] long
+    student_topk_logprobs: Optional[torch.Tensor] = None   # [M, Ks] behaviour log p_old at student_topk_ids
     teacher_at_student_topk: Optional[torch.Tensor] = None  # [M, Ks]
     teacher_full_logprobs: Optional[torch.Tensor] = None   # [M, V]
     # [M, Ht] the teacher's final hidden states instead of teacher_full_logprobs: compute_loss applies the
     # teacher's head chunk by chunk and hands the loss teacher_full_logprobs (losses never see this field).
     teacher_hidden: Optional[torch.Tensor] = None
     advantages: Optional[torch.Tensor] = None              # [M] (sequence advantage per token)
+    # [M] log p_ref(y_t) of a frozen reference model at the loss temperature (loss.kl_to_reference)
+    frozen_reference_logprobs: Optional[torch.Tensor] = None
     is_reference: Optional[torch.Tensor] = None            # [M] bool, SFT rows
     # [M] long: sequence index of each row. Needed (Needs.sequence_ids) only by losses that look
     # across a sequence (discounting); the micro-batch must then hold whole sequences, each one's

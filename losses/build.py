@@ -9,6 +9,7 @@ from typing import Any, Optional
 import torch
 
 from losses.base import REGISTRY, LossBatch, LossFn, Needs
+from losses.kl_reference import check_kl_to_reference, kl_needs, with_kl_to_reference
 from losses.reduce import Head, compute_loss, compute_loss_from_hidden
 
 
@@ -31,8 +32,9 @@ class Loss:
 
 
 def build_loss(name: str, params: dict[str, Any] | None = None, temperature: float = 1.0,
-               chunk_size: Optional[int] = None) -> Loss:
-    """Look `name` up in the registry and build it; errors name the field and the valid choices."""
+               chunk_size: Optional[int] = None, kl_coef: float = 0.0, kl_estimator: str = "low_var_kl") -> Loss:
+    """Look `name` up in the registry and build it; errors name the field and the valid choices.
+    kl_coef > 0 adds a KL-to-reference penalty (losses/kl_reference.py); 0 leaves the loss untouched."""
     params = dict(params or {})
     if name not in REGISTRY:
         near = difflib.get_close_matches(name, REGISTRY, n=1)
@@ -46,6 +48,9 @@ def build_loss(name: str, params: dict[str, Any] | None = None, temperature: flo
         needs = spec.needs(**params)
     except (TypeError, ValueError) as e:
         raise ValueError(f"loss.params: {e} (loss {name!r})") from e
+    check_kl_to_reference(kl_coef, kl_estimator)
+    if kl_coef > 0:
+        fn, needs = with_kl_to_reference(fn, float(kl_coef), kl_estimator), kl_needs(needs)
     return Loss(name=name, fn=fn, needs=needs, temperature=temperature, chunk_size=chunk_size)
 
 
@@ -70,4 +75,5 @@ def check_teacher(loss: Loss, capabilities, teacher_name: str = "teacher") -> No
     missing = teacher_shortfalls(loss.needs, capabilities)
     if missing:
         raise ValueError(f"loss.name: {loss.name!r} needs {'; and '.join(missing)}, which {teacher_name} "
-                         f"cannot supply; use a co-located HF teacher or a loss with support: teacher")
+                         f"cannot supply; use a co-located HF teacher or a loss with support: teacher "
+                         f"(or, for T1 / T2, support: student_masked)")

@@ -6,47 +6,68 @@ from __future__ import annotations
 
 import torch
 
-from losses.base import LossBatch, LossOutput, register
+from losses.base import LossBatch, LossOutput, diagnostics_enabled, register
 from losses.diagnostics import standard_diagnostics
-from losses.topk_support import (check_support, log_tail_mass, support_diagnostics, support_needs,
-                                 teacher_log_tail, topk_support)
+from losses.topk_support import (check_support, log_tail_mass, masked_support_diagnostics, support_diagnostics,
+                                 support_needs, teacher_log_tail, topk_support)
+
+# T1 and T2 also take the paper's masked student support (losses/topk_support.py)
+_T1_T2_SUPPORTS = ("student", "student_masked", "teacher")
 
 
-def _student_on_support(logits: torch.Tensor, b: LossBatch, support: str, k: int):
+def _student_on_support(logits: torch.Tensor, b: LossBatch, support: str, k: int, teacher_k=None):
     logp = torch.log_softmax(logits, -1)
-    ids, logq, mask = topk_support(b, support, k)
+    ids, logq, mask = topk_support(b, support, k, teacher_k)
     logq = logq.to(logits.dtype)
     diags = standard_diagnostics(logp, b)
     return logp, ids, logp.gather(-1, ids), logq, mask, diags
 
 
-@register("topk_reverse_kl_biased", needs=lambda support="teacher", k=64, **_: support_needs(support, k))
-def topk_reverse_kl_biased(k: int = 64, support: str = "teacher"):
+def _on_support_diagnostics(support: str, lp, lq, mask) -> dict:
+    if not diagnostics_enabled():
+        return {}
+    return (masked_support_diagnostics if support == "student_masked" else support_diagnostics)(lp, lq, mask)
+
+
+def _t1_t2_needs(support="teacher", k=64, teacher_k=None, **_):
+    return support_needs(support, k, teacher_k)
+
+
+@register("topk_reverse_kl_biased", needs=_t1_t2_needs)
+def topk_reverse_kl_biased(k: int = 64, support: str = "teacher", teacher_k=None):
     """T1: loss_t = sum_{v in S} p(v) (log p(v) - log q(v)), gradient through everything.
 
     grad T1 = grad T2 + grad P(S): descent always shrinks P(S), mass leaks to the tail and the loss
-    can go negative. Kept on purpose: the paper's failure mechanism 2."""
-    check_support(support, k, ("student", "teacher"))
+    can go negative. Kept on purpose: the paper's failure mechanism 2.
+    support: student | student_masked | teacher. student_masked (the paper's T1 runs): S = the
+    student's top-k, log q from the teacher's own top-teacher_k (default k), an id it lacks filled with
+    the student's rollout log-prob log p_old(v): value p(v)(log p(v) - log p_old(v)), gradient
+    (log p(v) - log p_old(v) + 1) grad p(v) (= grad p(v) on-policy: T1 still drains a masked id)."""
+    check_support(support, k, _T1_T2_SUPPORTS, teacher_k)
 
     def fn(logits: torch.Tensor, b: LossBatch) -> LossOutput:
-        _, _, lp, lq, mask, diags = _student_on_support(logits, b, support, k)
+        _, _, lp, lq, mask, diags = _student_on_support(logits, b, support, k, teacher_k)
         loss = (lp.exp() * (lp - lq)).sum(-1)
-        return LossOutput(loss, {**diags, **support_diagnostics(lp, lq, mask)})
+        return LossOutput(loss, {**diags, **_on_support_diagnostics(support, lp, lq, mask)})
     return fn
 
 
-@register("topk_reverse_kl_sg", needs=lambda support="teacher", k=64, **_: support_needs(support, k))
-def topk_reverse_kl_sg(k: int = 64, support: str = "teacher"):
+@register("topk_reverse_kl_sg", needs=_t1_t2_needs)
+def topk_reverse_kl_sg(k: int = 64, support: str = "teacher", teacher_k=None):
     """T2: loss_t = sum_{v in S} p(v) (sg[log p(v)] - log q(v)).
 
     grad = sum_{v in S} (log p(v) - log q(v)) grad p(v): the full-vocabulary reverse-KL gradient
-    restricted to S (equal to it when S is the vocabulary); fixed point p = q on S. The paper's fix."""
-    check_support(support, k, ("student", "teacher"))
+    restricted to S (equal to it when S is the vocabulary); fixed point p = q on S. The paper's fix.
+    support: student | student_masked | teacher. student_masked (the paper's T2 runs): S = the
+    student's top-k, log q from the teacher's own top-teacher_k (default k), an id it lacks filled with
+    the student's rollout log-prob log p_old(v): its gradient (log p(v) - log p_old(v)) grad p(v) is 0
+    on-policy, so the id is masked."""
+    check_support(support, k, _T1_T2_SUPPORTS, teacher_k)
 
     def fn(logits: torch.Tensor, b: LossBatch) -> LossOutput:
-        _, _, lp, lq, mask, diags = _student_on_support(logits, b, support, k)
+        _, _, lp, lq, mask, diags = _student_on_support(logits, b, support, k, teacher_k)
         loss = (lp.exp() * (lp.detach() - lq)).sum(-1)
-        return LossOutput(loss, {**diags, **support_diagnostics(lp, lq, mask)})
+        return LossOutput(loss, {**diags, **_on_support_diagnostics(support, lp, lq, mask)})
     return fn
 
 

@@ -41,6 +41,8 @@ class Rollout:
     finish_reasons: list[str]              # N of "stop" | "length"
     weight_version: int
     student_topk_ids: Optional[torch.Tensor] = None  # [N, T, Ks] long
+    # [N, T, Ks] log p_old at those ids, the same contract as behaviour_logprobs (sent with the ids)
+    student_topk_logprobs: Optional[torch.Tensor] = None
 
     def __len__(self) -> int:
         return len(self.prompt_ids)
@@ -90,6 +92,7 @@ class TrainBatch:
     completion_mask: torch.Tensor                # [N, T] bool
     behaviour_logprobs: Optional[torch.Tensor] = None   # [N, T]
     student_topk_ids: Optional[torch.Tensor] = None     # [N, T, Ks]
+    student_topk_logprobs: Optional[torch.Tensor] = None  # [N, T, Ks] behaviour log-probs at those ids
     teacher: Optional[TeacherScores] = None
     advantages: Optional[torch.Tensor] = None    # [N] per-sequence (GRPO), broadcast over tokens
     is_reference: Optional[torch.Tensor] = None  # [N] bool
@@ -103,9 +106,16 @@ class TrainBatch:
     def token_counts(self) -> tuple[int, int]:
         """(on-policy tokens, reference tokens) in the whole batch. Each kind's loss is a mean over its
         own tokens, so an SFT term mixed into distillation keeps its weight whatever the two lengths."""
-        per_row = self.completion_mask.sum(-1)
-        ref = self.is_reference if self.is_reference is not None else torch.zeros(len(self), dtype=torch.bool)
-        return int(per_row[~ref].sum()), int(per_row[ref].sum())
+        return _token_counts(self.completion_mask, _flags(self.is_reference, len(self)))
+
+    def denominators(self, reduction: str, rows: slice = slice(None)) -> tuple[int, int]:
+        """(on-policy, reference) denominators of loss.reduction over `rows`: token counts for token_mean
+        (token_counts), row counts for sample_mean, empty rows included (slime divides by its global batch
+        size in samples)."""
+        ref = _flags(self.is_reference, len(self))[rows]
+        if reduction == "token_mean":
+            return _token_counts(self.completion_mask[rows], ref)
+        return int((~ref).sum()), int(ref.sum())
 
     def __len__(self) -> int:
         return len(self.prompt_ids)
@@ -125,6 +135,15 @@ class TrainBatch:
 
         return replace(self, **{f.name: take(getattr(self, f.name)) for f in fields(self)
                                 if f.name != "weight_version"})
+
+
+def _flags(is_reference: Optional[torch.Tensor], n: int) -> torch.Tensor:
+    return is_reference if is_reference is not None else torch.zeros(n, dtype=torch.bool)
+
+
+def _token_counts(mask: torch.Tensor, ref: torch.Tensor) -> tuple[int, int]:
+    per_row = mask.sum(-1)
+    return int(per_row[~ref].sum()), int(per_row[ref].sum())
 
 
 def concat_batches(a: TrainBatch, b: TrainBatch) -> TrainBatch:
@@ -155,6 +174,7 @@ def concat_batches(a: TrainBatch, b: TrainBatch) -> TrainBatch:
                       completion_mask=cat(a.completion_mask, b.completion_mask, na, nb),
                       behaviour_logprobs=cat(a.behaviour_logprobs, b.behaviour_logprobs, na, nb),
                       student_topk_ids=cat(a.student_topk_ids, b.student_topk_ids, na, nb),
+                      student_topk_logprobs=cat(a.student_topk_logprobs, b.student_topk_logprobs, na, nb),
                       teacher=teacher, advantages=cat(a.advantages, b.advantages, na, nb),
                       is_reference=torch.cat([flags(a.is_reference, na), flags(b.is_reference, nb)]),
                       weight_version=a.weight_version)
@@ -191,6 +211,7 @@ def concat_rollouts(parts: list[Rollout]) -> Rollout:
         finish_reasons=[f for r in parts for f in r.finish_reasons],
         weight_version=min(r.weight_version for r in parts),
         student_topk_ids=cat("student_topk_ids", 0),
+        student_topk_logprobs=cat("student_topk_logprobs", 0.0),
     )
 
 

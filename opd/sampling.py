@@ -41,13 +41,16 @@ def generate(model, prompts: list[list[int]], spec: SamplingSpec, gen: torch.Gen
     n = len(prompts)
     done = torch.zeros(n, dtype=torch.bool, device=device)
     stopped = torch.zeros(n, dtype=torch.bool, device=device)
-    toks, lps, alive, topks = [], [], [], []
+    toks, lps, alive, topks, top_lps = [], [], [], [], []
     for _ in range(spec.max_new_tokens):
         logits = out.logits[:, -1].float()
         tok, lp = sample(logits, spec, gen)
         tok = tok.masked_fill(done, pad_id)
-        if spec.return_topk:
-            topks.append(logits.topk(spec.return_topk, -1).indices)
+        if spec.return_topk:  # ids and their log-probs under the behaviour contract (sample()'s scaling)
+            top = logits.topk(spec.return_topk, -1).indices
+            scaled = logits / spec.temperature if spec.temperature > 0 else logits
+            topks.append(top)
+            top_lps.append(scaled.gather(-1, top) - torch.logsumexp(scaled, -1, keepdim=True))
         toks.append(tok), lps.append(lp.masked_fill(done, 0.0)), alive.append(~done)
         stopped |= torch.isin(tok, stop_ids) & ~done
         done = done | stopped
@@ -65,4 +68,5 @@ def generate(model, prompts: list[list[int]], spec: SamplingSpec, gen: torch.Gen
         finish_reasons=["stop" if s else "length" for s in stopped.tolist()],
         weight_version=weight_version,
         student_topk_ids=torch.stack(topks, 1).cpu() if topks else None,
+        student_topk_logprobs=torch.stack(top_lps, 1).cpu() if top_lps else None,
     )

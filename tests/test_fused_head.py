@@ -18,6 +18,7 @@ CASES = [("full_reverse_kl", {}), ("full_forward_kl", {}), ("generalized_jsd", {
          ("topk_reverse_kl_renorm", {"k": 6, "support": "intersection"}), ("topk_forward_kl", {"k": 3, "tail": True}),
          ("sampled_token_rkl", {"gamma": 0.9, "clip_eps": 0.2}), ("sampled_log_ratio_direct_zero_grad", {}),
          ("grpo", {}), ("sft", {}),
+         ("topk_reverse_kl_biased", {"k": 3, "support": "student_masked", "teacher_k": 4}),
          ("weighted_sum", {"components": [{"name": "topk_reverse_kl_sg", "weight": 1.0, "params": {"k": 3}},
                                           {"name": "sft", "weight": 0.5}]})]
 

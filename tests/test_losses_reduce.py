@@ -11,6 +11,7 @@ from losses.synthetic import synthetic_batch
 LOSSES = [("full_reverse_kl", {}), ("generalized_jsd", {"beta": 0.3}), ("topk_reverse_kl_biased", {"k": 3}),
           ("topk_reverse_kl_tail", {"k": 3, "support": "student"}), ("topk_reverse_kl_renorm", {"k": 3, "support": "intersection"}),
           ("sampled_token_rkl", {"gamma": 0.9, "clip_eps": 0.2}), ("grpo", {}),
+          ("topk_reverse_kl_sg", {"k": 3, "support": "student_masked"}),
           ("weighted_sum", {"components": [{"name": "topk_reverse_kl_sg", "weight": 1.0, "params": {"k": 3}},
                                            {"name": "sft", "weight": 0.5}]})]
 
