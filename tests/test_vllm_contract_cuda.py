@@ -103,3 +103,44 @@ def test_contract_client_fans_the_round_out_in_vllms_order():
     for e in engines:
         assert [c[0] for c in e.calls] == ["start_weight_update", "receive_weights", "finish_weight_update"]
         assert e.calls[-1][1] == (7,)
+
+
+def test_contract_ipc_buffer_is_sized_to_the_largest_tensor_so_vllms_packer_takes_it(assets, monkeypatch):
+    """CONTRACT (IPC is CUDA-only): vLLM's own IPC packer, run on the CPU with its three CUDA calls
+    pointed at the CPU, refuses a tensor larger than its buffer; with the buffer our sender asks for,
+    every tensor of the stream goes through, bit for bit."""
+    from vllm.distributed.weight_transfer import packed_tensor
+    from opd.weight_sync import vllm_native
+    from opd.weight_sync.vllm_native import VLLMNativeSender, wire_buffer_bytes
+    model = AutoModelForCausalLM.from_pretrained(assets["tiny"])
+    stream = ParamStream(model, torch.bfloat16)
+    meta = stream.metadata()
+    floor = 4096  # stands in for WIRE_BUFFER_BYTES: the embedding (55 x 64 bf16) is larger
+    largest = max(m.nbytes for m in meta)
+    assert largest > floor and wire_buffer_bytes(meta, floor) == largest
+    assert wire_buffer_bytes(meta) == vllm_native.WIRE_BUFFER_BYTES  # a small model keeps the floor
+
+    buffers = []
+    empty = torch.empty
+    monkeypatch.setattr(packed_tensor, "reduce_tensor", lambda t: (buffers.append(t), ("handle",)))
+    monkeypatch.setattr(torch, "empty", lambda *a, device=None, **k: empty(*a, **k))
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda: type("S", (), {"synchronize": lambda self: None})())
+
+    def pack(size):
+        for chunk in packed_tensor.packed_ipc_producer(iter(stream), "GPU-0", lambda item: item[1], size):
+            # The buffer is reused: read each chunk before asking for the next (as vLLM's consumer does).
+            yield from ((n, t.clone()) for n, t in packed_tensor.unpack_tensor(
+                buffers[-1][:sum(chunk.tensor_sizes)], chunk.names, chunk.shapes,
+                [getattr(torch, d) for d in chunk.dtype_names], chunk.tensor_sizes))
+
+    with pytest.raises(ValueError, match="exceeds buffer_size_bytes=4096"):
+        list(pack(floor))
+    got = dict(pack(wire_buffer_bytes(meta, floor)))
+    assert list(got) == [n for n, _ in model.named_parameters()]
+    assert all(torch.equal(got[n], p.detach().to(torch.bfloat16)) for n, p in model.named_parameters())
+
+    # The sender asks vLLM's factory for that buffer (the factory itself needs CUDA to build an engine).
+    monkeypatch.setattr(vllm_native.WeightTransferTrainerFactory, "trainer_init", lambda info, **_: info)
+    for backend in ("ipc", "nccl"):
+        sender = VLLMNativeSender(stream, EngineGroupClient([Recorder()], [1]), backend=backend, rank=0, wire_floor=floor)
+        assert sender.engine.packed_buffer_size_bytes == largest

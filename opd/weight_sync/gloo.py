@@ -124,8 +124,9 @@ class GlooSender:
         """Close the group; returns the receivers that did not close (see EngineGroupClient)."""
         if self.group is None:
             return []
+        unclosed = self.client.close_weight_transfer()  # ours last, as vLLM's engines close theirs
         self.group = None
-        return self.client.close_weight_transfer()
+        return unclosed
 
 
 class GlooReceiver:
