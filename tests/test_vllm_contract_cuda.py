@@ -144,3 +144,24 @@ def test_contract_ipc_buffer_is_sized_to_the_largest_tensor_so_vllms_packer_take
     for backend in ("ipc", "nccl"):
         sender = VLLMNativeSender(stream, EngineGroupClient([Recorder()], [1]), backend=backend, rank=0, wire_floor=floor)
         assert sender.engine.packed_buffer_size_bytes == largest
+
+
+def test_contract_student_support_requests_and_replies_are_vllms():
+    """CONTRACT (Model Runner V2 runs on CUDA only): the request a V2 vLLM teacher sends for log-probs at
+    the student's top-k ids, and its reading of vLLM's reply, on vLLM's own SamplingParams and
+    RequestOutput: row t of the reply scores completion token t, padded positions stay 0."""
+    import numpy as np
+    from vllm.outputs import RequestOutput
+    from teachers.vllm_teacher import at_ids_from_outputs, at_ids_params
+    prompt_len, ids = 3, [[5, 6], [7, 8], [9, 10]]  # a 3-token completion, the student's top-2 at each position
+    params = at_ids_params(prompt_len, ids)
+    assert params.prompt_logprob_start == prompt_len - 1 and params.skip_reading_prefix_cache
+    # vLLM's row count for this request: prompt_len - 1 - start over the scored sequence (prompt + completion)
+    assert (prompt_len + len(ids)) - 1 - params.prompt_logprob_start == len(ids) == len(params.prompt_logprob_token_ids)
+    scores = np.log(np.array([[0.5, 0.25], [0.125, 0.0625], [0.2, 0.1]], dtype=np.float32))
+    reply = RequestOutput(request_id="r0", prompt=None, prompt_token_ids=[1, 2, 3, 5, 7, 9], prompt_logprobs=None,
+                          outputs=[], finished=True, prompt_token_id_logprobs=scores)
+    got = at_ids_from_outputs([reply], rows=[1], lengths=[0, 3], shape=(2, 4, 2))
+    assert torch.equal(got[1, :3], torch.from_numpy(scores)) and not got[0].any() and not got[1, 3].any()
+    with pytest.raises(RuntimeError, match="cover 3 positions, not the 2 completion tokens"):
+        at_ids_from_outputs([reply], rows=[0], lengths=[2], shape=(1, 4, 2))
