@@ -3,25 +3,35 @@
     python benchmarks/gpu_smoke.py                # one GPU: Qwen3-0.6B-shaped random model, bf16
     python benchmarks/gpu_smoke.py --cpu-dry-run  # tiny model, CPU, float32 (tests/test_gpu_smoke.py)
 
-Needs torch and transformers only (no Ray, no DeepSpeed); vLLM (`pip install vllm==0.32.0`) adds its rows.
+Two kinds of rows, kept apart. The torch rows need torch and transformers only (no Ray, no DeepSpeed, no
+vLLM), so a bare GPU machine runs them as they are; the vLLM rows run where `import vllm` works
+(`pip install vllm==0.32.0` on CUDA; vLLM's CPU build in the dry run) and are skipped, saying so, where not.
 A random-init Qwen3-0.6B-shaped model (GPU_SHAPE) is saved in HF format with the project's tokenizer
-(tasks.tiny.build_tokenizer, 55 ids, fewer than the model's vocabulary: prompts are token ids). One table:
+(tasks.tiny.build_tokenizer, 55 ids, fewer than the model's vocabulary: prompts are token ids). One table.
+torch rows:
   1. HF rollout tokens/s (actors.hf_engine.HFEngine, temperature 1).
   2. HF teacher scoring tokens/s (teachers.hf_teacher.HFTeacher, ScoreRequest(topk=20)).
   3. Learner step time and MFU without DeepSpeed: opd.modeling.completion_logits, the project's
      topk_reverse_kl_sg loss on a LossBatch from learner.worker.loss_batch, backward, torch AdamW
      (bf16 parameters and optimizer state: no fp32 master copy, unlike DeepSpeed's bf16 mode).
      MFU = 6 * params * tokens per step / step time / bf16 dense peak of the GPU (n/a if unknown).
-Verified where vLLM imports (CUDA, or vLLM's CPU build in the dry run):
-  4. vLLM rollout tokens/s (actors.vllm_engine.VLLMEngine).
-  5. SamplingParams.prompt_logprob_token_ids (Model Runner V2 only) against HFTeacher's log-probs at the
-     student's top-k ids (ScoreRequest(at_student_topk=True)); a failure prints its error, the run goes on.
+     "learner cache released": what emptying the allocator's cache after the step hands back
+     (LearnerWorker.release_memory, before colocated engines wake).
+vLLM rows:
+  4. vLLM rollout tokens/s (actors.vllm_engine.VLLMEngine, built with sleep mode on a GPU).
+  5. Student-support TopK from a vLLM teacher (teachers.vllm_teacher.VLLMTeacher, ScoreRequest(
+     at_student_topk=True), SamplingParams.prompt_logprob_token_ids) against HFTeacher at the same ids,
+     where the teacher's engine runs Model Runner V2; else "refused" with the engine's reason (the CPU build).
   6. One weight sync from the learner's model to the engine through opd.weight_sync.open_sender ("ipc" on
-     one GPU, with vLLM's worker in its own process: LLMSpec(in_process=False); "gloo" in the dry run),
-     then "sync check": vLLM greedy == HFEngine greedy on the learner's weights. Where the two differ, the
+     one GPU, with vLLM's worker in its own process: LLMSpec(in_process=False); "gloo" in the dry run).
+     GPU_SHAPE's embedding (151,936 x 1,024 bf16, 297 MiB) is larger than the old fixed 256 MiB IPC buffer,
+     which vLLM's IPC packer refuses: the row passes only with the buffer sized to the largest tensor.
+  7. "sync check": vLLM greedy == HFEngine greedy on the learner's weights. Where the two differ, the
      check still passes if every vLLM token is within a near-tie margin of the HF argmax given its prefix
      (bf16 kernels may flip near-ties in a random model's flat logits).
-Exit status 1 if a vLLM row other than prompt_logprob_token_ids failed.
+  8. Sleep/wake around a learner step (colocation; GPU only, the CPU build refuses sleep mode): memory freed
+     while the engine sleeps, and its greedy output after waking equal to before.
+Exit status 1 if a vLLM row failed ("refused" is not a failure: it is the capability the engine reports).
 """
 from __future__ import annotations
 
@@ -110,19 +120,75 @@ def greedy_check(model, prompts, got, want, pad_id: int, tie_tol: float) -> str:
            f"near-tie margin {tie_tol})"
 
 
-def vllm_rows(args, path, dtype_name, prompts, sampling, model, hf, teacher, rows) -> bool:
-    """Rows 4-6 (see the docstring). Returns False if a row other than prompt_logprob_token_ids failed."""
-    from actors.vllm_engine import VLLMEngine
+def student_support_row(args, spec, engine, teacher, check, rows, keep: list) -> bool:
+    """Row 5: a VLLMTeacher's log-probs at the student's top-k ids (ScoreRequest(at_student_topk=True))
+    against HFTeacher's, where the teacher's engine says it can (Model Runner V2); else the refusal and its
+    reason (the CPU build). False only if the teacher claimed the capability and its numbers disagree. The
+    teacher goes into `keep`: an in-process vLLM engine that is dropped tears down the parallel state the
+    other in-process engine of this process still uses."""
+    from dataclasses import replace
     from opd.contracts import SamplingSpec, ScoreRequest
+    from teachers.vllm_teacher import VLLMTeacher
+    name = "vLLM teacher student-support TopK vs HF"
+    try:
+        vteacher = VLLMTeacher(replace(spec, sync_backend=None, gpu_memory_utilization=0.15))
+        keep.append(vteacher)
+        r = engine.generate(check, SamplingSpec(max_new_tokens=8, return_topk=8, seed=1))
+        if not vteacher.capabilities.logprobs_at_any_ids:
+            rows.append((name, "refused", vteacher.capabilities.limits))
+            return True
+        m = r.completion_mask
+        got = vteacher.score(check, r.completion_ids, m, ScoreRequest(at_student_topk=True), r.student_topk_ids)
+        ref = teacher.score(check, r.completion_ids, m, ScoreRequest(at_student_topk=True), r.student_topk_ids)
+        worst = float((got.at_student_topk - ref.at_student_topk)[m].abs().max())
+        baseline = float((got.sampled_logprobs - ref.sampled_logprobs)[m].abs().max())
+        tol = max(args.tol, 2 * baseline)
+        rows.append((name, f"{'ok' if worst <= tol else 'FAILED'} max|diff| {worst:.3g}",
+                     f"sampled-token log-probs vLLM vs HF teacher differ by {baseline:.3g}"))
+        return worst <= tol
+    except Exception as e:  # noqa: BLE001 - the table still prints
+        rows.append((name, "FAILED", error_line(e)))
+        return False
+
+
+def sleep_wake_row(engine, learner_step, check, rows) -> bool:
+    """Row 8 (colocation, GPU only): the engine sleeps, the learner steps and hands back its cached blocks
+    (LearnerWorker.release_memory), the engine wakes; device memory freed while asleep, and greedy output
+    after waking equal to before sleeping (no sync in between: level 1 offloads the weights and restores them)."""
+    from opd.contracts import SamplingSpec
+    greedy = SamplingSpec(max_new_tokens=8, temperature=0.0, behaviour_logprobs=False)
+    try:
+        before = engine.generate(check, greedy).completions()
+        awake = torch.cuda.mem_get_info()[0]
+        engine.sleep()
+        asleep = torch.cuda.mem_get_info()[0]
+        learner_step()
+        torch.cuda.empty_cache()
+        engine.wake_up()
+        same = engine.generate(check, greedy).completions() == before
+        rows.append(("sleep/wake around a learner step", "ok" if same and asleep > awake else "FAILED",
+                     f"{(asleep - awake) / 2**30:.2f} GiB freed asleep; greedy after waking equal: {same}"))
+        return same and asleep > awake
+    except Exception as e:  # noqa: BLE001
+        rows.append(("sleep/wake around a learner step", "FAILED", error_line(e)))
+        return False
+
+
+def vllm_rows(args, path, dtype_name, prompts, sampling, model, hf, teacher, learner_step, rows) -> bool:
+    """Rows 4-8 (see the docstring). Returns False if a row failed."""
+    from actors.vllm_engine import VLLMEngine
+    from opd.contracts import SamplingSpec
     from opd.modeling import DTYPES, load_named_tensors
     from opd.vllm_llm import LLMSpec
     from opd.weight_sync import open_sender
     from opd.weight_sync.source import ParamStream
+    from opd.weight_sync.vllm_native import WIRE_BUFFER_BYTES
     dry = args.cpu_dry_run
     backend = "gloo" if dry else "ipc"
     spec = LLMSpec(model=path, dtype=dtype_name, max_model_len=args.prompt_len + args.new_tokens + 64,
                    gpu_memory_utilization=0.35, kv_cache_memory_gb=0.0625 if dry else None, enforce_eager=dry,
-                   sync_backend=backend, in_process=dry)  # ipc: vLLM's worker must not be the sender's process
+                   sync_backend=backend, in_process=dry,  # ipc: vLLM's worker must not be the sender's process
+                   sleep_mode=not dry)  # the CPU build refuses sleep mode
     try:
         engine = VLLMEngine(spec, sampling, hf.pad_id)
         secs, r = timed(lambda: engine.generate(prompts, sampling), args.repeats)
@@ -132,26 +198,8 @@ def vllm_rows(args, path, dtype_name, prompts, sampling, model, hf, teacher, row
         return False
 
     check = prompts[:4]
-    try:  # before the sync: engine and HF teacher both hold the saved weights
-        from vllm.inputs import TokensPrompt
-        from vllm.sampling_params import SamplingParams
-        r = engine.generate(check, SamplingSpec(max_new_tokens=8, return_topk=8, seed=1))
-        ref = teacher.score(check, r.completion_ids, r.completion_mask, ScoreRequest(at_student_topk=True),
-                            r.student_topk_ids).at_student_topk
-        worst = 0.0
-        for i, (p, comp) in enumerate(zip(check, r.completions())):
-            params = SamplingParams(max_tokens=1, detokenize=False, prompt_logprob_start=len(p) - 1,
-                                    prompt_logprob_token_ids=r.student_topk_ids[i, :len(comp)].tolist())
-            out, = engine.llm.generate([TokensPrompt(prompt_token_ids=p + comp)], params, use_tqdm=False)
-            got = torch.as_tensor(out.prompt_token_id_logprobs, dtype=torch.float32)
-            worst = max(worst, float((got - ref[i, :len(comp)]).abs().max()))
-        baseline = float((r.behaviour_logprobs - teacher.score(check, r.completion_ids, r.completion_mask,
-                                                               ScoreRequest()).sampled_logprobs).abs().max())
-        tol = max(args.tol, 2 * baseline)
-        rows.append(("prompt_logprob_token_ids vs HF", f"{'ok' if worst <= tol else 'FAILED'} max|diff| {worst:.3g}",
-                     f"sampled-token log-probs vLLM vs HF differ by {baseline:.3g}"))
-    except Exception as e:  # noqa: BLE001 - expected on runners without V2 (the CPU build)
-        rows.append(("prompt_logprob_token_ids vs HF", "FAILED", error_line(e)))
+    keep: list = []
+    ok = student_support_row(args, spec, engine, teacher, check, rows, keep)  # before the sync: both hold the saved weights
 
     greedy = SamplingSpec(max_new_tokens=8, temperature=0.0, behaviour_logprobs=False)
     try:
@@ -160,11 +208,14 @@ def vllm_rows(args, path, dtype_name, prompts, sampling, model, hf, teacher, row
             gen = torch.Generator(model.device).manual_seed(1)
             for p in model.parameters():
                 p.add_(torch.randn(p.shape, generator=gen, device=p.device, dtype=p.dtype) * 0.05)
-        sender = open_sender(backend, ParamStream(model, DTYPES[dtype_name]), [engine], [engine.weight_sync_workers()],
+        stream = ParamStream(model, DTYPES[dtype_name])
+        largest = max(m.nbytes for m in stream.metadata())
+        sender = open_sender(backend, stream, [engine], [engine.weight_sync_workers()],
                              rank=0, address="127.0.0.1", port=free_port())
         secs, _ = timed(lambda: sender.send(1), repeats=1, warmup=0)
         gb = sum(p.numel() for p in model.parameters()) * DTYPES[dtype_name].itemsize / 1e9
-        rows.append((f"weight sync ({backend})", f"{secs:.3f} s", f"{gb:.3g} GB, {gb / secs:.3g} GB/s, first send"))
+        rows.append((f"weight sync ({backend})", f"{secs:.3f} s", f"{gb:.3g} GB, {gb / secs:.3g} GB/s, first send; "
+                     f"largest tensor {largest / 2**20:.0f} MiB (floor of the packed buffer {WIRE_BUFFER_BYTES >> 20} MiB)"))
         got = engine.generate(check, greedy)
         load_named_tensors(hf.model, model.named_parameters())  # the HF engine now holds the learner's weights
         verdict = greedy_check(model, check, got, hf.generate(check, greedy), hf.pad_id, args.tie_tol)
@@ -174,7 +225,12 @@ def vllm_rows(args, path, dtype_name, prompts, sampling, model, hf, teacher, row
         verdict = f"FAILED ({error_line(e)})"
     print(f"sync check: {verdict}")
     rows.append(("sync check", verdict.split(" ")[0], verdict.partition(" ")[2]))
-    return verdict.startswith("ok")
+    ok = verdict.startswith("ok") and ok
+    if dry:
+        rows.append(("sleep/wake around a learner step", "n/a", "vLLM's CPU build refuses sleep mode"))
+    else:
+        ok = sleep_wake_row(engine, learner_step, check, rows) and ok
+    return ok
 
 
 def main() -> int:
@@ -261,6 +317,13 @@ def main() -> int:
     rows.append(("learner step", f"{secs:.3f} s", f"{len(batch)} rows, {tokens} tokens, loss {loss:.3g}{mem}"))
     rows.append(("learner MFU", "n/a" if peak is None else f"{6 * n_params * tokens / secs / peak:.1%}",
                  f"6 * params * tokens / step / {'unknown peak' if peak is None else f'{peak / 1e12:.0f} TFLOP/s'}"))
+    if dry:
+        rows.append(("learner cache released", "n/a", "CPU: no caching allocator"))
+    else:  # what LearnerWorker.release_memory hands colocated engines before they wake
+        reserved = torch.cuda.memory_reserved()
+        torch.cuda.empty_cache()
+        rows.append(("learner cache released", f"{(reserved - torch.cuda.memory_reserved()) / 2**30:.2f} GiB",
+                     f"reserved {reserved / 2**30:.2f} -> {torch.cuda.memory_reserved() / 2**30:.2f} GiB after the step"))
 
     ok = True
     if vllm_error is not None:
@@ -269,7 +332,7 @@ def main() -> int:
     else:
         if not dry:
             torch.cuda.empty_cache()  # vLLM sizes its KV cache from the GPU memory left free
-        ok = vllm_rows(args, path, dtype_name, prompts, sampling, model, hf, teacher, rows)
+        ok = vllm_rows(args, path, dtype_name, prompts, sampling, model, hf, teacher, step, rows)
 
     width = max(len(r[0]) for r in rows)
     vwidth = max(len(r[1]) for r in rows)

@@ -47,10 +47,22 @@ def check_loss(cfg) -> None:
         _check_hidden_transport(cfg, needs)
     if needs.needs_teacher:
         try:
-            caps = capabilities_for(cfg.teacher.kind, cfg.teacher.vllm.max_logprobs)
-            check_teacher(loss, caps, f"a {cfg.teacher.kind!r} teacher")
+            caps = capabilities_for(cfg.teacher.kind, cfg.teacher.vllm.max_logprobs, on_gpu=cfg.cluster.num_gpus > 0)
         except ValueError as e:
             raise ManifestError(str(e)) from None
+        check_built_teacher(cfg, caps)
+
+
+def check_built_teacher(cfg, caps) -> None:
+    """The configured loss against one teacher's capabilities: before any work from what the manifest
+    says, and again from each teacher as built (a vLLM engine picks its runner only when it starts)."""
+    from launch.config import ManifestError
+    from losses import check_teacher
+    name = f"a {cfg.teacher.kind!r} teacher" + (f" ({caps.limits})" if caps.limits else "")
+    try:
+        check_teacher(build_configured_loss(cfg), caps, name)
+    except ValueError as e:
+        raise ManifestError(str(e)) from None
 
 
 def _check_hidden_transport(cfg, needs) -> None:

@@ -124,6 +124,9 @@ class SyncConfig:
     before an evaluation, the only time its engines are read)."""
     backend: str = "auto"         # auto | gloo | nccl | ipc. auto: gloo on CPU, ipc when colocated,
                                   # else nccl. HF engines always receive over gloo.
+    # How long closing a transfer group may wait for a receiver (when an engine is replaced, at the end of
+    # a run). One that has not closed by then (stuck in a broadcast that will never finish) is replaced.
+    close_timeout_s: float = 30.0
 
 
 @dataclass
@@ -559,6 +562,7 @@ def _check_cluster(cfg: ExperimentConfig) -> None:
 
 def _check_engines(cfg: ExperimentConfig) -> None:
     _choice("sync.backend", cfg.sync.backend, ("auto", "gloo", "nccl", "ipc"))
+    _positive("sync.close_timeout_s", cfg.sync.close_timeout_s)
     on_gpu = cfg.cluster.num_gpus > 0
     if cfg.sync.backend in ("nccl", "ipc") and not on_gpu:
         raise ManifestError(f"sync.backend: {cfg.sync.backend!r} moves weights between GPUs; with "
@@ -569,6 +573,7 @@ def _check_engines(cfg: ExperimentConfig) -> None:
     if cfg.cluster.colocate and cfg.rollout.num_actors != cfg.learner.num_ranks:
         raise ManifestError(f"rollout.num_actors: {cfg.rollout.num_actors}, but colocated engines sit one per "
                             f"learner GPU: set it to learner.num_ranks ({cfg.learner.num_ranks})")
+    _check_colocation_layout(cfg)
     for side, engine in (("rollout", cfg.rollout.engine), ("teacher", cfg.teacher.kind)):
         if engine != "vllm":
             continue
@@ -581,9 +586,6 @@ def _check_engines(cfg: ExperimentConfig) -> None:
             _choice(f"{side}.vllm.dtype", v.dtype, ("float32", "bfloat16", "float16"))
         if v.gpu_memory_utilization is not None and not 0 < v.gpu_memory_utilization <= 1:
             raise ManifestError(f"{side}.vllm.gpu_memory_utilization: must be in (0, 1], got {v.gpu_memory_utilization}")
-        if not on_gpu and v.tensor_parallel_size != 1:
-            raise ManifestError(f"{side}.vllm.tensor_parallel_size: {v.tensor_parallel_size} needs GPUs; "
-                                "vLLM's CPU build runs tensor_parallel_size 1 here")
     if cfg.rollout.engine == "vllm":
         from opd.vllm_llm import logprobs_mode_for
         try:
@@ -593,6 +595,22 @@ def _check_engines(cfg: ExperimentConfig) -> None:
         if (cfg.rollout.vllm.max_model_len or 1 << 62) < cfg.rollout.max_new_tokens + 1:
             raise ManifestError(f"rollout.vllm.max_model_len: {cfg.rollout.vllm.max_model_len} leaves no room for "
                                 f"a prompt and rollout.max_new_tokens {cfg.rollout.max_new_tokens}")
+
+
+def _check_colocation_layout(cfg: ExperimentConfig) -> None:
+    """Layouts that pass Ray's arithmetic and fail on the GPUs themselves (only vLLM engines receive
+    over nccl / ipc; HF receivers always use gloo)."""
+    vllm_rollout = cfg.rollout.engine == "vllm"
+    if cfg.cluster.colocate and cfg.sync.backend == "nccl" and vllm_rollout:
+        raise ManifestError("sync.backend: nccl with cluster.colocate: true puts two NCCL ranks (learner and engine) "
+                            "on one GPU, which NCCL refuses; use ipc (or auto) when colocated")
+    if cfg.sync.backend == "ipc" and not cfg.cluster.colocate and vllm_rollout:
+        raise ManifestError("sync.backend: ipc shares CUDA memory within one GPU, so it needs the engines on the "
+                            "learner's GPUs (cluster.colocate: true); use nccl (or auto) for engines on GPUs of their own")
+    if cfg.cluster.colocate and vllm_rollout and cfg.rollout.vllm.tensor_parallel_size > 1:
+        raise ManifestError(f"rollout.vllm.tensor_parallel_size: {cfg.rollout.vllm.tensor_parallel_size} with "
+                            "cluster.colocate: true, but a colocated engine shares one learner GPU (half of it); "
+                            "use tensor_parallel_size 1 or cluster.colocate: false")
 
 
 def _check_overlap(cfg: ExperimentConfig) -> None:

@@ -10,7 +10,7 @@ import ray
 import torch
 from launch.batches import (distill_batch, reward_batch, rollout_stats, score_request, sft_batch,
                             teacher_stats)
-from launch.capabilities import build_configured_loss
+from launch.capabilities import build_configured_loss, check_built_teacher
 from launch.cluster import (LearnerGroup, RolloutGroup, TeacherGroup, check_address, connect_weight_sync,
                             derived_seed, start_ray)
 from launch.config import ExperimentConfig, reference_rows, rows_per_step, sampling_spec
@@ -224,11 +224,18 @@ class Setup:
     def _start_actors(self, pad_id: int) -> None:
         cfg, placement = self.cfg, self.placement
         self.learner = LearnerGroup(cfg, rows_per_step(cfg), placement)  # first: its ranks rendezvous while the rest load
+        if cfg.cluster.colocate:  # vLLM sizes its share from the GPU memory free at start: the learner's must be taken
+            gather([(f"learner rank {r}.__ray_ready__", a.__ray_ready__.remote()) for r, a in enumerate(self.learner.ranks)],
+                   cfg.cluster.call_timeout_s)
         self.rollouts = RolloutGroup.start(cfg, placement, self.sampling, pad_id)
         self.teachers = TeacherGroup.start(cfg, placement) if cfg.algorithm == "opd" else None
         # Wait for every actor to load, so step 1's stage timings measure work, not start-up.
         gather([(f"{name}.__ray_ready__", a.__ray_ready__.remote()) for name, a in self._named_actors()],
                cfg.cluster.call_timeout_s)
+        if self.teachers:  # what a vLLM teacher can return depends on the runner its engine picked
+            for caps in gather([(f"teacher {i}.get_capabilities", a.get_capabilities.remote())
+                                for i, a in enumerate(self.teachers.actors)], cfg.cluster.call_timeout_s):
+                check_built_teacher(cfg, caps)
         self.rollouts.pool.on_replace = self._reconnect
         if self.teachers and cfg.teacher.live:
             self.teachers.pool.on_replace = self._reconnect
@@ -243,8 +250,13 @@ class Setup:
         connect_weight_sync(self.cfg, self.learner, targets, kinds)
 
     def _reconnect(self, _replaced: list[int]) -> None:
-        """A replacement engine joins new transfer groups and receives the weights the others hold."""
-        self.learner.call("close_weight_sync")
+        """A replacement engine joins new transfer groups and receives the weights the others hold. Closing
+        the old groups is bounded (sync.close_timeout_s): an engine that did not close is stuck in a
+        broadcast and is replaced too, not waited on."""
+        stuck = self.learner.call("close_weight_sync")
+        for group in (self.rollouts, self.teachers):
+            if group and stuck:
+                group.pool.replace_stuck(stuck)
         self._connect()
         self.learner.call("sync_weights", self.version)
 
@@ -281,6 +293,7 @@ class Setup:
             yield
         finally:
             if self.cfg.cluster.colocate:
+                self.learner.call("release_memory")  # before the engines re-map their share
                 self.rollouts.wake_up()
 
     def shutdown(self) -> None:

@@ -126,6 +126,17 @@ class ActorPool:
     def _send(self, method: str, args: Sequence[tuple], indices) -> list[tuple[str, Any]]:
         return [(f"{self.role} {i}.{method}", getattr(self.actors[i], method).remote(*args[i])) for i in indices]
 
+    def replace_stuck(self, handles: Sequence[Any]) -> list[int]:
+        """Replace the pool's actors among `handles` (receivers that did not close a transfer group in
+        time: busy in a broadcast that will never finish, so no later call would reach them). Handles
+        no longer in the pool (already replaced) are ignored. Returns the replaced indices."""
+        stuck = [i for i, a in enumerate(self.actors) if a in handles]
+        for i in stuck:
+            print(f"opd: {self.role} {i} did not close its weight-sync group in time; starting a new one in its slot",
+                  flush=True)
+            self.replace(i)
+        return stuck
+
     def replace(self, i: int) -> None:
         ray.kill(self.actors[i], no_restart=True)  # a hung actor must give its slot back
         self.actors[i] = self.make(i)

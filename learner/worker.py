@@ -291,7 +291,8 @@ class LearnerWorker:
         rank 0 owns each transfer group, on a port of its own (DeepSpeed's is taken)."""
         for g in groups:
             self.senders.append(open_sender(g["backend"], self.weights(DTYPES[g["dtype"]]), g["targets"], g["workers"],
-                                            rank=self.rank, address=_node_address()))
+                                            rank=self.rank, address=_node_address(),
+                                            close_timeout_s=self.cfg.sync.close_timeout_s))
 
     def sync_weights(self, version: int) -> None:
         """Push the current weights to every receiver, tagged `version`. Called on every rank."""
@@ -321,15 +322,25 @@ class LearnerWorker:
         self.sync_weights(version)
         return time.perf_counter() - t0
 
-    def close_weight_sync(self) -> None:
-        """Close every transfer group. Best effort: after a receiver died the driver reopens the groups
-        with its replacement, and the dead receiver cannot take part in closing the old ones."""
+    def close_weight_sync(self) -> list:
+        """Close every transfer group, waiting at most sync.close_timeout_s per group. Best effort: after a
+        receiver died the driver reopens the groups with its replacement, and the dead receiver cannot take
+        part in closing the old ones. Returns the receivers that did not close (dead, or stuck in a
+        broadcast): the driver replaces the live ones rather than waiting on them."""
+        unclosed = []
         for sender in self.senders:
             try:
-                sender.shutdown()
+                unclosed += sender.shutdown()
             except Exception as e:  # noqa: BLE001 - see above; the live receivers have closed their ends
                 print(f"learner rank {self.rank}: closing a weight-sync group: {type(e).__name__}", flush=True)
         self.senders = []
+        return unclosed
+
+    def release_memory(self) -> None:
+        """Colocated engines wake after the learner's step into the GPU memory it leaves: hand back the
+        blocks its allocator caches, or they stay reserved for the learner while vLLM re-maps its share."""
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
 
     def save_checkpoint(self, directory: str, step: int, state: dict) -> str:
         """Write step `step`'s checkpoint atomically (learner/checkpoint.py): DeepSpeed's weights,

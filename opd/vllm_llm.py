@@ -57,7 +57,8 @@ def logprobs_mode_for(spec: SamplingSpec) -> str:
 def engine_env(spec: LLMSpec, cuda: bool) -> dict[str, str]:
     """Environment vLLM reads when the engine starts (it reads os.environ lazily)."""
     # One process for TP 1: the engine core and its worker run inside this (Ray actor) process, so
-    # start-up is one vLLM import instead of three (~12 s each on a CPU), and RPCs are plain calls.
+    # start-up is one vLLM import instead of three, and RPCs are plain calls. TP > 1 keeps the engine
+    # core in a process of its own, in front of the multiprocess executor's workers (executor_backend).
     env = {"VLLM_ENABLE_V1_MULTIPROCESSING": "0" if _in_process(spec) else "1"}
     if spec.sync_backend == "ipc":
         # IPC handles hold Python types that vLLM's msgpack refuses between its own processes
@@ -72,22 +73,43 @@ def _in_process(spec: LLMSpec) -> bool:
     return spec.in_process and spec.tensor_parallel_size == 1
 
 
+def executor_backend(spec: LLMSpec) -> str:
+    """vLLM's executor for this engine, always chosen here rather than left to vLLM.
+
+    Left to itself, vLLM built inside a Ray actor records the actor's placement group and picks its
+    Ray executor, which refuses any bundle holding more than one GPU; launch/placement.py gives an
+    engine of t GPUs one bundle of t GPUs. So TP > 1 runs the multiprocess executor inside the
+    actor: Ray sets the actor's CUDA_VISIBLE_DEVICES to its t GPUs, vLLM spawns t worker processes
+    that inherit it, and worker r takes visible device r. The engine stays on one node (one
+    bundle), no Ray executor searches the run's placement group for GPU bundles (it would start
+    with the learner's), and the same executor runs here on the CPU build. TP 1 needs no executor
+    process at all ("uni": the worker runs in the engine core's process)."""
+    return "uni" if spec.tensor_parallel_size == 1 else "mp"
+
+
+def student_support_scoring(llm: "LLM") -> Optional[str]:
+    """None if `llm` returns log-probs at arbitrary ids per prompt position (SamplingParams.
+    prompt_logprob_token_ids), else why not. vLLM 0.32.0's input processor accepts them only on
+    Model Runner V2, which it picks per engine (the CUDA default; the CPU build lacks Triton, so V1)."""
+    if llm.llm_engine.vllm_config.use_v2_model_runner:
+        return None
+    return ("this engine runs vLLM's Model Runner V1 (the CPU build always does), and only V2 serves "
+            "SamplingParams.prompt_logprob_token_ids")
+
+
 def build_llm(spec: LLMSpec, logprobs_mode: str) -> "LLM":
     cuda = torch.cuda.is_available()
     os.environ.update(engine_env(spec, cuda))
-    in_process = _in_process(spec)
     from vllm.config.weight_transfer import WeightTransferConfig
     from vllm.entrypoints.llm import LLM
     kwargs = dict(tensor_parallel_size=spec.tensor_parallel_size, dtype=spec.dtype, seed=spec.seed,
                   max_model_len=spec.max_model_len, gpu_memory_utilization=spec.gpu_memory_utilization,
                   enforce_eager=spec.enforce_eager or not cuda, logprobs_mode=logprobs_mode,
-                  max_logprobs=spec.max_logprobs,
-                  enable_sleep_mode=spec.sleep_mode, trust_remote_code=spec.trust_remote_code)
+                  max_logprobs=spec.max_logprobs, enable_sleep_mode=spec.sleep_mode,
+                  trust_remote_code=spec.trust_remote_code, distributed_executor_backend=executor_backend(spec))
     kv_cache_gb = spec.kv_cache_memory_gb or (None if cuda else CPU_KV_CACHE_GB)
     if kv_cache_gb:
         kwargs["kv_cache_memory_bytes"] = int(kv_cache_gb * (1 << 30))
-    if in_process:
-        kwargs["distributed_executor_backend"] = "uni"
     if spec.sync_backend:
         kwargs["weight_transfer_config"] = WeightTransferConfig(backend=SYNC_BACKENDS[spec.sync_backend])
     return LLM(model=spec.model, **kwargs)

@@ -13,19 +13,22 @@ from opd.contracts import ScoreRequest, TeacherScores
 @dataclass(frozen=True)
 class TeacherCapabilities:
     full_vocab: bool               # can return [N, T, V] log-probs (an HF teacher)
-    logprobs_at_any_ids: bool      # exact log-probs at arbitrary ids (HF yes; vLLM only its own top-k)
+    logprobs_at_any_ids: bool      # exact log-probs at arbitrary ids (HF yes; vLLM on Model Runner V2)
     max_topk: int
     temperature_one_only: bool = False  # scores only at temperature 1 (vLLM prompt log-probs)
+    limits: str = ""               # why a capability is missing, where it depends on the engine
 
 
-def capabilities_for(kind: str, max_logprobs: int = 20) -> TeacherCapabilities:
-    """What teacher.kind can serve. HF (and the OPSD self-teacher, which is an HF teacher on the
-    student's weights) runs the full forward in-process: anything. vLLM: see teachers/vllm_teacher.py."""
+def capabilities_for(kind: str, max_logprobs: int = 20, on_gpu: bool = False) -> TeacherCapabilities:
+    """What teacher.kind can serve, as far as the manifest tells (a vLLM teacher's log-probs at given
+    ids depend on the runner its engine picks: allowed on GPUs here and checked again on the built
+    engine, `ScoresRollouts.get_capabilities`). HF (and the OPSD self-teacher, which is an HF teacher
+    on the student's weights) runs the full forward in-process: anything. vLLM: teachers/vllm_teacher.py."""
     if kind in ("hf", "self"):
         return TeacherCapabilities(full_vocab=True, logprobs_at_any_ids=True, max_topk=1 << 30)
     if kind == "vllm":
-        from teachers.vllm_teacher import capabilities
-        return capabilities(max_logprobs)
+        from teachers.vllm_teacher import CPU_BUILD_LIMIT, capabilities
+        return capabilities(max_logprobs, None if on_gpu else CPU_BUILD_LIMIT)
     raise ValueError(f"teacher.kind: {kind!r} is not one of ['hf', 'vllm', 'self']")
 
 
@@ -41,6 +44,12 @@ def check_same_tokenizer(teacher_tok, student_tok, key: str = "teacher.path") ->
 
 
 class ScoresRollouts:
+    capabilities: TeacherCapabilities
+
+    def get_capabilities(self) -> TeacherCapabilities:
+        """What this teacher, as built, can return (a vLLM teacher's depend on its engine's runner)."""
+        return self.capabilities
+
     """score_rollout: score a rollout given as the rollout engines' own replies, so the driver can chain
     teacher scoring onto generation it has not collected (Ray starts the call once every part exists:
     launch/overlap.py scores step n+1 while the learner trains step n)."""

@@ -10,9 +10,10 @@ Limits, stated as errors rather than approximated (and declared in CAPABILITIES,
 manifest check reads before any work):
 * no full vocabulary;
 * prompt log-probs are at temperature 1 only (prompt tokens bypass the sampler);
-* no log-probs at arbitrary ids (the student's top-k): 0.32.0 has
-  SamplingParams.prompt_logprob_token_ids, but only on its Model Runner V2, which the CPU build
-  lacks, so no test here can show it works. benchmarks/gpu_smoke.py checks it on a GPU.
+* log-probs at arbitrary ids (the student's top-k) only where the engine it built runs Model Runner
+  V2 (SamplingParams.prompt_logprob_token_ids; the CUDA default, never the CPU build): its
+  capabilities are read from that engine, and the refusal says why. benchmarks/gpu_smoke.py checks
+  them against the HF teacher on a GPU.
 """
 from __future__ import annotations
 
@@ -21,16 +22,44 @@ from typing import TYPE_CHECKING, Optional, Sequence
 import torch
 
 from opd.contracts import ScoreRequest, TeacherScores
-from opd.vllm_llm import LLMSpec, LLMWeightReceiver, build_llm, split_position
+from opd.vllm_llm import LLMSpec, LLMWeightReceiver, build_llm, split_position, student_support_scoring
 from teachers.base import ScoresRollouts, TeacherCapabilities, check_same_tokenizer
 
 if TYPE_CHECKING:
     from vllm.outputs import RequestOutput
 
 
-def capabilities(max_logprobs: int) -> TeacherCapabilities:
-    return TeacherCapabilities(full_vocab=False, logprobs_at_any_ids=False, max_topk=max_logprobs,
-                               temperature_one_only=True)
+CPU_BUILD_LIMIT = ("vLLM's CPU build runs Model Runner V1, and only V2 serves log-probs at given ids "
+                   "(SamplingParams.prompt_logprob_token_ids)")
+
+
+def capabilities(max_logprobs: int, at_any_ids_limit: Optional[str] = None) -> TeacherCapabilities:
+    """`at_any_ids_limit`: why the engine cannot score given ids (None: it can)."""
+    return TeacherCapabilities(full_vocab=False, logprobs_at_any_ids=at_any_ids_limit is None, max_topk=max_logprobs,
+                               temperature_one_only=True, limits=at_any_ids_limit or "")
+
+
+def at_ids_params(prompt_len: int, ids: list[list[int]]):
+    """SamplingParams scoring `ids[t]` (the student's top-k at completion position t) as predictions of
+    completion token t, for one row of `prompt_len` teacher-prompt tokens: row i of vLLM's scores
+    predicts prompt token prompt_logprob_start + i + 1, so the rows start at the last prompt token."""
+    from vllm.sampling_params import SamplingParams
+    return SamplingParams(max_tokens=1, detokenize=False, prompt_logprob_start=prompt_len - 1,
+                          prompt_logprob_token_ids=ids)
+
+
+def at_ids_from_outputs(outputs: Sequence["RequestOutput"], rows: list[int], lengths: list[int],
+                        shape: tuple[int, int, int]) -> torch.Tensor:
+    """RequestOutputs of at_ids_params requests for `rows` -> [N, T, Ks] log q at the student's top-k
+    (zeros at padded positions, as the HF teacher gives them)."""
+    out = torch.zeros(shape)
+    for i, o in zip(rows, outputs):
+        got = o.prompt_token_id_logprobs
+        if got is None or len(got) != lengths[i]:
+            raise RuntimeError(f"vLLM request {o.request_id}: prompt_token_id_logprobs cover "
+                               f"{0 if got is None else len(got)} positions, not the {lengths[i]} completion tokens")
+        out[i, :lengths[i]] = torch.as_tensor(got, dtype=torch.float32)
+    return out
 
 
 def completion_lengths(completion_mask: torch.Tensor) -> torch.Tensor:
@@ -76,7 +105,7 @@ class VLLMTeacher(LLMWeightReceiver, ScoresRollouts):
         if student_path and student_path != spec.model:
             from transformers import AutoTokenizer
             check_same_tokenizer(self.llm.get_tokenizer(), AutoTokenizer.from_pretrained(student_path))
-        self.capabilities = capabilities(spec.max_logprobs)
+        self.capabilities = capabilities(spec.max_logprobs, student_support_scoring(self.llm))
         self.max_model_len = self.llm.llm_engine.model_config.max_model_len  # what the engine settled on
         self.weight_version = version
 
@@ -90,9 +119,8 @@ class VLLMTeacher(LLMWeightReceiver, ScoresRollouts):
                              "log-probs are at temperature 1.0 only; use an HF teacher")
         if request.topk > cap.max_topk:
             raise ValueError(f"teacher: top-{request.topk} requested, teacher.vllm.max_logprobs is {cap.max_topk}")
-        if request.at_student_topk:
-            raise ValueError("teacher: log-probs at the student's top-k ids need an HF teacher; "
-                             "a vLLM teacher returns only its own top-k")
+        if request.at_student_topk and not cap.logprobs_at_any_ids:
+            raise ValueError(f"teacher: log-probs at the student's top-k ids need an HF teacher here: {cap.limits}")
 
     def score(self, teacher_prompts: list[list[int]], completion_ids: torch.Tensor,
               completion_mask: torch.Tensor, request: ScoreRequest,
@@ -114,5 +142,14 @@ class VLLMTeacher(LLMWeightReceiver, ScoresRollouts):
         params = SamplingParams(max_tokens=1, prompt_logprobs=request.topk, detokenize=False)
         prompts = [TokensPrompt(prompt_token_ids=list(teacher_prompts[i]) + completions[i]) for i in rows]
         outputs = self.llm.generate(prompts, params, use_tqdm=False) if rows else []
-        return teacher_scores_from_outputs(outputs, rows, [len(p) for p in teacher_prompts], completions,
-                                           completion_ids.shape[1], request.topk)
+        scores = teacher_scores_from_outputs(outputs, rows, [len(p) for p in teacher_prompts], completions,
+                                             completion_ids.shape[1], request.topk)
+        if request.at_student_topk:
+            if student_topk_ids is None:
+                raise ValueError("teacher: log-probs at the student's top-k were requested but the rollout "
+                                 "returned no student_topk_ids")
+            # A request of its own: prompt_logprob_start moves where vLLM's score rows begin.
+            at_params = [at_ids_params(len(teacher_prompts[i]), student_topk_ids[i, :lengths[i]].tolist()) for i in rows]
+            at_outputs = self.llm.generate(prompts, at_params, use_tqdm=False) if rows else []
+            scores.at_student_topk = at_ids_from_outputs(at_outputs, rows, lengths, tuple(student_topk_ids.shape))
+        return scores

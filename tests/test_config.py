@@ -19,6 +19,10 @@ def test_extends_merges_parent_then_child(tmp_path, write_manifest):
     assert cfg.run.name == "child" and cfg.rollout.max_new_tokens == 3 and cfg.run.steps == 2
 
 
+# A Ray cluster's GPUs (local mode would ask this machine for CUDA devices) with vLLM rollouts.
+GPUS_2 = ["cluster.mode=ray", "cluster.num_gpus=2", "rollout.engine=vllm"]
+
+
 @pytest.mark.parametrize("override,message", [
     (["rollout.temprature=0.5"], r"unknown key 'rollout.temprature'; did you mean 'rollout.temperature'"),
     (["learner.lr=fast"], r"learner.lr"),
@@ -38,7 +42,17 @@ def test_extends_merges_parent_then_child(tmp_path, write_manifest):
     (["teacher.kind=vllm", "loss.name=full_reverse_kl"], r"full-vocabulary .* 'vllm' teacher"),
     (["teacher.kind=vllm", "loss.name=topk_reverse_kl_sg", "loss.params={k: 32, support: teacher}"],
      r"top-32 \(this teacher returns at most 20\)"),
-    (["rollout.engine=vllm", "rollout.vllm.tensor_parallel_size=2"], r"rollout.vllm.tensor_parallel_size: 2 needs GPUs"),
+    # Layouts that Ray's arithmetic accepts and the GPUs refuse (one line each).
+    (GPUS_2 + ["cluster.colocate=true", "sync.backend=nccl"], r"sync.backend: nccl with cluster.colocate: true puts "
+     r"two NCCL ranks \(learner and engine\) on one GPU"),
+    (GPUS_2 + ["sync.backend=ipc"], r"sync.backend: ipc shares CUDA memory within one GPU, so it needs the engines on "
+     r"the learner's GPUs \(cluster.colocate: true\)"),
+    (GPUS_2 + ["cluster.colocate=true", "rollout.vllm.tensor_parallel_size=2"],
+     r"rollout.vllm.tensor_parallel_size: 2 with cluster.colocate: true, but a colocated engine shares one learner GPU"),
+    (["sync.close_timeout_s=0"], r"sync.close_timeout_s: must be > 0, got 0"),
+    # vLLM's CPU build runs no Model Runner V2: the refusal says so.
+    (["teacher.kind=vllm", "loss.name=topk_reverse_kl_sg", "loss.params={k: 4, support: student}"],
+     r"'vllm' teacher \(vLLM's CPU build runs Model Runner V1, and only V2 serves log-probs at given ids"),
     (["loss.name=topk_reverse_klsg"], r"loss.name: unknown loss 'topk_reverse_klsg'.*did you mean"),
     (["teacher.kind=none"], r"teacher.kind: algorithm 'opd' needs a teacher"),
     (["algorithm=sft"], r"loss.name: algorithm 'sft'"),
@@ -110,3 +124,14 @@ def test_cli_takes_manifests_up_to_the_first_override(tmp_path, write_manifest, 
     assert "rollout.samples_per_prompt: must be > 0" in capsys.readouterr().err
     assert main(["check", str(base), "run.steps=2", str(more)]) == 2  # a path after an override is no override
     assert "is not key=value" in capsys.readouterr().err
+
+
+def test_tensor_parallel_engines_pass_the_check_on_a_cpu(write_manifest):
+    """vLLM's CPU build runs tensor_parallel_size 2 here (tests/test_vllm.py builds one), so the manifest
+    check no longer refuses it; a student-support loss with a vLLM teacher passes on GPUs, where the
+    built engine's runner decides (checked again when the teacher starts)."""
+    cfg = load_manifest(write_manifest(), ["rollout.engine=vllm", "rollout.vllm.tensor_parallel_size=2",
+                                           "teacher.kind=vllm", "teacher.vllm.tensor_parallel_size=2"])
+    assert cfg.rollout.vllm.tensor_parallel_size == cfg.teacher.vllm.tensor_parallel_size == 2
+    load_manifest(write_manifest(), GPUS_2 + ["cluster.num_gpus=3", "teacher.kind=vllm", "loss.name=topk_reverse_kl_sg",
+                                              "loss.params={k: 4, support: student}"])

@@ -88,6 +88,8 @@ def test_capability_table_lives_with_the_teachers():
     hf, vllm = capabilities_for("hf"), capabilities_for("vllm", max_logprobs=32)
     assert hf.full_vocab and hf.logprobs_at_any_ids and not hf.temperature_one_only
     assert not vllm.full_vocab and not vllm.logprobs_at_any_ids and vllm.max_topk == 32 and vllm.temperature_one_only
+    assert "CPU build runs Model Runner V1" in vllm.limits
+    assert capabilities_for("vllm", on_gpu=True).logprobs_at_any_ids  # the built engine's runner decides
     assert HFTeacher.capabilities == hf
     with pytest.raises(ValueError, match="teacher.kind: 'mlx'"):
         capabilities_for("mlx")

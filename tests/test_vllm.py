@@ -232,3 +232,52 @@ def test_two_engines_sync_from_two_zero3_ranks_without_deadlock(ray_session, wri
         for a in learner.ranks + engines:
             ray.kill(a)
         placement.remove()
+
+
+def test_tp2_engine_in_a_placement_group_runs_the_multiprocess_executor_and_receives_weights(
+        ray_session, write_manifest, assets, tmp_path):
+    """Engines built as the driver builds them, inside actors of the run's placement group: the TP-2 engine
+    runs vLLM's multiprocess executor (left to itself, vLLM sees the placement group and picks its Ray
+    executor, which refuses a bundle of several GPUs), has two receiving workers, and the TP-1 engine after
+    it takes ranks shifted by 2. After one sync, both generate greedily what a fresh engine loaded from the
+    exported weights does."""
+    from dataclasses import replace
+    from launch.cluster import llm_spec
+    from launch.config import load_manifest
+    from launch.placement import Placement
+    cfg = load_manifest(write_manifest(), ["rollout.engine=vllm", "rollout.num_actors=2",
+                                           "rollout.vllm.tensor_parallel_size=2", "rollout.vllm.kv_cache_memory_gb=0.0625"])
+    placement = Placement(cfg)
+    tp2 = llm_spec(cfg, "rollout", cfg.model.path, seed=0, sync_backend="gloo")
+    engines = [ray.remote(VLLMEngine).options(**placement.options(slot)).remote(s, SamplingSpec(max_new_tokens=4), 0)
+               for slot, s in zip(placement.layout.rollout, [tp2, replace(tp2, tensor_parallel_size=1)])]
+    greedy = SamplingSpec(max_new_tokens=6, temperature=0.0, behaviour_logprobs=False)
+    try:
+        def executor(engine):
+            return (ray.util.get_current_placement_group() is not None,
+                    engine.llm.llm_engine.vllm_config.parallel_config.distributed_executor_backend)
+        assert ray.get([e.__ray_call__.remote(executor) for e in engines], timeout=600) == [(True, "mp"), (True, "uni")]
+        workers = ray.get([e.weight_sync_workers.remote() for e in engines], timeout=60)
+        assert workers == [2, 1]  # group ranks: learner 0, TP-2 engine 1..2, TP-1 engine 3
+
+        learner = AutoModelForCausalLM.from_pretrained(assets["tiny"])
+        torch.manual_seed(0)
+        with torch.no_grad():  # far from the engines' weights, so greedy decoding moves
+            for p in learner.parameters():
+                p.add_(torch.randn_like(p) * 0.3)
+        learner.save_pretrained(tmp_path / "export")
+        AutoTokenizer.from_pretrained(assets["tiny"]).save_pretrained(tmp_path / "export")
+        before = ray.get(engines[0].generate.remote(PROMPTS, greedy), timeout=120).completions()
+        sender = open_sender("gloo", ParamStream(learner), engines, workers, rank=0, address="127.0.0.1",
+                             port=free_port())
+        sender.send(1)
+        want = VLLMEngine(spec(tmp_path / "export"), SamplingSpec(max_new_tokens=8), 0).generate(PROMPTS, greedy)
+        assert want.completions() != before
+        for e in engines:
+            out = ray.get(e.generate.remote(PROMPTS, greedy), timeout=120)
+            assert out.weight_version == 1 and out.completions() == want.completions()
+        assert sender.shutdown() == []  # every receiver closed its end
+    finally:
+        for e in engines:
+            ray.kill(e)
+        placement.remove()

@@ -103,3 +103,65 @@ def test_contract_client_fans_the_round_out_in_vllms_order():
     for e in engines:
         assert [c[0] for c in e.calls] == ["start_weight_update", "receive_weights", "finish_weight_update"]
         assert e.calls[-1][1] == (7,)
+
+
+def test_contract_ipc_buffer_is_sized_to_the_largest_tensor_so_vllms_packer_takes_it(assets, monkeypatch):
+    """CONTRACT (IPC is CUDA-only): vLLM's own IPC packer, run on the CPU with its three CUDA calls
+    pointed at the CPU, refuses a tensor larger than its buffer; with the buffer our sender asks for,
+    every tensor of the stream goes through, bit for bit."""
+    from vllm.distributed.weight_transfer import packed_tensor
+    from opd.weight_sync import vllm_native
+    from opd.weight_sync.vllm_native import VLLMNativeSender, wire_buffer_bytes
+    model = AutoModelForCausalLM.from_pretrained(assets["tiny"])
+    stream = ParamStream(model, torch.bfloat16)
+    meta = stream.metadata()
+    floor = 4096  # stands in for WIRE_BUFFER_BYTES: the embedding (55 x 64 bf16) is larger
+    largest = max(m.nbytes for m in meta)
+    assert largest > floor and wire_buffer_bytes(meta, floor) == largest
+    assert wire_buffer_bytes(meta) == vllm_native.WIRE_BUFFER_BYTES  # a small model keeps the floor
+
+    buffers = []
+    empty = torch.empty
+    monkeypatch.setattr(packed_tensor, "reduce_tensor", lambda t: (buffers.append(t), ("handle",)))
+    monkeypatch.setattr(torch, "empty", lambda *a, device=None, **k: empty(*a, **k))
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda: type("S", (), {"synchronize": lambda self: None})())
+
+    def pack(size):
+        for chunk in packed_tensor.packed_ipc_producer(iter(stream), "GPU-0", lambda item: item[1], size):
+            # The buffer is reused: read each chunk before asking for the next (as vLLM's consumer does).
+            yield from ((n, t.clone()) for n, t in packed_tensor.unpack_tensor(
+                buffers[-1][:sum(chunk.tensor_sizes)], chunk.names, chunk.shapes,
+                [getattr(torch, d) for d in chunk.dtype_names], chunk.tensor_sizes))
+
+    with pytest.raises(ValueError, match="exceeds buffer_size_bytes=4096"):
+        list(pack(floor))
+    got = dict(pack(wire_buffer_bytes(meta, floor)))
+    assert list(got) == [n for n, _ in model.named_parameters()]
+    assert all(torch.equal(got[n], p.detach().to(torch.bfloat16)) for n, p in model.named_parameters())
+
+    # The sender asks vLLM's factory for that buffer (the factory itself needs CUDA to build an engine).
+    monkeypatch.setattr(vllm_native.WeightTransferTrainerFactory, "trainer_init", lambda info, **_: info)
+    for backend in ("ipc", "nccl"):
+        sender = VLLMNativeSender(stream, EngineGroupClient([Recorder()], [1]), backend=backend, rank=0, wire_floor=floor)
+        assert sender.engine.packed_buffer_size_bytes == largest
+
+
+def test_contract_student_support_requests_and_replies_are_vllms():
+    """CONTRACT (Model Runner V2 runs on CUDA only): the request a V2 vLLM teacher sends for log-probs at
+    the student's top-k ids, and its reading of vLLM's reply, on vLLM's own SamplingParams and
+    RequestOutput: row t of the reply scores completion token t, padded positions stay 0."""
+    import numpy as np
+    from vllm.outputs import RequestOutput
+    from teachers.vllm_teacher import at_ids_from_outputs, at_ids_params
+    prompt_len, ids = 3, [[5, 6], [7, 8], [9, 10]]  # a 3-token completion, the student's top-2 at each position
+    params = at_ids_params(prompt_len, ids)
+    assert params.prompt_logprob_start == prompt_len - 1 and params.skip_reading_prefix_cache
+    # vLLM's row count for this request: prompt_len - 1 - start over the scored sequence (prompt + completion)
+    assert (prompt_len + len(ids)) - 1 - params.prompt_logprob_start == len(ids) == len(params.prompt_logprob_token_ids)
+    scores = np.log(np.array([[0.5, 0.25], [0.125, 0.0625], [0.2, 0.1]], dtype=np.float32))
+    reply = RequestOutput(request_id="r0", prompt=None, prompt_token_ids=[1, 2, 3, 5, 7, 9], prompt_logprobs=None,
+                          outputs=[], finished=True, prompt_token_id_logprobs=scores)
+    got = at_ids_from_outputs([reply], rows=[1], lengths=[0, 3], shape=(2, 4, 2))
+    assert torch.equal(got[1, :3], torch.from_numpy(scores)) and not got[0].any() and not got[1, 3].any()
+    with pytest.raises(RuntimeError, match="cover 3 positions, not the 2 completion tokens"):
+        at_ids_from_outputs([reply], rows=[0], lengths=[2], shape=(1, 4, 2))

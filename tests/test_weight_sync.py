@@ -4,6 +4,7 @@ import socket
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -141,3 +142,45 @@ def test_zero3_parameters_are_gathered_per_bucket():
     proc = subprocess.run([sys.executable, "-c", ZERO3_SCRIPT.format(port=free_port())], cwd=REPO,
                           capture_output=True, text=True, timeout=300)
     assert "ZERO3-OK" in proc.stdout, proc.stderr[-3000:]
+
+
+class FailsMidRound(ParamStream):
+    """A learner whose stream breaks after the first bucket: the receivers wait in a broadcast that
+    will never come (with NCCL, forever)."""
+
+    def __iter__(self):
+        stream = super().__iter__()
+        yield next(stream)
+        raise RuntimeError("learner failed mid-round")
+
+
+def test_closing_is_bounded_and_a_receiver_stuck_in_a_broadcast_is_replaced(ray_session, assets):
+    """Real Ray actors (HF engines) stuck in a real gloo broadcast: the failed send returns at once,
+    closing returns within sync.close_timeout_s naming both receivers, and the pool replaces them with
+    engines that answer (a close that waited would wait for the transport's own timeout)."""
+    import ray
+    from launch.remote import ActorPool
+    pool = ActorPool("rollout engine", lambda i: ray.remote(HFEngine).options(num_cpus=0).remote(str(assets["tiny"])),
+                     2, timeout_s=120)
+    model = AutoModelForCausalLM.from_pretrained(assets["tiny"])
+
+    def connect(stream):
+        info = GlooInitInfo("127.0.0.1", free_port(), 3, bucket_bytes=1024)
+        return GlooSender(stream, EngineGroupClient(pool.actors, [1, 1], close_timeout_s=3.0), rank=0, info=info)
+
+    sender = within(120, connect, ParamStream(model))
+    within(60, sender.send, 1)
+    assert within(30, sender.shutdown) == []  # a healthy group closes with nobody left behind
+
+    sender = within(120, connect, FailsMidRound(model))
+    with pytest.raises(RuntimeError, match="learner failed mid-round"):
+        within(30, sender.send, 2)
+    t0 = time.monotonic()
+    stuck = within(30, sender.shutdown)
+    assert set(stuck) == set(pool.actors) and time.monotonic() - t0 < 10
+    old = list(pool.actors)
+    assert pool.replace_stuck(stuck + [old[0]]) == [0, 1] and pool.replace_stuck(old) == []  # replaced once
+    greedy = SamplingSpec(max_new_tokens=2, temperature=0)
+    assert all(r.completion_mask.any() for r in pool.call("generate", [([[1, 5, 6]], greedy)] * 2))
+    for a in pool.actors:
+        ray.kill(a)

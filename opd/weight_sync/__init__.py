@@ -17,7 +17,7 @@ from __future__ import annotations
 import socket
 from typing import Any, Optional, Sequence
 
-from opd.weight_sync.client import EngineGroupClient
+from opd.weight_sync.client import CLOSE_TIMEOUT_S, EngineGroupClient
 from opd.weight_sync.source import ParamStream
 
 BACKENDS = ("gloo", "nccl", "ipc")
@@ -31,11 +31,12 @@ def free_port() -> int:
 
 
 def open_sender(backend: str, stream: ParamStream, targets: Sequence[Any], workers: Sequence[int], *,
-                rank: int, address: str, port: Optional[int] = None):
+                rank: int, address: str, port: Optional[int] = None, close_timeout_s: float = CLOSE_TIMEOUT_S):
     """A sender for `targets` over `backend`, built on every learner rank (rank 0 drives the
     receivers; the others join the ZeRO-3 gathers). Rank 0 hosts the group at `address`, on `port`
-    or a free one of its own. Has send(version) and shutdown()."""
-    client = EngineGroupClient(targets, workers)
+    or a free one of its own. Has send(version) and shutdown(), which waits at most close_timeout_s
+    for the receivers and returns those that did not close."""
+    client = EngineGroupClient(targets, workers, close_timeout_s)
     port = port or (free_port() if rank == 0 else 0)
     if backend == "gloo":
         from opd.weight_sync.gloo import GlooInitInfo, GlooSender

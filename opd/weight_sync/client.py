@@ -8,13 +8,17 @@ broadcast block until every receiver has joined, so calling engines one after an
 from __future__ import annotations
 
 import itertools
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor, wait
 from typing import Any, Optional, Sequence
 
 
+CLOSE_TIMEOUT_S = 30.0
+
+
 class EngineGroupClient:
-    def __init__(self, targets: Sequence[Any], workers_per_target: Sequence[int]):
+    def __init__(self, targets: Sequence[Any], workers_per_target: Sequence[int], close_timeout_s: float = CLOSE_TIMEOUT_S):
         self.targets = list(targets)
+        self.close_timeout_s = close_timeout_s
         # Each target is an independent engine; its workers take the group ranks after those of
         # the targets before it (rank 0 is the learner). vLLM's own client gives every engine
         # rank_offset 1, which is right only for one data-parallel deployment.
@@ -51,5 +55,27 @@ class EngineGroupClient:
             raise RuntimeError("weight sync: no version set before finish_weight_update")
         self._fan_out("finish_weight_update", [(version,)] * len(self.targets))
 
-    def close_weight_transfer(self) -> None:
-        self._fan_out("close_weight_transfer")
+    def close_weight_transfer(self) -> list:
+        """Ask every target to close its end, waiting `close_timeout_s` in all. Returns the targets that
+        did not close: dead, failed, or still busy. A Ray actor runs one call at a time, so one stuck in a
+        broadcast that will never finish (its sender failed mid-round; vLLM also refuses to shut its
+        transfer engine down while an update is active) never reaches this call: its caller replaces
+        it rather than waiting on it."""
+        calls = [t.close_weight_transfer for t in self.targets]
+        if all(hasattr(c, "remote") for c in calls):
+            import ray
+            refs = [c.remote() for c in calls]
+            done, _ = ray.wait(refs, num_returns=len(refs), timeout=self.close_timeout_s)
+            closed = set()
+            for ref in done:
+                try:
+                    ray.get(ref)
+                    closed.add(ref)
+                except Exception:  # noqa: BLE001 - a dead or failing receiver: reported, not raised
+                    pass
+            return [t for t, ref in zip(self.targets, refs) if ref not in closed]
+        pool = ThreadPoolExecutor(max(1, len(calls)))
+        futures = [pool.submit(c) for c in calls]
+        wait(futures, timeout=self.close_timeout_s)
+        pool.shutdown(wait=False)  # a stuck receiver's thread must not hold the caller
+        return [t for t, f in zip(self.targets, futures) if not f.done() or f.exception() is not None]

@@ -98,7 +98,8 @@ class GlooSender:
                 pass
             return
         self.client.start_weight_update()
-        with ThreadPoolExecutor(1) as pool:  # receivers block inside update_weights until the last bucket
+        pool = ThreadPoolExecutor(1)  # receivers block inside update_weights until the last bucket
+        try:
             received = pool.submit(self.client.update_weights, asdict(UpdateInfo.from_metadata(meta)))
             stream = iter(self.source)
             for bucket in bucket_plan(meta, self.info.bucket_bytes):
@@ -113,12 +114,19 @@ class GlooSender:
                     received.result()
                 _broadcast(self.group, torch.cat(parts))
             received.result()
+        finally:
+            # On a failure the receivers wait for buckets that will not come: do not wait with them
+            # (shutdown() reports them; the driver replaces them).
+            pool.shutdown(wait=False)
         self.client.finish_weight_update(str(version))
 
-    def shutdown(self) -> None:
-        if self.group is not None:
-            self.client.close_weight_transfer()
-            self.group = None
+    def shutdown(self) -> list:
+        """Close the group; returns the receivers that did not close (see EngineGroupClient)."""
+        if self.group is None:
+            return []
+        unclosed = self.client.close_weight_transfer()  # ours last, as vLLM's engines close theirs
+        self.group = None
+        return unclosed
 
 
 class GlooReceiver:

@@ -22,10 +22,10 @@ from vllm.distributed.weight_transfer.base import WeightSource, WeightTransferEn
 from vllm.distributed.weight_transfer.factory import WeightTransferEngineFactory, WeightTransferTrainerFactory
 
 from opd.weight_sync.gloo import GlooInitInfo, GlooReceiver, UpdateInfo
-from opd.weight_sync.source import ParamStream
+from opd.weight_sync.source import ParamMeta, ParamStream
 
 GLOO_BACKEND = "opd_gloo"  # our name in vLLM's registry (vLLM's own names: nccl, ipc, ...)
-WIRE_BUFFER_BYTES = 256 << 20  # vLLM packs NCCL broadcasts into 2 such buffers (its default: 2 x 1 GiB)
+WIRE_BUFFER_BYTES = 256 << 20  # at least: vLLM packs NCCL broadcasts into 2 such buffers (its default: 2 x 1 GiB)
 
 
 def register() -> None:
@@ -96,6 +96,13 @@ class _Source(WeightSource):
         return iter(self.stream)
 
 
+def wire_buffer_bytes(meta: list[ParamMeta], floor: int = WIRE_BUFFER_BYTES) -> int:
+    """The packed buffer for a stream: `floor`, or the stream's largest tensor if that is larger.
+    vLLM's IPC packer raises on a tensor larger than its buffer (Qwen3-0.6B's embedding in bf16 is
+    311 MB) and its NCCL packer only warns; both keep every other tensor within the buffer."""
+    return max([floor, *(m.nbytes for m in meta)])
+
+
 def trainer_init_info(backend: str, *, rank: int, master_address: str = "", master_port: int = 0,
                       world_size: int = 0, wire_bytes: int = WIRE_BUFFER_BYTES):
     """The trainer init info vLLM's factory dispatches on (its `backend` class attribute)."""
@@ -114,17 +121,19 @@ class VLLMNativeSender:
     """Learner side of NCCL / IPC. Built on every learner rank; rank 0 is vLLM's sender."""
 
     def __init__(self, stream: ParamStream, client, *, backend: str, rank: int, master_address: str = "",
-                 master_port: int = 0):
+                 master_port: int = 0, wire_floor: int = WIRE_BUFFER_BYTES):
         self.client = client
         info = trainer_init_info(backend, rank=rank, master_address=master_address, master_port=master_port,
-                                 world_size=1 + client.num_workers)
+                                 world_size=1 + client.num_workers,
+                                 wire_bytes=wire_buffer_bytes(stream.metadata(), wire_floor))
         self.engine = WeightTransferTrainerFactory.trainer_init(info, client=client, source=_Source(stream))
 
     def send(self, version: int) -> None:
         self.client.version = version  # vLLM's engines call finish_weight_update() without one
         self.engine.send_weights()
 
-    def shutdown(self) -> None:
+    def shutdown(self) -> list:
+        """Close the engines' ends (bounded), then ours; returns the receivers that did not close."""
+        unclosed = self.client.close_weight_transfer() if self.engine.is_sender else []
         self.engine.shutdown()
-        if self.engine.is_sender:
-            self.client.close_weight_transfer()
+        return unclosed
