@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo demo-vllm test bench clean
+.PHONY: install demo demo-vllm check test bench clean
 
 $(STAMP): pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -26,7 +26,12 @@ install: $(STAMP)
 demo: $(STAMP)  # make demo SEED=1: another seed (models' init, data split and order, sampling)
 	$(BIN)/python -m launch.demo $(if $(SEED),--seed $(SEED))
 
-test: $(STAMP)
+check: $(STAMP)  # the inner loop: lint and the fast tier (no Ray, vLLM or DeepSpeed runs)
+	$(BIN)/ruff check .
+	$(BIN)/python -m pytest -q -m "not slow" tests
+
+test: $(STAMP)  # CI: lint and every tier
+	$(BIN)/ruff check .
 	$(BIN)/python -m pytest -q tests
 
 bench: $(STAMP)

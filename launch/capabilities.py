@@ -15,7 +15,6 @@ def build_configured_loss(cfg):
 
 def check_loss(cfg) -> None:
     from launch.config import ManifestError
-    from losses import check_teacher
     try:
         loss = build_configured_loss(cfg)
     except ValueError as e:

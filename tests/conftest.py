@@ -68,3 +68,20 @@ def ray_session():
                                        "HF_HUB_DISABLE_PROGRESS_BARS": "1", "TRANSFORMERS_VERBOSITY": "error"}})
     yield ray
     ray.shutdown()
+
+
+# ---------------------------------------------------------------- tiers
+# `make check` runs the fast tier (-m "not slow"): in-process tests of losses, configs, data, verifiers and
+# models. A test is slow when it starts Ray (the ray_session fixture), builds a vLLM engine or a DeepSpeed
+# learner, or runs whole experiments: those fixtures and modules mark it here, so a new test lands in the
+# right tier by what it uses. `make test` (CI) runs both tiers.
+SLOW_FIXTURES = {"ray_session", "chat_student", "engines", "vllm_teacher"}
+SLOW_MODULES = {"test_vllm", "test_faults", "test_overlap", "test_resume", "test_end_to_end", "test_experiment",
+                "test_ray_job", "test_paper_keys_end_to_end", "test_learner_paper_keys", "test_learner_sync",
+                "test_weight_sync", "test_colocation", "test_gpu_smoke", "test_paper_arms"}
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if SLOW_FIXTURES & set(getattr(item, "fixturenames", ())) or item.module.__name__.split(".")[-1] in SLOW_MODULES:
+            item.add_marker(pytest.mark.slow)
