@@ -98,22 +98,31 @@ def _check_experiment(args) -> int:
 
 def cmd_eval(args) -> int:
     import torch
-    from launch.batches import PromptFormatter
+    from launch.batches import ChatSettings, PromptFormatter
     from opd.contracts import SamplingSpec
+    from opd.tokens import special_ids
     from tasks.data import load_dataset
     from tasks.verifiers import get_verifier
     from transformers import AutoTokenizer
-    rows = load_dataset(args.data, [args.prompt_field, args.answer_field]).rows[:args.size]
+    chat = None
+    if args.chat_template_kwargs is not None or args.system_prompt is not None:
+        chat = ChatSettings(kwargs=json.loads(args.chat_template_kwargs or "{}"), student_system=args.system_prompt)
+    rows = load_dataset(args.data, [args.answer_field] if chat else [args.prompt_field, args.answer_field]).rows
+    rows = rows[:args.size]
     tok = AutoTokenizer.from_pretrained(args.model)
-    fmt = PromptFormatter(tok, args.prompt_template, "{prompt}")
-    for r in rows:
-        r["prompt"], r["answer"] = r[args.prompt_field], r[args.answer_field]
-    spec = SamplingSpec(max_new_tokens=args.max_new_tokens, temperature=0, behaviour_logprobs=False)
+    fmt = PromptFormatter(tok, args.prompt_template, "{prompt}", chat)
+    for r in rows:  # in chat format a row may hold messages (its last user turn is {prompt})
+        msgs = r.get("messages") if chat else None
+        r["prompt"] = [m for m in msgs if m["role"] == "user"][-1]["content"] if msgs else r[args.prompt_field]
+        r["answer"] = r[args.answer_field]
+    special = special_ids(tok, args.model)
+    spec = SamplingSpec(max_new_tokens=args.max_new_tokens, temperature=0, behaviour_logprobs=False,
+                        stop_ids=special.stop)
     gpu = torch.cuda.is_available()
     if args.engine == "vllm":
         from actors.vllm_engine import VLLMEngine
         from opd.vllm_llm import LLMSpec
-        engine = VLLMEngine(LLMSpec(model=args.model, dtype="bfloat16" if gpu else "float32"), spec, tok.pad_token_id)
+        engine = VLLMEngine(LLMSpec(model=args.model, dtype="bfloat16" if gpu else "float32"), spec, special.pad)
     else:
         from actors.hf_engine import HFEngine
         engine = HFEngine(args.model, use_gpu=gpu)
@@ -200,6 +209,9 @@ def main(argv=None) -> int:
     e.add_argument("--prompt-template", default="{prompt}")
     e.add_argument("--max-new-tokens", type=int, default=16)
     e.add_argument("--engine", choices=["hf", "vllm"], default="hf")
+    e.add_argument("--chat-template-kwargs", default=None, metavar="JSON",
+                   help="render prompts with the tokenizer's chat template, e.g. '{\"enable_thinking\": false}'")
+    e.add_argument("--system-prompt", default=None, help="a system message (implies the chat template)")
     e.set_defaults(fn=cmd_eval)
     x = sub.add_parser("experiment", help="run a named comparison (configs/experiments/NAME.yaml, or an "
                                           "experiment file's path); 'list' lists them")

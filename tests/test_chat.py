@@ -174,3 +174,22 @@ def test_a_chat_opd_run_trains_and_grades_completions_without_template_text(ray_
     assert stepped and all(m["rollout/stop_fraction"] == 1.0 for m in stepped)
     summary = json.loads((tmp_path / "runs" / "chat" / "summary.json").read_text())
     assert summary["end_eval_accuracy"] is not None
+
+
+def test_opd_eval_renders_chat_prompts_and_stops_at_the_end_of_turn(chat_student, capsys):
+    """`opd eval --chat-template-kwargs`: the same prompts and stop ids as a run's evaluation, so the same
+    greedy answers as the HF engine fed the run's formatter."""
+    from actors.hf_engine import HFEngine
+    from launch.cli import main
+    from tasks.verifiers import boxed_match
+    path, inputs = chat_student
+    rows = inputs.train.rows[:8]
+    spec = SamplingSpec(max_new_tokens=48, temperature=0.0, stop_ids=inputs.special.stop)
+    out = HFEngine(str(path)).generate(inputs.fmt.students(rows), spec)
+    want = sum(boxed_match(inputs.fmt.text(c), r["answer"]) for c, r in zip(out.completions(), rows)) / len(rows)
+    rows_file = path.parent / "rows.jsonl"
+    rows_file.write_text("".join(json.dumps({"messages": r["messages"], "answer": r["answer"]}) + "\n" for r in rows))
+    assert main(["eval", "--model", str(path), "--data", str(rows_file), "--verifier", "boxed_match",
+                 "--max-new-tokens", "48", "--chat-template-kwargs", '{"enable_thinking": false}']) == 0
+    got = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert got["size"] == 8 and got["accuracy"] == want
