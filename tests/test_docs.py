@@ -178,13 +178,11 @@ def test_nothing_points_at_design_notes_outside_the_repository():
     if not tracked:
         pytest.skip("not a git checkout")
     bad = re.compile(r"\bDESIGN\.md\b|\.\./shared/|/work/shared")
-    hits = [f"{f}:{n}" for f in tracked if f.endswith((".py", ".md", ".yaml", ".toml", ".cfg")) and (ROOT / f).is_file()
+    this = str(Path(__file__).resolve().relative_to(ROOT))  # its own pattern names what it looks for
+    hits = [f"{f}:{n}" for f in tracked if f.endswith((".py", ".md", ".yaml", ".toml", ".cfg")) and f != this
+            and (ROOT / f).is_file()
             for n, line in enumerate((ROOT / f).read_text(encoding="utf-8").splitlines(), 1) if bad.search(line)]
     assert hits == []
-
-
-def test_pending_paths_say_why():
-    assert all(reason.strip() for reason in PENDING.values())
 
 
 # ------------------------------------------------------------------------------------- the checker itself
