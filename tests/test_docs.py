@@ -185,6 +185,30 @@ def test_nothing_points_at_design_notes_outside_the_repository():
     assert hits == []
 
 
+def section_problems(files: list[str], root: Path = ROOT) -> list[str]:
+    """`docs/x.md §N` in any of `files` (repository-relative) where docs/x.md has no heading numbered N."""
+    ref = re.compile(r"\b(docs/[\w-]+\.md) §(\d+)")
+    problems = []
+    for f in files:
+        for n, line in enumerate((root / f).read_text(encoding="utf-8").splitlines(), 1):
+            for m in ref.finditer(line):
+                doc = root / m.group(1)
+                numbered = doc.is_file() and re.search(rf"^#+\s+{m.group(2)}\.\s", doc.read_text(encoding="utf-8"), re.M)
+                if not numbered:
+                    problems.append(f"{f}:{n}: {m.group(0)} names no such section")
+    return problems
+
+
+def test_every_numbered_section_reference_exists():
+    """Code and docs name design sections by number (`docs/design.md §4`); each number is a heading there."""
+    tracked = subprocess.run(["git", "ls-files"], cwd=ROOT, capture_output=True, text=True).stdout.split()
+    if not tracked:
+        pytest.skip("not a git checkout")
+    this = str(Path(__file__).resolve().relative_to(ROOT))  # its own examples name a missing section
+    files = [f for f in tracked if f.endswith((".py", ".md", ".yaml")) and f != this and (ROOT / f).is_file()]
+    assert section_problems(files) == []
+
+
 # ------------------------------------------------------------------------------------- the checker itself
 
 @pytest.fixture
@@ -258,3 +282,10 @@ def test_the_real_readme_fails_when_a_link_breaks(tmp_path):
                     .replace("(docs/design.md)", "(docs/design.md#no-such-section)", 1))
     problems = link_problems(copy, tmp_path)
     assert len(problems) == 2 and "usage-gone" in problems[0] and "no-such-section" in problems[1]
+
+
+def test_checker_fails_on_a_section_that_does_not_exist(repo):
+    (repo / "docs" / "design.md").write_text("# Design\n\n## 4. Losses\n")
+    (repo / "launch" / "notes.py").write_text('"""See docs/design.md §4 and docs/design.md §9."""\n')
+    problems = section_problems(["launch/notes.py"], repo)
+    assert problems == ["launch/notes.py:1: docs/design.md §9 names no such section"]
