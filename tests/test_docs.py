@@ -27,8 +27,8 @@ FENCE = re.compile(r"^\s*(```|~~~)")
 LINK = re.compile(r"!?\[(?:[^\]\[]|\[[^\]]*\])*\]\(\s*<?([^)\s>]+)>?(?:\s+\"[^\"]*\")?\s*\)")
 INLINE_CODE = re.compile(r"(`+)(.+?)\1")
 HEADING = re.compile(r"^(#{1,6})\s+(.*?)\s*#*\s*$")
-# A placeholder, not a path: <arm>, {name}, NAME, N, *, ...
-PLACEHOLDER = re.compile(r"[<>{}*$]|\.\.\.|…|(^|/)[A-Z][A-Z_]*(\.|/|$)|stepN")
+# A placeholder, not a path: <arm>, {name}, NAME.yaml, stepN, *, $VAR, ...
+PLACEHOLDER = re.compile(r"[<>{}*$]|\.\.\.|…|(^|/)(NAME|ARM|RUN|MANIFEST|N)(\.|/|$)|stepN")
 
 
 def doc_files(root: Path = ROOT) -> list[Path]:
@@ -257,6 +257,7 @@ def test_a_link_inside_code_is_not_a_link(repo):
     ("see `docs/old/`", "no such file"),
     ("```\nopd train launch/overlap.py\n```", "no such file"),
     ("`launch/driver.py:walk`", "defines no 'walk'"),
+    ("see `docs/README.md`", "no such file"),
 ])
 def test_checker_fails_on_a_missing_path(repo, text, expected):
     problems = path_problems(write(repo, text + "\n"), repo, {})
