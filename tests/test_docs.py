@@ -25,7 +25,7 @@ PENDING = {
 
 FENCE = re.compile(r"^\s*(```|~~~)")
 LINK = re.compile(r"!?\[(?:[^\]\[]|\[[^\]]*\])*\]\(\s*<?([^)\s>]+)>?(?:\s+\"[^\"]*\")?\s*\)")
-INLINE_CODE = re.compile(r"(`+)(.+?)\1")
+INLINE_CODE = re.compile(r"(`+)(.+?)\1", re.S)
 HEADING = re.compile(r"^(#{1,6})\s+(.*?)\s*#*\s*$")
 # A placeholder, not a path: <arm>, {name}, NAME.yaml, stepN, *, $VAR, ...
 PLACEHOLDER = re.compile(r"[<>{}*$]|\.\.\.|…|(^|/)(NAME|ARM|RUN|MANIFEST|N)(\.|/|$)|stepN")
@@ -53,6 +53,23 @@ def split_code(text: str) -> tuple[list[tuple[int, str]], list[tuple[int, str]]]
             continue
         (code if fenced else prose).append((n, line))
     return prose, code
+
+
+def paragraphs(prose: list[tuple[int, str]]) -> list[tuple[int, str]]:
+    """Consecutive prose lines joined, as (first line number, text): a link or code span may wrap."""
+    out: list[tuple[int, str]] = []
+    last = None
+    for n, line in prose:
+        if line.strip() and last == n - 1 and out:
+            out[-1] = (out[-1][0], out[-1][1] + "\n" + line)
+        elif line.strip():
+            out.append((n, line))
+        last = n if line.strip() else None
+    return out
+
+
+def line_of(start: int, text: str, offset: int) -> int:
+    return start + text.count("\n", 0, offset)
 
 
 def slug(heading: str) -> str:
@@ -83,9 +100,10 @@ def link_problems(path: Path, root: Path = ROOT) -> list[str]:
     """Every relative link in `path` that names no file inside `root`, or an anchor its target lacks."""
     problems = []
     prose, _ = split_code(path.read_text(encoding="utf-8"))
-    for n, line in prose:
-        for m in LINK.finditer(INLINE_CODE.sub("", line)):
-            target = m.group(1)
+    for start, para in paragraphs(prose):
+        text = INLINE_CODE.sub(lambda c: re.sub(r"[^\n]", " ", c.group(0)), para)  # code is not a link
+        for m in LINK.finditer(text):
+            target, n = m.group(1), line_of(start, text, m.start())
             if re.match(r"^[a-z][a-z0-9+.-]*:", target):  # http:, https:, mailto:
                 continue
             file_part, _, anchor = target.partition("#")
@@ -103,7 +121,8 @@ def link_problems(path: Path, root: Path = ROOT) -> list[str]:
 def code_tokens(path: Path) -> list[tuple[int, str]]:
     """Words inside inline code spans and fenced blocks."""
     prose, code = split_code(path.read_text(encoding="utf-8"))
-    words = [(n, w) for n, line in prose for m in INLINE_CODE.finditer(line) for w in m.group(2).split()]
+    words = [(line_of(start, para, m.start()), w) for start, para in paragraphs(prose)
+             for m in INLINE_CODE.finditer(para) for w in m.group(2).split()]
     return words + [(n, w) for n, line in code for w in line.split()]
 
 
@@ -246,6 +265,12 @@ def test_checker_fails_on_a_broken_link(repo, text, expected):
     (repo.parent / "outside.md").write_text("# outside\n")
     problems = link_problems(write(repo, text + "\n"), repo)
     assert len(problems) == 1 and expected in problems[0]
+
+
+def test_a_wrapped_link_and_code_span_are_read_whole(repo):
+    doc = write(repo, "intro [the\nguide](docs/gide.md) and `opd train\nlaunch/drivre.py` here\n")
+    assert [p.split(": (")[0] for p in link_problems(doc, repo)] == ["README.md:1"]
+    assert [p.split(": `")[0] for p in path_problems(doc, repo, {})] == ["README.md:2"]
 
 
 def test_a_link_inside_code_is_not_a_link(repo):
