@@ -19,7 +19,7 @@ the teacher (the same network) sees privileged information (PI) through teacher.
 
 The instance arms are the paper's instance-specific PI in miniature: what the teacher knows differs from
 row to row and cannot be inferred from the student's prompt, so a PI-free student can only match the
-aggregate of the row teachers (DESIGN.md §4). `instance-answer-inferable` gives the answer as PI too,
+aggregate of the row teachers (docs/design.md §5). `instance-answer-inferable` gives the answer as PI too,
 but every row's answer follows one rule, so the aggregate *is* that rule.
 """
 from __future__ import annotations

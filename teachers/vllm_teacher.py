@@ -6,8 +6,8 @@ completion token t of a row whose teacher prompt has P tokens is entry P + t, wh
 prompt was (OPSD teachers see privileged text the student never did). Each entry holds the actual
 token's log-prob and the teacher's top-K.
 
-Limits, stated as errors rather than approximated (and declared in CAPABILITIES, which the
-manifest check reads before any work):
+Limits, stated as errors rather than approximated (and declared by `teachers.base.capabilities_for`,
+which the manifest check reads before any work, and by `get_capabilities` on the built engine):
 * no full vocabulary;
 * prompt log-probs are at temperature 1 only (prompt tokens bypass the sampler);
 * log-probs at arbitrary ids (the student's top-k) only where the engine it built runs Model Runner

@@ -89,7 +89,7 @@ def test_topk_arms_differ_only_in_loss_name_and_k():
 
 
 def test_student_support_needs_an_hf_teacher():
-    """README claim: support: student is refused on the pinned vLLM teacher, accepted on HF."""
+    """configs/paper/README.md's claim: support: student is refused on the pinned vLLM teacher, accepted on HF."""
     with pytest.raises(ManifestError, match=r"'vllm' teacher cannot supply"):
         load(PAPER / "topk_t2_k20.yaml", ["loss.params.support=student"])
     cfg = load(PAPER / "topk_t2_k20.yaml", ["loss.params.support=student", "teacher.kind=hf",

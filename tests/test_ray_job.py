@@ -1,4 +1,4 @@
-"""`ray job submit` of a tiny OPD run to a token-authenticated Ray head (README "On a Ray cluster", for real).
+"""`ray job submit` of a tiny OPD run to a token-authenticated Ray head (docs/cluster.md, for real).
 
 What it proves, with Ray's own CLI on one machine:
 - a head started by `ray start --head ... --block` with RAY_AUTH_MODE=token and the token made by
