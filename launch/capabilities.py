@@ -57,9 +57,11 @@ def check_built_teacher(cfg, caps) -> None:
     says, and again from each teacher as built (a vLLM engine picks its runner only when it starts)."""
     from launch.config import ManifestError
     from losses import check_teacher
-    name = f"a {cfg.teacher.kind!r} teacher" + (f" ({caps.limits})" if caps.limits else "")
+    loss = build_configured_loss(cfg)
+    why = caps.limits if caps.limits and loss.needs.teacher_at_student_topk else ""  # the reason is about given ids
+    name = f"a {cfg.teacher.kind!r} teacher" + (f" ({why})" if why else "")
     try:
-        check_teacher(build_configured_loss(cfg), caps, name)
+        check_teacher(loss, caps, name)
     except ValueError as e:
         raise ManifestError(str(e)) from None
 

@@ -44,15 +44,15 @@ def check_same_tokenizer(teacher_tok, student_tok, key: str = "teacher.path") ->
 
 
 class ScoresRollouts:
+    """What every teacher actor shares: get_capabilities (what it can return, as built), and score_rollout:
+    score a rollout given as the rollout engines' own replies, so the driver can chain teacher scoring onto
+    generation it has not collected (Ray starts the call once every part exists: launch/overlap.py scores
+    step n+1 while the learner trains step n)."""
     capabilities: TeacherCapabilities
 
     def get_capabilities(self) -> TeacherCapabilities:
         """What this teacher, as built, can return (a vLLM teacher's depend on its engine's runner)."""
         return self.capabilities
-
-    """score_rollout: score a rollout given as the rollout engines' own replies, so the driver can chain
-    teacher scoring onto generation it has not collected (Ray starts the call once every part exists:
-    launch/overlap.py scores step n+1 while the learner trains step n)."""
 
     def score_rollout(self, teacher_prompts: list[list[int]], request: ScoreRequest, start: int, stop: int,
                       *parts) -> TeacherScores:
