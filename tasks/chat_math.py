@@ -6,8 +6,13 @@
 Rows hold `messages` (the convention of chat datasets), the reference `answer` for the verifier
 (`boxed_match`), the assistant's reference text in `solution` (what SFT trains on) and a `hint` (the worked
 sum: privileged information for self-distillation). The solution states the sum before the box, so the
-model writes the operands it has just read and then their result; answers are 0..99. Eval problems are held
-out by (operation, a, b), so a model scores on eval only by doing the arithmetic, not by recall of a wording.
+model writes the operands it has just read and then their result.
+
+Answers are 0..MAX_ANSWER (20): small enough that the tiny Qwen3 student learns the task in a few minutes
+of SFT on two cores (answers up to 99 need forward-written two-digit carries, which it learns far more
+slowly). Eval problems are held out by their question text: the same sum may
+appear in train in other words, so eval measures reading the problem (which numbers, which operation)
+as much as the arithmetic. `max_answer` raises the ceiling for harder variants.
 """
 from __future__ import annotations
 
@@ -28,7 +33,7 @@ TEMPLATES = [
     ("-", "{name} has {a} {things} and gives {b} of them to a friend. How many {things} does {pron} have left?"),
     ("-", "There are {a} {things} on a table. {name} takes {b} of them. How many {things} are still on the table?"),
 ]
-MAX_ANSWER = 99
+MAX_ANSWER = 20
 
 
 def solution_text(op: str, a: int, b: int) -> tuple[str, str]:
@@ -50,35 +55,32 @@ def make_example(rng: random.Random, max_answer: int = MAX_ANSWER) -> dict:
     content = question.format(name=name, pron=pron, things=rng.choice(THINGS), a=a, b=b)
     answer, solution = solution_text(op, a, b)
     return {"messages": [{"role": "user", "content": content}], "answer": answer, "solution": solution,
-            "hint": f"{a} {op} {b} = {answer}.", "_key": (op, a, b)}
+            "hint": f"{a} {op} {b} = {answer}."}
 
 
-def write_split(path: Path, n: int, seed: int, max_answer: int, exclude: frozenset = frozenset(),
-                unique: bool = False) -> set:
-    """Write n rows whose (op, a, b) is not in `exclude`; returns the keys written. unique: no two rows
-    share a sum (eval); otherwise rows may repeat a sum in other words (train)."""
-    rng, keys, rows = random.Random(seed), set(), []
-    attempts = 0
-    while len(rows) < n:
-        attempts += 1
-        if attempts > 100 * n:
-            raise ValueError(f"cannot draw {n} rows with answers up to {max_answer} outside the held-out sums")
+def write_split(path: Path, n: int, seed: int, max_answer: int, exclude: frozenset = frozenset()) -> set[str]:
+    """Write n rows with distinct questions not in `exclude`; returns the questions written."""
+    rng, seen, rows = random.Random(seed), set(), []
+    for _ in range(100 * n):
+        if len(rows) == n:
+            break
         ex = make_example(rng, max_answer)
-        key = ex.pop("_key")
-        if key in exclude or (unique and key in keys):
-            continue
-        keys.add(key)
-        rows.append(ex)
+        question = ex["messages"][0]["content"]
+        if question not in exclude and question not in seen:
+            seen.add(question)
+            rows.append(ex)
+    if len(rows) < n:
+        raise ValueError(f"cannot draw {n} distinct problems with answers up to {max_answer}")
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return keys
+    return seen
 
 
 def write_task(out_dir: str | Path, n_train: int = 8000, n_eval: int = 256, seed: int = 0,
                max_answer: int = MAX_ANSWER) -> dict[str, Path]:
-    """train.jsonl and eval.jsonl under out_dir; no eval sum (op, a, b) appears in train."""
+    """train.jsonl and eval.jsonl under out_dir; no eval question appears in train."""
     out_dir = Path(out_dir)
-    held_out = write_split(out_dir / "eval.jsonl", n_eval, seed + 1, max_answer, unique=True)
+    held_out = write_split(out_dir / "eval.jsonl", n_eval, seed + 1, max_answer)
     write_split(out_dir / "train.jsonl", n_train, seed, max_answer, exclude=frozenset(held_out))
     return {"train": out_dir / "train.jsonl", "eval": out_dir / "eval.jsonl"}
 

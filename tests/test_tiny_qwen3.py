@@ -8,6 +8,7 @@ import torch
 from jinja2.exceptions import TemplateError
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GenerationConfig, Qwen3ForCausalLM
 
+from tasks.chat_math import MAX_ANSWER
 from tasks.tiny_qwen3 import QWEN3_LARGE_ROWS, QWEN3_ROWS, SMOKE_SIZES, build_tokenizer, write_model
 from tasks.verifiers import boxed_match
 
@@ -127,9 +128,8 @@ def test_the_tokenizer_is_the_same_for_the_same_seed():
     assert build_tokenizer(0).backend_tokenizer.to_str() == build_tokenizer(0).backend_tokenizer.to_str()
 
 
-def test_chat_math_rows_are_messages_with_boxed_answers_and_held_out_sums(qwen3_assets):
+def test_chat_math_rows_are_messages_with_boxed_answers_and_held_out_questions(qwen3_assets):
     splits = {k: [json.loads(line) for line in open(qwen3_assets[k]).read().splitlines()] for k in ("train", "eval")}
-    sums = {}
     for split, rows in splits.items():
         assert len(rows) == {"train": 512, "eval": 32}[split]
         for row in rows:
@@ -137,12 +137,13 @@ def test_chat_math_rows_are_messages_with_boxed_answers_and_held_out_sums(qwen3_
             a, op, b, c = re.fullmatch(r"(\d+) ([+-]) (\d+) = (\d+)\. The answer is \\boxed\{\d+\}\.",
                                        row["solution"]).groups()
             assert int(c) == (int(a) + int(b) if op == "+" else int(a) - int(b)) == int(row["answer"])
-            assert 0 <= int(row["answer"]) <= 99 and a in row["messages"][0]["content"]
+            assert 0 <= int(row["answer"]) <= MAX_ANSWER and re.findall(r"\d+", row["messages"][0]["content"]) == [a, b]
+            assert row["hint"] == f"{a} {op} {b} = {c}."
             assert boxed_match(row["solution"], row["answer"]) == 1.0
             assert boxed_match(row["solution"], str(int(row["answer"]) + 1)) == 0.0
-        sums[split] = [(m[0], m[1], m[2]) for m in (re.match(r"(\d+) ([+-]) (\d+)", r["solution"]).groups()
-                                                   for r in rows)]
-    assert len(set(sums["eval"])) == len(sums["eval"]) and not set(sums["eval"]) & set(sums["train"])
+    questions = {k: [r["messages"][0]["content"] for r in rows] for k, rows in splits.items()}
+    assert len(set(questions["eval"])) == 32 and not set(questions["eval"]) & set(questions["train"])
+    assert {r["solution"].split()[1] for r in splits["train"]} == {"+", "-"}
 
 
 def test_make_tiny_writes_the_qwen3_family(tmp_path, capsys):
