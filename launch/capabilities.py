@@ -2,6 +2,8 @@
 Checked before any work."""
 from __future__ import annotations
 
+from pathlib import Path
+
 from teachers.base import capabilities_for
 
 
@@ -77,6 +79,8 @@ def _check_hidden_transport(cfg, needs) -> None:
                             f"self); teacher.kind is {cfg.teacher.kind!r}")
     from opd.modeling import model_skeleton, plain_head_problem
     path = cfg.model.path if cfg.teacher.kind == "self" else cfg.teacher.path
+    if not Path(path).is_dir():
+        return  # the model lives where the job runs (`opd check` elsewhere); the run checks it there
     problem = plain_head_problem(model_skeleton(path))  # the architecture only: no weights are read
     if problem:
         raise ManifestError(f"{key}: the teacher at {path} cannot be scored from hidden states: {problem}; "

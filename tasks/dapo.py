@@ -12,8 +12,8 @@ Formats (--format auto tells them apart by their columns):
   is removed, so the manifest's prompt template asks for \\boxed{} instead. The public parquet
   repeats each of its ~17k problems about 100 times (1.79M rows) under different uuids, so rows
   are deduplicated by problem text, not by extra_info.index.
-* math500: any .parquet / .jsonl with `problem` and `answer` columns (HuggingFaceH4/MATH-500's
-  test.jsonl; AIME sets in the same shape).
+* math500: any .parquet / .jsonl with `problem` and `answer` (or, lacking an answer, `solution`) columns:
+  HuggingFaceH4/MATH-500's test.jsonl, math-ai/aime25, math-ai/aime24.
 
 A malformed row is skipped and counted by reason, never fatal; a summary is printed at the end.
 """
@@ -72,8 +72,11 @@ def dapo_row(row: dict) -> tuple[str, str]:
 
 
 def math500_row(row: dict) -> tuple[str, str]:
-    """(problem, answer) from one row with `problem` / `answer` columns."""
-    return _text(row.get("problem"), "problem"), _text(row.get("answer"), "answer")
+    """(problem, answer) from one row with `problem` and `answer` columns, or `solution` where there is no
+    answer (math-ai/aime24), as the paper's preprocess_dataset.py reads them; a boxed solution is graded
+    by its box."""
+    answer = row.get("answer")
+    return _text(row.get("problem"), "problem"), _text(row.get("solution") if answer in (None, "") else answer, "answer")
 
 
 def read_rows(src: Path) -> Iterator[object]:
@@ -101,7 +104,7 @@ def detect_format(src: Path) -> str:
         if isinstance(row, dict):
             if "reward_model" in row:
                 return "dapo"
-            if "problem" in row and "answer" in row:
+            if "problem" in row and ("answer" in row or "solution" in row):
                 return "math500"
             raise ValueError(f"--src {str(src)!r}: columns {sorted(row)} match neither format; pass --format")
     raise ValueError(f"--src {str(src)!r}: no rows")

@@ -177,7 +177,9 @@ def write_model(path: str | Path, tok, size: Size, rows: int, seed: int) -> Path
 def write_family(out_dir: str | Path, seed: int = 0, vocab_rows: tuple[int, ...] = (QWEN3_ROWS,),
                  n_train: int = 8000, n_eval: int = 256) -> dict[str, Path]:
     """out_dir/{student,teacher} at small_rows, out_dir/{student,teacher}-N for each N in vocab_rows (smoke
-    sizes), all over one tokenizer, and the chat-math task in out_dir/data/{train,eval}.jsonl."""
+    sizes), all over one tokenizer, the chat-math task in out_dir/data/{train,eval}.jsonl, and the safety
+    requests of the OPSD arm's CPU run in out_dir/data/safety_{train,eval}.jsonl (tasks/safety_requests.py)."""
+    from tasks import safety_requests
     from tasks.chat_math import write_task
     out_dir = Path(out_dir)
     tok = build_tokenizer(seed)
@@ -190,5 +192,6 @@ def write_family(out_dir: str | Path, seed: int = 0, vocab_rows: tuple[int, ...]
         for name, size in SMOKE_SIZES.items():
             paths[f"{name}-{rows}"] = write_model(out_dir / f"{name}-{rows}", tok, size, rows, seed + len(paths))
     paths.update(write_task(out_dir / "data", n_train=n_train, n_eval=n_eval, seed=seed))
+    paths.update(safety_requests.write_task(out_dir / "data", seed=seed))
     (out_dir / "family.json").write_text(json.dumps({k: str(v) for k, v in paths.items()}, indent=2) + "\n")
     return paths

@@ -150,7 +150,7 @@ def test_make_tiny_writes_the_qwen3_family(tmp_path, capsys):
     from launch.cli import main
     assert main(["make-tiny", "--family", "qwen3", "--out", str(tmp_path / "f"), "--vocab-rows"]) == 0
     printed = json.loads(capsys.readouterr().out)
-    assert sorted(printed) == ["eval", "student", "teacher", "train"]
+    assert sorted(printed) == ["eval", "safety_eval", "safety_train", "student", "teacher", "train"]
     assert sorted(p.name for p in (tmp_path / "f").iterdir()) == ["data", "family.json", "student", "teacher"]
     assert main(["make-tiny", "--family", "qwen3", "--out", str(tmp_path / "g"), "--vocab-rows", "100"]) == 2
     assert "vocab-rows 100 is smaller than the tokenizer" in capsys.readouterr().err
