@@ -19,6 +19,8 @@ import sys
 import time
 from pathlib import Path
 
+from launch.report import gap_closed
+
 TINY = Path("runs/tiny")
 STUDENT_LOG = "runs/demo-student.log"
 STAGES = [  # title, manifest, run name (the manifest's run.name)
@@ -27,13 +29,6 @@ STAGES = [  # title, manifest, run name (the manifest's run.name)
     ("on-policy distillation", "configs/demo/opd.yaml", "demo-opd"),
 ]
 PASS_MARK = 0.70  # the demo fails if OPD closes less of the teacher-student gap than this
-
-
-def gap_closed(teacher: float, before: float, after: float) -> float | None:
-    """(after - before) / (teacher - before): 0 is no progress, 1 is the teacher's accuracy. None when
-    the student already matched or beat the teacher (no gap to close)."""
-    gap = teacher - before
-    return (after - before) / gap if gap > 0 else None
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:

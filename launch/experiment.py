@@ -1,7 +1,8 @@
 """`opd experiment NAME`: a named comparison, run arm by arm, into runs/experiments/NAME/:
 
-    results.json   one object per arm: arm, metric, start, end, steps, wall_s (+ loss, run folder)
-    results.md     the same as a table, then the plots
+    results.json   one object per arm: arm, metric, start, end, steps, wall_s (+ loss, run folder, and
+                   gap_closed where the experiment names a `gap_to` arm)
+    results.md     the same as a table, the gap closed, then the plots
     *.png          every arm's curves, one metric per plot (launch/report.py)
     runs/ARM/      each arm's ordinary run folder (manifest, metrics.jsonl, final model)
     data/, models/ what the experiment's `prepare` step wrote (datasets, tiny initial models)
@@ -11,20 +12,30 @@ ordinary manifest (or a list of manifests, merged left to right) plus overrides;
 marked `stage: true` is a step others build on (reported in the table, left out of the plots). In
 overrides, `${root}` is runs/experiments/NAME, `${data}` its data folder, and `${final:ARM}` an earlier arm's final model,
 so stages feed each other by name. Every arm's manifest is checked before the first one runs.
+
+`prepare` lists what writes the experiment's inputs before any arm: each entry "module:function", or
+{call: "module:function", args: {...}} with keyword arguments from the file (e.g. a task's size). The
+function gets the experiment folder, plus `seed=` (the arms' run.seed) where it takes one, so
+`opd experiment NAME run.seed=1` remakes models and data from that seed too.
+
+`gap_to: ARM` (a teacher stage) adds to every other arm that is not a stage the fraction of its gap to
+that arm it closed: gap_closed = (end - start) / (ARM's end - start), as the demo reports it.
 """
 from __future__ import annotations
 
 import importlib
+import inspect
 import json
 import re
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Optional
 
 import yaml
 
 from launch.config import ExperimentConfig, ManifestError, load_manifest
-from launch.report import CURVES, markdown_table, plot_all, read_metrics, summarise
+from launch.report import CURVES, gap_closed, markdown_table, plot_all, read_metrics, summarise
 
 EXPERIMENTS = Path(__file__).resolve().parent.parent / "configs" / "experiments"
 _REF = re.compile(r"\$\{(root|data|final:([A-Za-z0-9_.-]+))\}")
@@ -48,9 +59,33 @@ class Experiment:
     name: str
     description: str
     metric: str                      # what eval/accuracy measures in this experiment, in words
-    prepare: list[str]               # "module:function" called with the experiment folder, before any arm
+    prepare: list["Prepare"]         # what writes models and data into the experiment folder, before any arm
     arms: list[Arm]
     plots: list[str] = field(default_factory=list)  # metric keys to plot (default: launch.report.CURVES)
+    gap_to: Optional[str] = None     # an arm (the teacher) whose end the other arms' gap_closed is measured to
+
+
+@dataclass
+class Prepare:
+    call: str                                   # "module:function"
+    args: dict = field(default_factory=dict)    # keyword arguments from the experiment file
+
+    def __call__(self, root: Path, seed: int) -> None:
+        module, name = self.call.split(":")
+        fn = getattr(importlib.import_module(module), name)
+        extra = {"seed": seed} if "seed" in inspect.signature(fn).parameters else {}
+        fn(root, **extra, **self.args)
+
+
+def _prepare(src: str, i: int, entry) -> Prepare:
+    if isinstance(entry, dict) and set(entry) <= {"call", "args"} and "call" in entry:
+        spec, args = entry["call"], entry.get("args") or {}
+    else:
+        spec, args = entry, {}
+    if not (isinstance(spec, str) and spec.count(":") == 1 and isinstance(args, dict)) or "seed" in args:
+        raise ManifestError(f"{src}: prepare[{i}]: give \"module:function\" or {{call: \"module:function\", "
+                            f"args: {{...}}}} (the seed comes from run.seed); got {entry!r}")
+    return Prepare(spec, dict(args))
 
 
 def available() -> list[str]:
@@ -81,7 +116,7 @@ def load_experiment(name: str) -> Experiment:
     name = path.stem
     doc = yaml.safe_load(path.read_text())
     src = f"{path.name}"
-    unknown = set(doc) - {"description", "metric", "prepare", "arms", "plots"}
+    unknown = set(doc) - {"description", "metric", "prepare", "arms", "plots", "gap_to"}
     if unknown:
         raise ManifestError(f"{src}: unknown key(s) {sorted(unknown)}")
     arms = []
@@ -93,8 +128,12 @@ def load_experiment(name: str) -> Experiment:
         arms.append(Arm(a["name"], a["manifest"], list(a.get("overrides") or []), bool(a.get("stage", False))))
     if not arms:
         raise ManifestError(f"{src}: arms: at least one arm is needed")
+    gap_to = doc.get("gap_to")
+    if gap_to is not None and gap_to not in [a.name for a in arms]:
+        raise ManifestError(f"{src}: gap_to: {gap_to!r} is not an arm; name one of {[a.name for a in arms]}")
     return Experiment(name, doc.get("description", ""), doc.get("metric", "eval/accuracy"),
-                      list(doc.get("prepare") or []), arms, list(doc.get("plots") or []))
+                      [_prepare(src, i, p) for i, p in enumerate(doc.get("prepare") or [])], arms,
+                      list(doc.get("plots") or []), gap_to)
 
 
 def resolve(exp: Experiment, root: Path, extra: list[str] = ()) -> list[tuple[Arm, ExperimentConfig]]:
@@ -129,9 +168,8 @@ def run_experiment(name: str, out_dir: str = "runs/experiments", extra: list[str
     root = Path(out_dir).absolute() / exp.name
     plan = resolve(exp, root, extra)  # a bad arm stops here, before any work
     t0 = time.time()
-    for spec in exp.prepare:
-        module, fn = spec.split(":")
-        getattr(importlib.import_module(module), fn)(root)
+    for prepare in exp.prepare:
+        prepare(root, plan[0][1].run.seed)
     results = []
     for arm, cfg in plan:
         print(f"\n=== {exp.name} / {arm.name}: {arm.command()}", flush=True)
@@ -140,10 +178,36 @@ def run_experiment(name: str, out_dir: str = "runs/experiments", extra: list[str
         rows = read_metrics(root / "runs" / arm.name)
         results.append({"arm": arm.name, "metric": exp.metric, **summarise(rows), "wall_s": round(time.time() - t, 1),
                         "loss": cfg.loss.name, "stage": arm.stage, "run": str(root / "runs" / arm.name)})
+        add_gaps(exp, results)
         write_results(exp, root, results)  # after every arm: a long experiment shows progress
     print(f"\n=== {exp.name}: {len(results)} arms in {time.time() - t0:.0f}s; {root / 'results.md'}")
-    print(f"metric: {exp.metric}\n" + markdown_table(results, "metric"))
+    print(f"metric: {exp.metric}\n" + markdown_table(results, "metric") + gap_lines(exp, results))
     return {"experiment": exp.name, "results": results, "wall_s": round(time.time() - t0, 1)}
+
+
+def add_gaps(exp: Experiment, results: list[dict]) -> None:
+    """gap_closed on every finished arm that is not a stage, once exp.gap_to's arm has finished (None
+    where an arm started level with or above it: no gap to close)."""
+    ref = next((r for r in results if r["arm"] == exp.gap_to), None)
+    if ref is None or ref["end"] is None:
+        return
+    for r in results:
+        if not r["stage"] and r is not ref and r["start"] is not None and r["end"] is not None:
+            r["gap_closed"] = gap_closed(ref["end"], r["start"], r["end"])
+
+
+def gap_lines(exp: Experiment, results: list[dict]) -> str:
+    """One line per arm with a gap_closed, for results.md and the console."""
+    ref = next((r for r in results if r["arm"] == exp.gap_to), None)
+    lines = []
+    for r in results:
+        if "gap_closed" not in r:
+            continue
+        closed = "no gap (it started level with or above)" if r["gap_closed"] is None else f"{r['gap_closed']:.1%}"
+        lines.append(f"gap closed by {r['arm']}: {closed} of the {(ref['end'] - r['start']) * 100:.1f}-point gap "
+                     f"between its start ({r['start']:.1%}) and {ref['arm']} ({ref['end']:.1%}); it ended at "
+                     f"{r['end']:.1%}")
+    return "".join(f"\n{line}\n" for line in lines)
 
 
 def write_results(exp: Experiment, root: Path, results: list[dict]) -> None:
@@ -151,5 +215,5 @@ def write_results(exp: Experiment, root: Path, results: list[dict]) -> None:
     runs = {r["arm"]: read_metrics(Path(r["run"])) for r in results if not r["stage"]}
     images = plot_all(runs, root, exp.plots or CURVES)
     md = f"# opd experiment {exp.name}\n\n{exp.description.strip()}\n\nMetric: {exp.metric}.\n\n"
-    md += markdown_table(results, "metric") + "\n" + "".join(f"![{p.stem}]({p.name})\n" for p in images)
+    md += markdown_table(results, "metric") + gap_lines(exp, results) + "\n" + "".join(f"![{p.stem}]({p.name})\n" for p in images)
     (root / "results.md").write_text(md)

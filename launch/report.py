@@ -93,6 +93,13 @@ def summarise(rows: list[dict], key: str = "eval/accuracy") -> dict:
             "final_loss": train[-1]["train/loss"] if train else None}
 
 
+def gap_closed(teacher: float, before: float, after: float) -> float | None:
+    """(after - before) / (teacher - before): 0 is no progress, 1 is the teacher's accuracy. None when
+    the student already matched or beat the teacher (no gap to close)."""
+    gap = teacher - before
+    return (after - before) / gap if gap > 0 else None
+
+
 def fmt(v, pct: bool = False) -> str:
     if v is None:
         return "-"

@@ -102,3 +102,74 @@ def test_experiments_by_path_and_arms_of_several_manifests(tmp_path, write_manif
     ((arm, cfg),) = resolve(exp, tmp_path / "out")
     assert exp.name == "mine" and (cfg.rollout.max_new_tokens, cfg.run.steps) == (5, 3)
     assert arm.command() == f"opd train {write_manifest()} {small} run.steps=3"
+
+
+def test_chat_math_experiment_runs_end_to_end_in_chat_format(ray_session, tmp_path):
+    """`opd experiment chat-math` shrunk to 2 steps an arm: its prepare step writes the small-vocabulary
+    tiny Qwen3 pair and the easier task from run.seed, the stages feed the OPD arm in chat format, and
+    results.json / results.md carry every arm and the gap closed."""
+    from tasks.chat_math import write_task
+    from tasks.tiny_qwen3 import QWEN3_ROWS
+    out = tmp_path / "exp"
+    assert main(["experiment", "chat-math", "--out", str(out), "run.steps=2", "run.seed=1", "eval.size=4",
+                 "eval.interval=0", "eval.stop_at_accuracy=null", "rollout.prompts_per_step=4",
+                 "learner.micro_batch_size=4", "logging.tensorboard=false"]) == 0
+    root = out / "chat-math"
+    assert sorted(p.name for p in (root / "models").iterdir()) == ["student", "teacher"]
+    for name in ("student", "teacher"):
+        rows = json.loads((root / "models" / name / "config.json").read_text())["vocab_size"]
+        assert rows < QWEN3_ROWS and rows % 64 == 0
+    # the data follow run.seed and the experiment's prepare args (answers up to 20, 64 held-out problems)
+    write_task(tmp_path / "seed1", n_eval=64, seed=1, max_answer=20)
+    assert (root / "data" / "eval.jsonl").read_text() == (tmp_path / "seed1" / "eval.jsonl").read_text()
+    assert max(int(json.loads(r)["answer"]) for r in (root / "data" / "train.jsonl").read_text().splitlines()) <= 20
+
+    results = json.loads((root / "results.json").read_text())
+    assert [(r["arm"], r["stage"], r["loss"]) for r in results] == [
+        ("teacher", True, "sft"), ("student", True, "sft"), ("opd", False, "full_reverse_kl")]
+    for r in results:
+        assert {"arm", "metric", "start", "end", "steps", "wall_s"} <= set(r) and r["steps"] == 2
+        assert 0 <= r["start"] <= 1 and 0 <= r["end"] <= 1 and r["wall_s"] > 0
+    teacher, _, opd = results
+    assert "gap_closed" in opd and "gap_closed" not in teacher
+    gap = teacher["end"] - opd["start"]
+    assert opd["gap_closed"] == (pytest.approx((opd["end"] - opd["start"]) / gap) if gap > 0 else None)
+    assert "gap closed by opd: " in (root / "results.md").read_text()
+
+    manifest = (root / "runs" / "opd" / "manifest.yaml").read_text()
+    assert f"path: {root / 'runs' / 'teacher' / 'final'}" in manifest
+    for line in ("chat_template: true", "enable_thinking: false", "verifier: boxed_match", "samples_per_prompt: 4",
+                 "temperature: 0.7"):
+        assert line in manifest, line
+    steps = [json.loads(line) for line in (root / "runs" / "opd" / "metrics.jsonl").read_text().splitlines()]
+    assert any("eval/pass@4" in s for s in steps) and any("train/reverse_kl" in s for s in steps)
+
+
+def test_check_passes_on_the_chat_math_experiment(capsys):
+    assert main(["check", "configs/experiments/chat-math.yaml"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert [line.split(":")[0] for line in lines] == [f"chat-math / {a}" for a in ("teacher", "student", "opd")]
+
+
+def test_prepare_args_and_gap_to_are_checked(tmp_path):
+    from launch.experiment import Prepare, add_gaps
+    path = tmp_path / "e.yaml"
+    arms = "arms:\n  - {name: t, manifest: configs/chat_math/teacher_sft.yaml}\n"
+    path.write_text("prepare: [{call: tasks.chat_math:prepare, args: {max_answer: 20}}]\ngap_to: t\n" + arms)
+    exp = load_experiment(str(path))
+    assert exp.prepare == [Prepare("tasks.chat_math:prepare", {"max_answer": 20})] and exp.gap_to == "t"
+    for bad in ("prepare: [tasks.chat_math.prepare]", "prepare: [{call: a:b, args: {seed: 3}}]",
+                "prepare: [{call: a:b, with: {}}]"):
+        path.write_text(bad + "\n" + arms)
+        with pytest.raises(ManifestError, match=r"prepare\[0\]: give \"module:function\""):
+            load_experiment(str(path))
+    path.write_text("gap_to: nobody\n" + arms)
+    with pytest.raises(ManifestError, match="gap_to: 'nobody' is not an arm; name one of \\['t'\\]"):
+        load_experiment(str(path))
+    # the gap is measured from each arm's own start to the teacher's end; none where it starts level or above
+    exp = Experiment("x", "", "m", [], [], gap_to="teacher")
+    results = [{"arm": "teacher", "start": 0.0, "end": 0.8, "stage": True},
+               {"arm": "a", "start": 0.2, "end": 0.5, "stage": False},
+               {"arm": "b", "start": 0.9, "end": 0.9, "stage": False}]
+    add_gaps(exp, results)
+    assert results[1]["gap_closed"] == pytest.approx(0.5) and results[2]["gap_closed"] is None
