@@ -39,16 +39,17 @@ class LoraStudent:
     def __init__(self, model: torch.nn.Module, lora):
         from peft import get_peft_model
         from peft.tuners.lora import LoraLayer
-        self.peft = get_peft_model(model, peft_config(lora))
+        try:
+            self.peft = get_peft_model(model, peft_config(lora))
+        except ValueError as e:  # peft's "Target modules {...} not found in the base model"
+            raise ValueError(f"model.lora.target_modules: {list(lora.target_modules)}: {str(e).splitlines()[0]} "
+                             "(name Linear modules of the student, e.g. [q_proj, v_proj], or all-linear)") from None
         self.model = model  # the same object, now holding the LoRA layers
         self.layers = {name: m for name, m in model.named_modules() if isinstance(m, LoraLayer)}
         for name, m in self.layers.items():
             if not isinstance(m.get_base_layer(), torch.nn.Linear) or m.fan_in_fan_out:
                 raise ValueError(f"model.lora.target_modules: {name} is a {type(m.get_base_layer()).__name__}; "
                                  "LoRA here trains torch.nn.Linear layers only (name Linear modules, or all-linear)")
-        if not self.layers:
-            raise ValueError(f"model.lora.target_modules: {list(lora.target_modules)} matches no module of the "
-                             "student (e.g. [q_proj, v_proj], or all-linear)")
         head = model.get_output_embeddings()
         if any(m is head for m in self.layers.values()):
             raise ValueError("model.lora.target_modules: the output layer is not a LoRA target here (the fused head, "

@@ -286,13 +286,18 @@ class LearnerWorker:
         weights = self._stream(None, touched_only=False).to_cpu_dict()
         return weights if self.rank == 0 else None
 
+    def export_adapter(self) -> Optional[dict[str, torch.Tensor]]:
+        """A LoRA student's adapter matrices under peft's names, as CPU tensors on rank 0 (None elsewhere,
+        and without LoRA). A collective under ZeRO-3."""
+        if self.lora is None:
+            return None
+        adapter = ParamStream(self.engine.module, parts=self.lora.adapter_parts(self.engine.module)).to_cpu_dict()
+        return adapter if self.rank == 0 else None
+
     def save_hf(self, path: str, tokenizer_path: str) -> None:
         """Write a Hugging Face model directory (rank 0) that from_pretrained loads; a LoRA student's is the
         merged model, with its adapter in path/adapter (peft format)."""
-        weights = self.export_weights()
-        adapter = None
-        if self.lora is not None:  # a collective under ZeRO-3, as the export
-            adapter = ParamStream(self.engine.module, parts=self.lora.adapter_parts(self.engine.module)).to_cpu_dict()
+        weights, adapter = self.export_weights(), self.export_adapter()
         if self.rank != 0:
             return
         if adapter is not None:
