@@ -7,10 +7,9 @@ Two tables, LoRA and full fine-tuning side by side with their ratio:
 
 * measured, on the demo's student (runs/demo-student/final when `make demo` has run, else a fresh tiny
   student): a real learner rank (learner.worker.LearnerWorker: DeepSpeed, ZeRO 0, AdamW) takes one step
-  on a synthetic batch; then the bytes its sync stream declares and sends (what goes over the wire each
-  sync), the optimizer's state tensors after the step, and the median time of 20 syncs over gloo into an
-  HF engine in the same process. Each arm runs in a subprocess of its own (DeepSpeed's process groups are
-  per process).
+  on a synthetic batch; then the bytes its sync stream sends into an HF engine over gloo (each sync
+  sends the same) and the optimizer's state tensors after the step. Each arm runs in a subprocess of its
+  own (DeepSpeed's process groups are per process).
 * counted, on a Qwen3-0.6B-shaped model built on the meta device (nothing allocated): bytes per sync in
   bf16 and AdamW's two float32 moments per trained parameter. (Under bf16 DeepSpeed also keeps a float32
   master copy of each trained parameter: 4 more bytes per trained parameter, in both arms.)
@@ -22,11 +21,9 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -50,7 +47,7 @@ def measure_arm(model: str, r: int, targets: list[str]) -> dict:
     from learner.lora import optimizer_state_bytes
     from learner.worker import LearnerWorker
     from opd.contracts import TeacherScores, TrainBatch
-    from opd.weight_sync import free_port, open_sender
+    from opd.weight_sync import free_port, gloo, open_sender
     torch.manual_seed(0)
     with tempfile.TemporaryDirectory() as tmp:
         manifest = Path(tmp, "m.yaml")
@@ -72,19 +69,21 @@ def measure_arm(model: str, r: int, targets: list[str]) -> dict:
         stream = worker.weights(torch.float32)
         engine = HFEngine(model)
         sender = open_sender("gloo", stream, [engine], [1], rank=0, address="127.0.0.1", port=free_port())
-        times = []
-        for version in range(1, 21):
-            t0 = time.perf_counter()
-            sender.send(version)
-            times.append(time.perf_counter() - t0)
+        sent = []  # what crosses the wire: every buffer the learner (group rank 0) broadcasts in one sync
+        broadcast = gloo._broadcast
+        gloo._broadcast = lambda group, buffer: (group.rank() == 0 and sent.append(buffer.numel()),
+                                                 broadcast(group, buffer))
+        try:
+            sender.send(1)
+        finally:
+            gloo._broadcast = broadcast
         sender.shutdown()
         module = worker.engine.module
         return {"arm": f"lora r={r}" if r else "full", "model": model,
                 "parameters": sum(p.numel() for name, p in module.named_parameters() if ".lora_" not in name),
                 "trained_parameters": sum(p.numel() for p in module.parameters() if p.requires_grad),
-                "sync_tensors": len(stream.metadata()), "sync_bytes": sum(m.nbytes for m in stream.metadata()),
-                "optimizer_state_bytes": optimizer_state_bytes(worker.engine.optimizer),
-                "sync_s_median": statistics.median(times)}
+                "sync_tensors": len(stream.metadata()), "sync_bytes": sum(sent),
+                "optimizer_state_bytes": optimizer_state_bytes(worker.engine.optimizer)}
 
 
 def count_qwen3(r: int, targets: list[str]) -> list[dict]:
@@ -113,8 +112,7 @@ def table(title: str, full: dict, lora: dict, keys: list[tuple[str, str]]) -> st
     lines = [title, f"{'':28s} {'full':>14s} {lora['arm']:>14s} {'lora/full':>10s}"]
     for key, label in keys:
         a, b = full[key], lora[key]
-        fmt = (lambda v: f"{v * 1e3:.1f} ms") if key.endswith("_s_median") else \
-              (lambda v: f"{v / 2**20:.2f} MiB") if key.endswith("bytes") else (lambda v: f"{v:,}")
+        fmt = (lambda v: f"{v / 2**20:.2f} MiB") if key.endswith("bytes") else (lambda v: f"{v:,}")
         lines.append(f"{label:28s} {fmt(a):>14s} {fmt(b):>14s} {b / a:>10.4f}")
     return "\n".join(lines)
 
@@ -152,7 +150,7 @@ def main() -> int:
     keys = [("trained_parameters", "trained parameters"), ("sync_tensors", "tensors per sync"),
             ("sync_bytes", "bytes per sync"), ("optimizer_state_bytes", "optimizer state")]
     print(table(f"measured: {model} (float32, ZeRO 0, AdamW; targets {args.targets})", *measured,
-                keys + [("sync_s_median", "sync time (gloo, 1 HF engine)")]))
+                keys))
     print()
     print(table(f"counted: Qwen3-0.6B shape, bf16 sync (targets {args.targets})", *counted, keys))
     out_dir = REPO / "runs/bench"
