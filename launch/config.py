@@ -72,10 +72,26 @@ class VLLMConfig:
 
 
 @dataclass
+class LoraConfig:
+    """A LoRA student (peft; learner/lora.py): the learner trains rank-r adapters on the frozen model.path.
+    Engines receive merged weights of the touched modules; final/ is the merged model, final/adapter the
+    adapter. LoRA wants a larger learning rate than full fine-tuning (docs/lora.md)."""
+    r: int = 0                    # rank; 0: no LoRA, every weight trains
+    # The adapter's output is scaled by alpha / r. Fixed across ranks (LoRA Without Regret's choice), the
+    # best learning rate barely moves with r.
+    alpha: float = 32.0
+    # Linear module names (suffixes, as peft matches them: [q_proj, v_proj]), or [all-linear]: every Linear
+    # but the output layer.
+    target_modules: list[str] = field(default_factory=lambda: ["all-linear"])
+    dropout: float = 0.0          # on the adapter's input, in training only
+
+
+@dataclass
 class ModelConfig:
     path: str = MISSING           # Hugging Face model directory (student)
     dtype: str = "float32"
     trust_remote_code: bool = False  # run the model folder's own Python (a custom architecture or tokenizer)
+    lora: LoraConfig = field(default_factory=LoraConfig)
 
 
 @dataclass
@@ -474,6 +490,7 @@ def validate(cfg: ExperimentConfig) -> None:
         _positive(key, getattr(getattr(cfg, section), name))
     _positive("learner.lr", cfg.learner.lr)
     _run_keys(cfg)
+    _check_lora(cfg)
     for key, value in (("eval.interval", cfg.eval.interval), ("checkpoint.interval", cfg.checkpoint.interval)):
         _positive(key, value, allow_zero=True)
     for key, value in (("checkpoint.keep", cfg.checkpoint.keep), ("learner.max_nonfinite_steps",
@@ -540,6 +557,18 @@ def _run_keys(cfg: ExperimentConfig) -> None:
     if not parts or Path(cfg.run.name).is_absolute() or any(p in (".", "..") for p in cfg.run.name.split("/")):
         raise ManifestError(f"run.name: {cfg.run.name!r} must be a folder name under run.output_dir (no '..', "
                             "not absolute)")
+
+
+def _check_lora(cfg: ExperimentConfig) -> None:
+    lora = cfg.model.lora
+    if lora.r == 0:
+        return
+    _positive("model.lora.r", lora.r)
+    _positive("model.lora.alpha", lora.alpha)
+    if not 0 <= lora.dropout < 1:
+        raise ManifestError(f"model.lora.dropout: must be in [0, 1), got {lora.dropout}")
+    if not lora.target_modules:
+        raise ManifestError("model.lora.target_modules: empty; name Linear modules ([q_proj, v_proj]) or [all-linear]")
 
 
 def _check_local_gpus(wanted: int) -> None:

@@ -33,15 +33,18 @@ class GlooInitInfo:
 
 @dataclass
 class UpdateInfo:
-    """One round's parameters, in stream order (the same fields as vLLM's NCCL update info)."""
+    """One round's parameters, in stream order (the same fields as vLLM's NCCL update info).
+    complete: False when the round carries only some of the model's parameters (a LoRA student sends
+    the modules its adapters touch; the others never change), so a receiver keeps the rest."""
     names: list[str]
     dtype_names: list[str]
     shapes: list[list[int]]
+    complete: bool = True
 
     @classmethod
-    def from_metadata(cls, meta: list[ParamMeta]) -> "UpdateInfo":
+    def from_metadata(cls, meta: list[ParamMeta], complete: bool = True) -> "UpdateInfo":
         return cls([m.name for m in meta], [str(m.dtype).removeprefix("torch.") for m in meta],
-                   [list(m.shape) for m in meta])
+                   [list(m.shape) for m in meta], complete)
 
     def metadata(self) -> list[ParamMeta]:
         return [ParamMeta(n, getattr(torch, d), tuple(s)) for n, d, s in zip(self.names, self.dtype_names, self.shapes)]
@@ -100,7 +103,8 @@ class GlooSender:
         self.client.start_weight_update()
         pool = ThreadPoolExecutor(1)  # receivers block inside update_weights until the last bucket
         try:
-            received = pool.submit(self.client.update_weights, asdict(UpdateInfo.from_metadata(meta)))
+            info = UpdateInfo.from_metadata(meta, getattr(self.source, "complete", True))
+            received = pool.submit(self.client.update_weights, asdict(info))
             stream = iter(self.source)
             for bucket in bucket_plan(meta, self.info.bucket_bytes):
                 parts = []
@@ -178,17 +182,19 @@ class HFModelReceiver:
 
     def start_weight_update(self) -> None:
         self._loaded: set[str] = set()
+        self._complete = True
 
     def receive_weights(self, update_info: dict) -> None:
         from opd.modeling import load_named_tensors
         if self._receiver is None:
             raise RuntimeError("weight sync: receive_weights before init_weight_transfer")
+        self._complete = update_info.get("complete", True)
         self._receiver.receive(update_info, lambda pairs: self._loaded.update(
             load_named_tensors(self.model, pairs, complete=False)))
 
     def finish_weight_update(self, version: int) -> None:
         missing = {n for n, _ in self.model.named_parameters()} - self._loaded
-        if missing:
+        if missing and self._complete:
             raise KeyError(f"weight sync: parameters not sent: {sorted(missing)[:5]}")
         self.weight_version = int(version)
 

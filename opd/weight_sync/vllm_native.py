@@ -13,6 +13,7 @@ Imports vLLM at module level: only code that runs vLLM imports this file.
 """
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import asdict
 from typing import Iterator
 
@@ -41,6 +42,7 @@ class GlooWeightTransferEngine(WeightTransferEngine[GlooInitInfo, UpdateInfo]):
     update_info_cls = UpdateInfo
 
     receiver: GlooReceiver | None = None
+    complete: bool = True  # the round carried every parameter (else the rest keep their weights)
 
     def init_transfer_engine(self, init_info: GlooInitInfo) -> None:
         pc = self.parallel_config  # a unique rank per worker across TP x PP (x DP) within the engine
@@ -56,6 +58,7 @@ class GlooWeightTransferEngine(WeightTransferEngine[GlooInitInfo, UpdateInfo]):
         self.receive_weights(self.parse_update_info(update_info))
 
     def receive_weights(self, update_info: UpdateInfo) -> None:
+        self.complete = update_info.complete
         if self.receiver is None:
             raise RuntimeError("opd_gloo: receive_weights before init_weight_transfer_engine")
         self.receiver.receive(asdict(update_info), lambda pairs: self.model.load_weights(
@@ -63,13 +66,29 @@ class GlooWeightTransferEngine(WeightTransferEngine[GlooInitInfo, UpdateInfo]):
 
     def finish_weight_update(self) -> None:
         from vllm.model_executor.model_loader.reload import finalize_layerwise_reload
-        finalize_layerwise_reload(self.model, self.model_config)
+        with _quiet_unloaded_layers(not self.complete):
+            finalize_layerwise_reload(self.model, self.model_config)
         _repack_tied_heads(self.model)
 
     def shutdown(self) -> None:
         if self.receiver is not None:
             self.receiver.close()
             self.receiver = None
+
+
+@contextmanager
+def _quiet_unloaded_layers(quiet: bool):
+    """A partial round (UpdateInfo.complete False) leaves most layers without weights on purpose: the
+    layerwise reload puts their own tensors back and warns once per layer; that warning is noise then."""
+    import logging
+    log = logging.getLogger("vllm.model_executor.model_loader.reload.layerwise")
+    level = log.level
+    if quiet:
+        log.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        log.setLevel(level)
 
 
 def _repack_tied_heads(model: torch.nn.Module) -> None:
