@@ -11,6 +11,7 @@ import os
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Optional
 
+import numpy as np
 import torch
 
 from opd.contracts import SamplingSpec
@@ -146,9 +147,10 @@ def parse_positions(logprobs, start: int, tokens: list[int], k: int
         ends = torch.as_tensor(logprobs.end_indices[start:start + T])
         if bool((ends - starts == k + 1).all()) and bool((starts[1:] == ends[:-1]).all()):
             lo, hi = int(starts[0]), int(ends[-1])
-            ids = torch.as_tensor(logprobs.token_ids[lo:hi], dtype=torch.long).view(T, k + 1)
-            lps = torch.as_tensor(logprobs.logprobs[lo:hi], dtype=torch.float64).view(T, k + 1)
-            ranks = torch.as_tensor([-1 if r is None else r for r in logprobs.ranks[lo:hi]]).view(T, k + 1)
+            # numpy reads a list of Python numbers several times faster than torch.as_tensor does
+            ids = torch.from_numpy(np.array(logprobs.token_ids[lo:hi], dtype=np.int64)).view(T, k + 1)
+            lps = torch.from_numpy(np.array(logprobs.logprobs[lo:hi], dtype=np.float64)).view(T, k + 1)
+            ranks = torch.as_tensor([-1 if r is None else r for r in logprobs.ranks[lo:hi:k + 1]])[:, None]
             tok = torch.as_tensor(tokens, dtype=torch.long)
             if not torch.equal(ids[:, 0], tok):
                 t = int((ids[:, 0] != tok).nonzero()[0])
