@@ -8,6 +8,12 @@ tensor, so the loss reduction (global denominators, losses/reduce.py) is untouch
 """
 from __future__ import annotations
 
+from dataclasses import replace
+
+import torch
+
+from opd.contracts import TrainBatch
+
 
 def token_batches(prompt_lens: list[int], completion_lens: list[int], max_tokens: int) -> list[list[int]]:
     """Row indices in groups whose padded size rows x (max prompt + max completion) <= max_tokens (a
@@ -36,3 +42,22 @@ def spread_by_tokens(tokens: list[int], parts: int) -> list[list[int]]:
         out[r].append(i)
         loads[r] = (load + tokens[i], rows + 1, r)
     return [sorted(rows) for rows in out]
+
+
+def split_to(plan: list[list[int]], count: int) -> list[list[int]]:
+    """`plan` grown to `count` groups by halving its largest (by rows), so every learner rank runs as
+    many micro-batches as the others (DeepSpeed's gradient reductions are collectives); an empty group
+    where no group has two rows left."""
+    plan = [list(g) for g in plan]
+    while len(plan) < count:
+        big = max(range(len(plan)), key=lambda i: len(plan[i]))
+        if len(plan[big]) < 2:
+            return plan + [[] for _ in range(count - len(plan))]
+        g = plan.pop(big)
+        plan[big:big] = [g[:len(g) // 2], g[len(g) // 2:]]
+    return plan
+
+
+def weightless(b: TrainBatch) -> TrainBatch:
+    """`b` with no completion token counted: a forward and backward that add nothing to the gradient."""
+    return replace(b, completion_mask=torch.zeros_like(b.completion_mask))
