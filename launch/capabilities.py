@@ -47,7 +47,7 @@ def check_loss(cfg) -> None:
         cfg.teacher.full_vocab_transport = auto_transport(cfg, needs)
     if cfg.teacher.full_vocab_transport == "hidden_states":
         _check_hidden_transport(cfg, needs)
-    elif cfg.algorithm == "opd" and needs.teacher_full:
+    elif cfg.teacher.full_vocab_transport == "logprobs" and cfg.algorithm == "opd" and needs.teacher_full:
         _check_logprobs_transport(cfg)
     if needs.needs_teacher:
         try:
@@ -90,10 +90,16 @@ def auto_transport(cfg, needs) -> str:
     """teacher.full_vocab_transport: auto, resolved: hidden_states where the loss reads the teacher's whole
     distribution and the teacher can send its hidden states (an HF or self teacher whose head is a plain
     Linear), else logprobs. The two give the same loss and gradient to float rounding
-    (tests/test_fused_head.py); hidden states are H/V of the bytes and no [N, T, V] teacher tensor exists."""
+    (tests/test_fused_head.py); hidden states are H/V of the bytes and no [N, T, V] teacher tensor exists.
+    Left "auto" while the teacher's folder does not exist yet (`opd check` on a stage whose teacher an
+    earlier stage trains): the run resolves it when it loads the manifest."""
     if cfg.algorithm != "opd" or not needs.teacher_full or cfg.teacher.kind not in ("hf", "self"):
         return "logprobs"
+    from pathlib import Path
+
     from opd.modeling import model_skeleton, plain_head_problem
+    if not Path(_teacher_path(cfg), "config.json").exists():
+        return "auto"
     return "logprobs" if plain_head_problem(model_skeleton(_teacher_path(cfg))) else "hidden_states"
 
 

@@ -112,3 +112,21 @@ def test_no_rows_x_T_x_V_float32_tensor_unless_the_full_distribution_is_asked(tm
     with _LargestFloat32(V) as seen:
         t.score(PROMPTS, ids, mask, ScoreRequest(full_vocab=True), stopk)
     assert seen.largest[0] >= rows_T_V, seen.largest
+
+
+def test_auto_transport_picks_hidden_states_where_the_teacher_can_send_them(write_manifest, assets):
+    from launch.config import load_manifest
+    cfg = load_manifest(write_manifest(loss={"name": "full_reverse_kl"}))
+    assert cfg.teacher.full_vocab_transport == "hidden_states"  # HF teacher, plain Linear head
+    assert load_manifest(write_manifest()).teacher.full_vocab_transport == "logprobs"  # sampled_token_rkl
+    explicit = load_manifest(write_manifest(loss={"name": "full_reverse_kl"}, teacher={"full_vocab_transport": "logprobs"}))
+    assert explicit.teacher.full_vocab_transport == "logprobs"
+
+
+def test_an_oversized_log_prob_transport_is_refused_with_its_size(write_manifest):
+    from launch.config import ManifestError, load_manifest
+    over = dict(loss={"name": "full_reverse_kl"}, teacher={"full_vocab_transport": "logprobs",
+                                                           "max_logprobs_transport_gb": 1e-6})
+    # 4 prompts x 2 samples x 4 tokens x 55 ids x 4 bytes = 7040 bytes
+    with pytest.raises(ManifestError, match=r"8 rows x 4 tokens x 55 vocabulary x 4 bytes = 0.0 GB a step.*hidden_states"):
+        load_manifest(write_manifest(**over))
