@@ -160,6 +160,8 @@ def main() -> None:
     p.add_argument("--mix-micro", type=int, default=4, help="rows per micro-batch before")
     p.add_argument("--no-before-teacher", dest="before_teacher", action="store_false",
                    help="print today's teacher logits size instead of running it (it is the slowest and largest)")
+    p.add_argument("--no-before-learner", dest="before_learner", action="store_false",
+                   help="skip today's learner at equal lengths (the mix still runs both)")
     p.add_argument("--child", choices=["teacher", "learner"])
     for k in ("mode", "lengths-json", "work", "student", "teacher", "save-grad"):
         p.add_argument(f"--{k}")
@@ -196,6 +198,9 @@ def main() -> None:
                 if who == "teacher" and mode == "before" and (not a.before_teacher or est + 1500 > 0.8 * mem_available_mb()):
                     row[mode] = {"skipped": f"needs ~{est / 1024:.1f} GB of logits"}
                     continue
+                if who == "learner" and mode == "before" and not a.before_learner:
+                    row[mode] = {"skipped": "not run"}
+                    continue
                 row[mode] = run_child(["--child", who, "--mode", mode, "--lengths-json", lengths, "--micro", str(rows),
                                        *common], a.threads)
             res[(who, L)] = row
@@ -225,8 +230,9 @@ def main() -> None:
     lo, hi = min(a.lengths), max(a.lengths)
     ratio = lambda who: res[(who, hi)]["after"]["peak_mb"] / res[(who, lo)]["after"]["peak_mb"]  # noqa: E731
     speed = out["before"]["seconds"] / out["after"]["seconds"]
-    print(f"long responses: teacher peak {hi // 1024}k/{lo // 1024}k {ratio('teacher'):.2f}, learner peak "
-          f"{hi // 1024}k/{lo // 1024}k {ratio('learner'):.2f}, mixed-length step padded/grouped {speed:.2f}")
+    k = lambda n: f"{n // 1024}k" if n % 1024 == 0 else str(n)  # noqa: E731
+    print(f"long responses: teacher peak {k(hi)}/{k(lo)} {ratio('teacher'):.2f}, learner peak "
+          f"{k(hi)}/{k(lo)} {ratio('learner'):.2f}, mixed-length step padded/grouped {speed:.2f}")
 
 
 if __name__ == "__main__":

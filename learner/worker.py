@@ -223,10 +223,14 @@ class LearnerWorker:
         norms, overflows, padded, real = [], self.engine.skipped_steps, 0, 0
         for j, counts in enumerate(updates):
             loss_sum, grad_norm = torch.zeros((), dtype=torch.float64, device=self.device), None
-            micros = self._micro_batches(shard, range(bounds[j], bounds[j + 1]))
-            for i, micro in enumerate(micros):
-                if budget is not None:  # the update's last micro-batch is its boundary, however many there are
-                    self.engine.set_gradient_accumulation_boundary(i == len(micros) - 1)
+            plan = self._micro_plan(shard, range(bounds[j], bounds[j + 1]))
+            for i, rows in enumerate(plan):  # each micro-batch copied out only when its turn comes
+                if budget is None:
+                    micro = shard.select(rows)
+                else:  # the update's last micro-batch is its boundary, however many there are
+                    self.engine.set_gradient_accumulation_boundary(i == len(plan) - 1)
+                    # nothing left to split (_micro_plan): a row of zero weight keeps the count
+                    micro = trimmed(shard.select(rows) if rows else weightless(shard.select([bounds[j]])))
                 padded += micro.completion_ids.numel()
                 real += micro.loss_tokens
                 loss, diags = self.micro_loss(micro, counts)
@@ -257,16 +261,16 @@ class LearnerWorker:
         out["compute_s"] = time.perf_counter() - t0  # the step itself, without the call's transport
         return out
 
-    def _micro_batches(self, shard: TrainBatch, rows: range) -> list[TrainBatch]:
-        """One update's micro-batches from `rows` of the shard: micro_batch_size rows at a time in order
+    def _micro_plan(self, shard: TrainBatch, rows: range) -> list[list[int]]:
+        """One update's micro-batches, as rows of the shard: micro_batch_size rows at a time in order
         (learner.max_tokens_per_micro_batch null: today's layout, padded to the shard's longest row), or
-        rows grouped by length to that token budget, each micro-batch cut to its own longest completion.
-        With several ranks, every rank runs the same number of micro-batches (DeepSpeed's reductions are
-        collectives): a rank with fewer splits its largest, or runs a row with no weight."""
+        rows grouped by length to that token budget (each then cut to its own longest completion). With
+        several ranks, every rank runs the same number of micro-batches (DeepSpeed's reductions are
+        collectives): a rank with fewer splits its largest, or gets [] (a row with no weight)."""
         budget = self.cfg.learner.max_tokens_per_micro_batch
         if budget is None:
             mb = self.cfg.learner.micro_batch_size
-            return [shard.select(list(range(s, s + mb))) for s in range(rows.start, rows.stop, mb)]
+            return [list(range(s, s + mb)) for s in range(rows.start, rows.stop, mb)]
         lengths = shard.completion_mask[rows.start:rows.stop].sum(-1).tolist()
         prompts = [len(p) for p in shard.prompt_ids[rows.start:rows.stop]]
         plan = [[rows.start + i for i in g] for g in token_batches(prompts, lengths, budget)]
@@ -274,9 +278,7 @@ class LearnerWorker:
             import torch.distributed as dist
             count = self._sum_over_ranks(torch.tensor([float(len(plan))], device=self.device), dist.ReduceOp.MAX)
             plan = split_to(plan, int(count.item()))
-        # nothing left to split: a row of zero weight keeps the count
-        micros = [trimmed(shard.select(g) if g else weightless(shard.select([rows.start]))) for g in plan]
-        return micros
+        return plan
 
     def _sum_over_ranks(self, x: torch.Tensor, op=None) -> torch.Tensor:
         """all_reduce (sum, or `op`) across the learner ranks; one rank has nothing to reduce."""

@@ -24,7 +24,7 @@ def test_token_budget_micro_batches_give_the_whole_batch_gradient(write_manifest
     batch = make_batch(w.engine.module.config.vocab_size)
     size = len(batch) // updates
     counts = [batch.denominators(reduction, slice(j * size, (j + 1) * size)) for j in range(updates)]
-    micros = w._micro_batches(batch, range(0, size))
+    micros = [trimmed(batch.select(rows)) for rows in w._micro_plan(batch, range(0, size))]
     assert len(micros) > 1
     for m in micros:  # each padded to its own longest completion, within the budget unless a row alone
         assert m.completion_mask[:, -1].any()
