@@ -6,7 +6,7 @@ from typing import TYPE_CHECKING, Sequence
 import torch
 
 from opd.contracts import Rollout, SamplingSpec, pad_rows
-from opd.vllm_llm import LLMSpec, LLMWeightReceiver, build_llm, logprobs_mode_for, split_position
+from opd.vllm_llm import LLMSpec, LLMWeightReceiver, build_llm, logprobs_mode_for, parse_positions
 
 if TYPE_CHECKING:
     from vllm.outputs import RequestOutput
@@ -40,7 +40,7 @@ class VLLMEngine(LLMWeightReceiver):
         params = [SamplingParams(n=1, temperature=spec.temperature, top_p=spec.top_p, max_tokens=spec.max_new_tokens,
                                  logprobs=spec.return_topk if wants_logprobs else None,
                                  seed=None if spec.seed is None else spec.seed + i, detokenize=False,
-                                 stop_token_ids=list(spec.stop_ids) or None)
+                                 stop_token_ids=list(spec.stop_ids) or None, flat_logprobs=True)
                   for i in range(len(prompts))]
         outputs = self.llm.generate([TokensPrompt(prompt_token_ids=list(p)) for p in prompts], params,
                                     use_tqdm=False)
@@ -66,17 +66,23 @@ def rollout_from_outputs(prompts: list[list[int]], outputs: Sequence["RequestOut
         if with_logprobs:
             if completion.logprobs is None or len(completion.logprobs) != len(tokens):
                 raise RuntimeError(f"vLLM request {out.request_id}: logprobs do not cover every sampled token")
-            per_pos = [split_position(completion.logprobs[t], tok, topk) for t, tok in enumerate(tokens)]
-            logps.append([p[0] for p in per_pos])
-            tops.append([p[1] for p in per_pos])
-            top_lps.append([p[2] for p in per_pos])
+            lp, _, top, top_lp = parse_positions(completion.logprobs, 0, tokens, topk)
+            logps.append(lp)
+            tops.append(top)
+            top_lps.append(top_lp)
     width = max((len(r) for r in ids), default=0)
-    student_topk = None if topk == 0 else torch.tensor(
-        [r + [[0] * topk] * (width - len(r)) for r in tops], dtype=torch.long).view(len(ids), width, topk)
-    topk_logprobs = None if topk == 0 else torch.tensor(
-        [r + [[0.0] * topk] * (width - len(r)) for r in top_lps], dtype=torch.float32).view(len(ids), width, topk)
+    student_topk = None if topk == 0 else _stacked(tops, width, torch.long, (topk,))
+    topk_logprobs = None if topk == 0 else _stacked(top_lps, width, torch.float32, (topk,))
     return Rollout(prompt_ids=[list(p) for p in prompts], completion_ids=pad_rows(ids, pad_id, width=width),
                    completion_mask=pad_rows([[True] * len(r) for r in ids], False, torch.bool, width),
-                   behaviour_logprobs=pad_rows(logps, 0.0, torch.float32, width) if with_logprobs else None,
+                   behaviour_logprobs=_stacked(logps, width, torch.float32) if with_logprobs else None,
                    finish_reasons=reasons, weight_version=version, student_topk_ids=student_topk,
                    student_topk_logprobs=topk_logprobs)
+
+
+def _stacked(rows: list[torch.Tensor], width: int, dtype: torch.dtype, tail: tuple = ()) -> torch.Tensor:
+    """Row tensors [T_i, *tail] -> [len(rows), width, *tail], zeros past each row's end."""
+    out = torch.zeros(len(rows), width, *tail, dtype=dtype)
+    for i, r in enumerate(rows):
+        out[i, :len(r)] = r
+    return out

@@ -44,8 +44,12 @@ def check_loss(cfg) -> None:
     if cfg.rollout.engine == "vllm" and needs.student_topk > cfg.rollout.vllm.max_logprobs:
         raise ManifestError(f"rollout.vllm.max_logprobs: {cfg.rollout.vllm.max_logprobs}, but {cfg.loss.name!r} "
                             f"needs the student's top-{needs.student_topk}; raise it")
+    if cfg.teacher.full_vocab_transport == "auto":
+        cfg.teacher.full_vocab_transport = auto_transport(cfg, needs)
     if cfg.teacher.full_vocab_transport == "hidden_states":
         _check_hidden_transport(cfg, needs)
+    elif cfg.teacher.full_vocab_transport == "logprobs" and cfg.algorithm == "opd" and needs.teacher_full:
+        _check_logprobs_transport(cfg)
     if needs.needs_teacher:
         try:
             caps = capabilities_for(cfg.teacher.kind, cfg.teacher.vllm.max_logprobs, on_gpu=cfg.cluster.num_gpus > 0)
@@ -78,10 +82,50 @@ def _check_hidden_transport(cfg, needs) -> None:
         raise ManifestError(f"{key}: hidden_states needs the teacher's weights in an HF model (teacher.kind hf or "
                             f"self); teacher.kind is {cfg.teacher.kind!r}")
     from opd.modeling import model_skeleton, plain_head_problem
-    path = cfg.model.path if cfg.teacher.kind == "self" else cfg.teacher.path
+    path = _teacher_path(cfg)
     if not Path(path).is_dir():
         return  # the model lives where the job runs (`opd check` elsewhere); the run checks it there
     problem = plain_head_problem(model_skeleton(path))  # the architecture only: no weights are read
     if problem:
         raise ManifestError(f"{key}: the teacher at {path} cannot be scored from hidden states: {problem}; "
                             "use logprobs")
+
+
+def auto_transport(cfg, needs) -> str:
+    """teacher.full_vocab_transport: auto, resolved: hidden_states where the loss reads the teacher's whole
+    distribution and the teacher can send its hidden states (an HF or self teacher whose head is a plain
+    Linear), else logprobs. The two give the same loss and gradient to float rounding
+    (tests/test_fused_head.py); hidden states are H/V of the bytes and no [N, T, V] teacher tensor exists.
+    Left "auto" while the teacher's folder does not exist yet (`opd check` on a stage whose teacher an
+    earlier stage trains): the run resolves it when it loads the manifest."""
+    if cfg.algorithm != "opd" or not needs.teacher_full or cfg.teacher.kind not in ("hf", "self"):
+        return "logprobs"
+    from pathlib import Path
+
+    from opd.modeling import model_skeleton, plain_head_problem
+    if not Path(_teacher_path(cfg), "config.json").exists():
+        return "auto"
+    return "logprobs" if plain_head_problem(model_skeleton(_teacher_path(cfg))) else "hidden_states"
+
+
+def _teacher_path(cfg) -> str:
+    return cfg.model.path if cfg.teacher.kind == "self" else cfg.teacher.path
+
+
+def _check_logprobs_transport(cfg) -> None:
+    """The log-prob transport ships [N, T, V] float32 each step; refuse it where that is not shippable."""
+    from launch.config import ManifestError
+    if cfg.teacher.kind not in ("hf", "self"):
+        return  # check_built_teacher names what a vLLM teacher cannot send
+    if not Path(_teacher_path(cfg), "config.json").exists():
+        return  # the model lives where the job runs (`opd check` elsewhere); the run checks it there
+    from opd.modeling import model_skeleton
+    vocab = model_skeleton(_teacher_path(cfg)).get_output_embeddings().weight.shape[0]
+    rows = cfg.rollout.prompts_per_step * cfg.rollout.samples_per_prompt
+    gb = rows * cfg.rollout.max_new_tokens * vocab * 4 / 1e9
+    if gb > cfg.teacher.max_logprobs_transport_gb:
+        raise ManifestError(
+            f"teacher.full_vocab_transport: logprobs ships {rows} rows x {cfg.rollout.max_new_tokens} tokens x "
+            f"{vocab} vocabulary x 4 bytes = {gb:.1f} GB a step, over teacher.max_logprobs_transport_gb = "
+            f"{cfg.teacher.max_logprobs_transport_gb:g}; use full_vocab_transport: hidden_states (or auto), or "
+            "fewer rows or tokens")

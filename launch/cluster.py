@@ -12,12 +12,14 @@ from dataclasses import replace
 from typing import Optional
 
 import ray
+import torch
 
 from launch.config import ExperimentConfig, ManifestError, VLLMConfig
 from launch.placement import Placement
 from launch.remote import ActorPool, Pending, first_line, gather
 from opd.contracts import (Rollout, SamplingSpec, ScoreRequest, TeacherScores, TrainBatch, concat_rollouts,
                            concat_scores)
+from opd.batching import spread_by_tokens
 from opd.weight_sync import free_port
 
 QUIET_ENV = {"TRANSFORMERS_VERBOSITY": "error", "HF_HUB_OFFLINE": "1", "HF_HUB_DISABLE_PROGRESS_BARS": "1",
@@ -179,7 +181,7 @@ class TeacherGroup:
             from teachers.hf_teacher import HFTeacher
             return ray.remote(HFTeacher).options(**opts).remote(
                 path, cfg.model.dtype, student_path=cfg.model.path, threads=cfg.cluster.threads_per_actor,
-                use_gpu=cfg.cluster.num_gpus > 0,
+                use_gpu=cfg.cluster.num_gpus > 0, max_tokens_per_batch=tc.max_tokens_per_batch,
                 trust_remote_code=(cfg.model if tc.kind == "self" else tc).trust_remote_code)
         return cls(ActorPool("teacher", make, len(slots), cfg.cluster.call_timeout_s))
 
@@ -218,6 +220,7 @@ class LearnerGroup:
         self.ranks = [remote.options(**o).remote(cfg, r, n, addr, port, rows_per_step) for r, o in enumerate(opts)]
         self.timeout_s = cfg.cluster.call_timeout_s
         self.updates, self.reduction = cfg.learner.updates_per_step, cfg.loss.reduction
+        self.by_tokens = cfg.learner.max_tokens_per_micro_batch is not None
 
     def train_step(self, batch: TrainBatch) -> dict[str, float]:
         return self.collect(self.submit_step(batch))
@@ -230,9 +233,18 @@ class LearnerGroup:
         size = len(batch) // self.updates
         parts = [list(range(j * size, (j + 1) * size)) for j in range(self.updates)]
         counts = [batch.denominators(self.reduction, slice(p[0], p[-1] + 1)) for p in parts]
-        shards = ([batch] if len(self.ranks) == 1
-                  else [batch.select([i for p in parts for i in p[s]]) for s in _split(size, len(self.ranks))])
-        return self._submit("train_step", [(sh, counts[0] if self.updates == 1 else counts) for sh in shards])
+        counts_arg = counts[0] if self.updates == 1 else counts
+        if len(self.ranks) == 1:
+            return self._submit("train_step", [(batch, counts_arg)])
+        if not self.by_tokens:
+            shards = [batch.select([i for p in parts for i in p[s]]) for s in _split(size, len(self.ranks))]
+            return self._submit("train_step", [(sh, counts_arg) for sh in shards])
+        # learner.max_tokens_per_micro_batch: each update's rows spread so every rank gets near-equal tokens
+        tokens = (batch.completion_mask.sum(-1) + torch.tensor([len(p) for p in batch.prompt_ids])).tolist()
+        spread = [[[p[i] for i in rows] for rows in spread_by_tokens([tokens[i] for i in p], len(self.ranks))]
+                  for p in parts]  # [update][rank] -> batch rows
+        return self._submit("train_step", [(batch.select([i for u in spread for i in u[r]]), counts_arg,
+                                            [len(u[r]) for u in spread]) for r in range(len(self.ranks))])
 
     def submit(self, method: str, *args) -> list:
         """Start a collective method on every rank and return at once. Calls from the driver to a

@@ -108,8 +108,16 @@ class TeacherConfig:
     # How a full-vocabulary loss gets the teacher's distribution. logprobs: the teacher ships [N, T, V]
     # log-probs. hidden_states: it ships its final hidden states [N, T, H] and the learner applies the
     # teacher's output layer chunk by chunk inside the loss: same values, H/V of the transport, no
-    # [N, T, V] teacher tensor anywhere (HF and self teachers; a plain linear head).
-    full_vocab_transport: str = "logprobs"
+    # [N, T, V] teacher tensor anywhere (HF and self teachers; a plain linear head). auto: hidden_states
+    # where the teacher can give them, else logprobs (launch/capabilities.py resolves it before work).
+    full_vocab_transport: str = "auto"
+    # The log-prob transport ships N x T x V float32 a step; above this many GB (at rollout.max_new_tokens)
+    # the run is refused before work, naming the size (use hidden_states, or fewer rows or tokens).
+    max_logprobs_transport_gb: float = 8.0
+    # HF and self teachers score rows grouped to at most this many padded tokens a forward pass (rows of
+    # like length together), and apply the output layer to a few positions at a time: memory is set by
+    # this budget, not by rows x length x vocabulary (docs/long-responses.md).
+    max_tokens_per_batch: int = 16384
     vllm: VLLMConfig = field(default_factory=VLLMConfig)
 
 
@@ -168,6 +176,13 @@ class LearnerConfig:
     # behaviour log-probs stay the rollout's, so later updates are off-policy by the earlier ones (an
     # importance-ratio loss such as sampled_token_rkl corrects that). The LR schedule counts updates.
     updates_per_step: int = 1
+    # Memory at long lengths (docs/long-responses.md). gradient_checkpointing: recompute each layer's
+    # activations in backward instead of keeping them. max_tokens_per_micro_batch: micro-batches formed
+    # to this many padded tokens, rows grouped by length, each padded only to its own longest row, and
+    # rows spread over ranks by tokens; micro_batch_size is then unused. null: micro-batches of
+    # micro_batch_size rows in order (padded to the step's longest completion).
+    gradient_checkpointing: bool = False
+    max_tokens_per_micro_batch: Optional[int] = None
     # A step whose loss or gradient norm is not finite is skipped (no weight change, no sync) and counted
     # (train/skipped_nonfinite); this many in a row stop the run.
     max_nonfinite_steps: int = 3
@@ -480,7 +495,11 @@ def validate(cfg: ExperimentConfig) -> None:
     if cfg.learner.fused_head == "true" and cfg.learner.zero_stage == 3:
         raise ManifestError("learner.fused_head: true needs the whole output layer on every rank; ZeRO stage 3 "
                             "partitions it (use auto or false with learner.zero_stage: 3)")
-    _choice("teacher.full_vocab_transport", cfg.teacher.full_vocab_transport, ("logprobs", "hidden_states"))
+    _choice("teacher.full_vocab_transport", cfg.teacher.full_vocab_transport, ("auto", "logprobs", "hidden_states"))
+    _positive("teacher.max_tokens_per_batch", cfg.teacher.max_tokens_per_batch)
+    _positive("teacher.max_logprobs_transport_gb", cfg.teacher.max_logprobs_transport_gb)
+    if cfg.learner.max_tokens_per_micro_batch is not None:
+        _positive("learner.max_tokens_per_micro_batch", cfg.learner.max_tokens_per_micro_batch)
     _choice("learner.schedule", cfg.learner.schedule, ("cosine", "linear", "constant"))
     _choice("model.dtype", cfg.model.dtype, ("float32", "bfloat16", "float16"))
     for key in ("run.steps", "rollout.prompts_per_step", "rollout.samples_per_prompt",
@@ -516,7 +535,11 @@ def validate(cfg: ExperimentConfig) -> None:
                             f"mini-batches; use a divisor of {rows}")
     rows //= updates  # the rows of one optimizer update
     per_pass = cfg.learner.micro_batch_size * cfg.learner.num_ranks
-    if rows % per_pass:
+    if cfg.learner.max_tokens_per_micro_batch is not None:
+        if rows < cfg.learner.num_ranks:
+            raise ManifestError(f"learner.num_ranks: {cfg.learner.num_ranks} ranks but {rows} rows per update; "
+                                "every rank needs a row")
+    elif rows % per_pass:
         per = "per step" if updates == 1 else f"per update (learner.updates_per_step: {updates})"
         raise ManifestError(f"learner.micro_batch_size: {rows} rows {per} do not split into "
                             f"{cfg.learner.num_ranks} ranks x micro-batches of {cfg.learner.micro_batch_size}")

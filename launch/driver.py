@@ -10,7 +10,7 @@ import ray
 import torch
 from launch.batches import (distill_batch, reward_batch, rollout_stats, score_request, sft_batch,
                             teacher_stats)
-from launch.capabilities import build_configured_loss, check_built_teacher
+from launch.capabilities import auto_transport, build_configured_loss, check_built_teacher, check_loss
 from launch.cluster import (LearnerGroup, RolloutGroup, TeacherGroup, check_address, connect_weight_sync,
                             derived_seed, start_ray)
 from launch.config import ExperimentConfig, reference_rows, rows_per_step, sampling_spec
@@ -204,6 +204,9 @@ class Setup:
         self.evaluator = Evaluator(inputs.eval_sets, cfg.run.seed, cfg.eval.verify_timeout_s,
                                    named=bool(cfg.eval.sets), stop_ids=inputs.special.stop)
         needs = build_configured_loss(cfg).needs
+        if cfg.teacher.full_vocab_transport == "auto":  # checked before an earlier stage wrote the teacher
+            cfg.teacher.full_vocab_transport = auto_transport(cfg, needs)
+            check_loss(cfg)
         self.request = score_request(needs, rc.temperature, cfg.teacher.full_vocab_transport, cfg.teacher.kind == "self")
         stop = inputs.special.stop  # every engine stops at the same ids, in training, reference rows and eval
         self.sampling = replace(sampling_spec(cfg, return_topk=needs.student_topk), stop_ids=stop)

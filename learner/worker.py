@@ -26,7 +26,8 @@ import torch
 
 from learner import checkpoint
 from losses import LossBatch, build_loss
-from opd.contracts import TrainBatch
+from opd.batching import split_to, token_batches, weightless
+from opd.contracts import TrainBatch, trimmed
 from opd.modeling import (DTYPES, actor_device, completion_hidden, completion_logits, load_named_tensors,
                           load_output_head, output_head, plain_head_problem)
 from opd.weight_sync import open_sender
@@ -48,13 +49,17 @@ def lr_lambda(schedule: str, total: int, warmup_ratio: float, min_ratio: float):
 
 
 def deepspeed_config(cfg, rows_per_step: int) -> dict:
-    """DeepSpeed's batch is one optimizer update: rows_per_step / learner.updates_per_step rows."""
+    """DeepSpeed's batch is one optimizer update: rows_per_step / learner.updates_per_step rows. With
+    learner.max_tokens_per_micro_batch the micro-batch count varies from update to update: DeepSpeed is
+    told one micro-batch of one row per rank, and the learner marks each update's last micro-batch as
+    the accumulation boundary itself (set_gradient_accumulation_boundary)."""
     lc = cfg.learner
     rows = rows_per_step // lc.updates_per_step
-    gas = rows // (lc.micro_batch_size * lc.num_ranks)
+    micro = lc.micro_batch_size if lc.max_tokens_per_micro_batch is None else 1
+    gas = rows // (micro * lc.num_ranks) if lc.max_tokens_per_micro_batch is None else 1
     return {
-        "train_batch_size": rows,
-        "train_micro_batch_size_per_gpu": lc.micro_batch_size,
+        "train_batch_size": micro * gas * lc.num_ranks,
+        "train_micro_batch_size_per_gpu": micro,
         "gradient_accumulation_steps": gas,
         "gradient_clipping": lc.grad_clip,
         "zero_optimization": {"stage": lc.zero_stage},
@@ -122,6 +127,8 @@ class LearnerWorker:
         model = AutoModelForCausalLM.from_pretrained(cfg.model.path, dtype=DTYPES[cfg.model.dtype],
                                                      trust_remote_code=cfg.model.trust_remote_code)
         lc = cfg.learner
+        if lc.gradient_checkpointing:  # each layer's activations recomputed in backward, not kept
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         self.lora = None
         if cfg.model.lora.r:  # adapters injected in place; the base is frozen, the optimizer sees the adapters
             from learner.lora import LoraStudent
@@ -190,11 +197,16 @@ class LearnerWorker:
             return self.frozen_teacher_head
         return output_head(self.engine.module).detach()
 
-    def train_step(self, shard: TrainBatch, token_counts) -> dict[str, float]:
+    def train_step(self, shard: TrainBatch, token_counts, update_rows: Optional[list[int]] = None) -> dict[str, float]:
         """The step's optimizer updates on this rank's shard. token_counts: the global (on-policy,
         reference) denominators of loss.reduction (TrainBatch.denominators), one pair, or one pair per
-        update (learner.updates_per_step): the shard is then that many equal parts in order, part j this
-        rank's rows of update j.
+        update (learner.updates_per_step): the shard is then that many parts in order, part j this rank's
+        rows of update j (equal parts, or `update_rows[j]` rows each when ranks got rows by tokens).
+
+        Micro-batches: micro_batch_size rows in order, or with learner.max_tokens_per_micro_batch rows
+        grouped by length to that many padded tokens, each padded to its own longest row (_micro_batches).
+        Either way every token's weight is set by the global denominators, so the update's gradient is
+        the whole batch's.
 
         A non-finite loss or gradient norm skips the update: the weights, the optimizer's moments and the
         learning-rate schedule stay as they were. Every rank takes the same decision (ZeRO stage 0:
@@ -205,15 +217,28 @@ class LearnerWorker:
         t0 = time.perf_counter()
         self.engine.train()
         updates = [token_counts] if isinstance(token_counts[0], int) else list(token_counts)
-        mb, n = self.cfg.learner.micro_batch_size, len(updates)
-        assert len(shard) == mb * self.gas * n, \
-            f"rank {self.rank}: shard of {len(shard)} rows, expected {mb * self.gas * n}"
+        n = len(updates)
+        budget = self.cfg.learner.max_tokens_per_micro_batch
+        if update_rows is None:
+            mb = self.cfg.learner.micro_batch_size if budget is None else len(shard) // n
+            assert len(shard) == mb * (self.gas if budget is None else 1) * n, \
+                f"rank {self.rank}: shard of {len(shard)} rows, expected {mb * self.gas * n}"
+            update_rows = [len(shard) // n] * n
+        bounds = [sum(update_rows[:j]) for j in range(n + 1)]
         sums: dict[str, torch.Tensor] = {}
-        norms, overflows = [], self.engine.skipped_steps
+        norms, overflows, padded, real = [], self.engine.skipped_steps, 0, 0
         for j, counts in enumerate(updates):
             loss_sum, grad_norm = torch.zeros((), dtype=torch.float64, device=self.device), None
-            for start in range(j * mb * self.gas, (j + 1) * mb * self.gas, mb):
-                micro = shard.select(list(range(start, start + mb)))
+            plan = self._micro_plan(shard, range(bounds[j], bounds[j + 1]))
+            for i, rows in enumerate(plan):  # each micro-batch copied out only when its turn comes
+                if budget is None:
+                    micro = shard.select(rows)
+                else:  # the update's last micro-batch is its boundary, however many there are
+                    self.engine.set_gradient_accumulation_boundary(i == len(plan) - 1)
+                    # nothing left to split (_micro_plan): a row of zero weight keeps the count
+                    micro = trimmed(shard.select(rows) if rows else weightless(shard.select([bounds[j]])))
+                padded += micro.completion_ids.numel()
+                real += micro.loss_tokens
                 loss, diags = self.micro_loss(micro, counts)
                 loss_sum += loss.detach().to(torch.float64)
                 for k, v in {"loss": loss.detach(), **diags}.items():
@@ -238,8 +263,28 @@ class LearnerWorker:
         out["skipped_nonfinite"] = float(skipped == n)
         if n > 1:
             out["skipped_updates"] = float(skipped)
+        out["padding_fraction"] = 1.0 - real / max(1, padded)  # this rank's completion columns that are padding
         out["compute_s"] = time.perf_counter() - t0  # the step itself, without the call's transport
         return out
+
+    def _micro_plan(self, shard: TrainBatch, rows: range) -> list[list[int]]:
+        """One update's micro-batches, as rows of the shard: micro_batch_size rows at a time in order
+        (learner.max_tokens_per_micro_batch null: today's layout, padded to the shard's longest row), or
+        rows grouped by length to that token budget (each then cut to its own longest completion). With
+        several ranks, every rank runs the same number of micro-batches (DeepSpeed's reductions are
+        collectives): a rank with fewer splits its largest, or gets [] (a row with no weight)."""
+        budget = self.cfg.learner.max_tokens_per_micro_batch
+        if budget is None:
+            mb = self.cfg.learner.micro_batch_size
+            return [list(range(s, s + mb)) for s in range(rows.start, rows.stop, mb)]
+        lengths = shard.completion_mask[rows.start:rows.stop].sum(-1).tolist()
+        prompts = [len(p) for p in shard.prompt_ids[rows.start:rows.stop]]
+        plan = [[rows.start + i for i in g] for g in token_batches(prompts, lengths, budget)]
+        if self.world_size > 1:
+            import torch.distributed as dist
+            count = self._sum_over_ranks(torch.tensor([float(len(plan))], device=self.device), dist.ReduceOp.MAX)
+            plan = split_to(plan, int(count.item()))
+        return plan
 
     def _sum_over_ranks(self, x: torch.Tensor, op=None) -> torch.Tensor:
         """all_reduce (sum, or `op`) across the learner ranks; one rank has nothing to reduce."""

@@ -82,15 +82,17 @@ def _chunk_rows(batch: LossBatch, sl: slice, teacher_head: Optional[Head], tempe
                          "teacher's output layer when teacher.full_vocab_transport is hidden_states")
     with torch.no_grad():  # the teacher is a constant (a live self-teacher's head is the student's own)
         logq = torch.log_softmax(_upcast(teacher_head(sub.teacher_hidden), temperature), -1)
+        at = logq.gather(-1, sub.tokens[:, None])
         if diags_out is not None:
-            at = logq.gather(-1, sub.tokens[:, None])
             rank = 1 + (logq > at).sum(-1).to(logq.dtype)
             stats = {"teacher/logprob_sampled": at.squeeze(-1), "teacher/rank_sampled": rank,
                      "teacher/top1_fraction": (rank == 1).to(logq.dtype),
                      "teacher/entropy": -(logq.exp() * logq).sum(-1)}
             on_policy = sub.weights if sub.is_reference is None else sub.weights * ~sub.is_reference
             _add_diagnostics(diags_out, stats, on_policy, torch.promote_types(logq.dtype, torch.float32))
-    return replace(sub, teacher_full_logprobs=logq, teacher_hidden=None)
+    # log q(y_t) as a log-prob teacher sends it, so the diagnostics (sampled_log_ratio) are the same
+    sampled = at.squeeze(-1) if sub.teacher_sampled_logprobs is None else sub.teacher_sampled_logprobs
+    return replace(sub, teacher_full_logprobs=logq, teacher_hidden=None, teacher_sampled_logprobs=sampled)
 
 
 class _ChunkedLoss(torch.autograd.Function):

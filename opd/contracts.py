@@ -137,6 +137,26 @@ class TrainBatch:
                                 if f.name != "weight_version"})
 
 
+def trimmed(b: TrainBatch) -> TrainBatch:
+    """`b` with every [n, T, ...] tensor cut to its own longest completion (the last column any row uses):
+    a micro-batch padded only as far as its rows need. Nothing after a row's last token is read by the
+    loss (zero weight) or by the model (causal attention), so the values do not change."""
+    used = b.completion_mask.any(0).nonzero()
+    width = int(used.max()) + 1 if len(used) else min(1, b.completion_ids.shape[1])
+    if width == b.completion_ids.shape[1]:
+        return b
+    T = b.completion_ids.shape[1]
+
+    def cut(x):
+        if isinstance(x, TeacherScores):
+            return TeacherScores(**{f.name: cut(getattr(x, f.name)) for f in fields(x)})
+        if isinstance(x, torch.Tensor) and x.dim() >= 2 and x.shape[1] == T:
+            return x[:, :width]
+        return x
+
+    return replace(b, **{f.name: cut(getattr(b, f.name)) for f in fields(b)})
+
+
 def _flags(is_reference: Optional[torch.Tensor], n: int) -> torch.Tensor:
     return is_reference if is_reference is not None else torch.zeros(n, dtype=torch.bool)
 

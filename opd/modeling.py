@@ -61,7 +61,9 @@ def _layout(model, prompts: list[list[int]], completion_ids: torch.Tensor, compl
     ids = torch.cat([p_ids, completion_ids.masked_fill(~completion_mask, pad_id)], 1).to(device)
     mask = torch.cat([p_mask, completion_mask.long()], 1).to(device)
     P, T = p_ids.shape[1], completion_ids.shape[1]
-    return ({"input_ids": ids, "attention_mask": mask, "position_ids": positions(mask)},
+    # use_cache False: a scoring or training forward reads no KV cache, and building one keeps every
+    # layer's keys and values for the whole batch (an 8B model: ~150 KB a token)
+    return ({"input_ids": ids, "attention_mask": mask, "position_ids": positions(mask), "use_cache": False},
             torch.arange(P - 1, P + T - 1, device=device))
 
 

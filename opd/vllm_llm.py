@@ -11,6 +11,7 @@ import os
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Optional
 
+import numpy as np
 import torch
 
 from opd.contracts import SamplingSpec
@@ -126,6 +127,51 @@ def split_position(entries: dict[int, "Logprob"], token: int, k: int) -> tuple[f
     if len(ranked) < k:
         raise RuntimeError(f"vLLM returned {len(ranked)} log-probs at a position, asked for top-{k}")
     return entries[token].logprob, [r[2] for r in ranked[:k]], [r[3] for r in ranked[:k]]
+
+
+def parse_positions(logprobs, start: int, tokens: list[int], k: int
+                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Positions start .. start+len(tokens)-1 of a request's vLLM logprobs, position t scoring
+    `tokens[t]` -> (log-prob of the token [T], its rank [T] long (0: vLLM gave none), top-k ids [T, k],
+    top-k log-probs [T, k]): what split_position gives position by position, the same values.
+
+    A FlatLogprobs (SamplingParams(flat_logprobs=True)) is read as arrays: vLLM writes k + 1 entries a
+    position, the scored token (at its true rank) first, then ranks 1..k in order, so the top-k is
+    columns 1..k and no per-position sort is needed. The positions where that shortcut and the sort
+    could differ (the scored token tied into the top-k ranks without being among its ids) and a
+    list of dicts go through split_position."""
+    from vllm.logprobs import FlatLogprobs
+    T = len(tokens)
+    if isinstance(logprobs, FlatLogprobs) and T:
+        starts = torch.as_tensor(logprobs.start_indices[start:start + T])
+        ends = torch.as_tensor(logprobs.end_indices[start:start + T])
+        if bool((ends - starts == k + 1).all()) and bool((starts[1:] == ends[:-1]).all()):
+            lo, hi = int(starts[0]), int(ends[-1])
+            # numpy reads a list of Python numbers several times faster than torch.as_tensor does
+            ids = torch.from_numpy(np.array(logprobs.token_ids[lo:hi], dtype=np.int64)).view(T, k + 1)
+            lps = torch.from_numpy(np.array(logprobs.logprobs[lo:hi], dtype=np.float64)).view(T, k + 1)
+            ranks = torch.as_tensor([-1 if r is None else r for r in logprobs.ranks[lo:hi:k + 1]])[:, None]
+            tok = torch.as_tensor(tokens, dtype=torch.long)
+            if not torch.equal(ids[:, 0], tok):
+                t = int((ids[:, 0] != tok).nonzero()[0])
+                raise RuntimeError(f"vLLM logprobs miss the scored token {tokens[t]} at position {start + t}")
+            in_top = ids[:, 1:] == tok[:, None]                      # [T, k]
+            first = in_top.float().argmax(1) + 1 if k else torch.zeros(T, dtype=torch.long)
+            rank = torch.where(in_top.any(1), first, ranks[:, 0].clamp(min=0))
+            out = (lps[:, 0].float(), rank.long(), ids[:, 1:].clone(), lps[:, 1:].float())
+            tied = ~in_top.any(1) & (ranks[:, 0] >= 1) & (ranks[:, 0] <= k)  # rare: the sort decides
+            for t in tied.nonzero().flatten().tolist():
+                lp, top_ids, top_lps = split_position(logprobs[start + t], tokens[t], k)
+                out[2][t], out[3][t] = torch.as_tensor(top_ids), torch.as_tensor(top_lps)
+            return out
+    sampled, rank = torch.zeros(T), torch.zeros(T, dtype=torch.long)
+    top_ids, top_lps = torch.zeros(T, k, dtype=torch.long), torch.zeros(T, k)
+    for t, tok in enumerate(tokens):
+        entries = logprobs[start + t]
+        lp, ids_t, lps_t = split_position(entries, tok, k)
+        sampled[t], rank[t] = lp, entries[tok].rank or 0
+        top_ids[t], top_lps[t] = torch.as_tensor(ids_t, dtype=torch.long), torch.as_tensor(lps_t)
+    return sampled, rank, top_ids, top_lps
 
 
 class LLMWeightReceiver:

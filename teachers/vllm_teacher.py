@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Optional, Sequence
 import torch
 
 from opd.contracts import ScoreRequest, TeacherScores
-from opd.vllm_llm import LLMSpec, LLMWeightReceiver, build_llm, split_position, student_support_scoring
+from opd.vllm_llm import LLMSpec, LLMWeightReceiver, build_llm, parse_positions, student_support_scoring
 from teachers.base import ScoresRollouts, TeacherCapabilities, check_same_tokenizer
 
 if TYPE_CHECKING:
@@ -85,12 +85,9 @@ def teacher_scores_from_outputs(outputs: Sequence["RequestOutput"], rows: list[i
         if out.prompt_logprobs is None or len(out.prompt_logprobs) != start + len(tokens):
             raise RuntimeError(f"vLLM request {out.request_id}: prompt_logprobs do not cover "
                                f"{start} teacher-prompt + {len(tokens)} completion tokens")
-        for t, tok in enumerate(tokens):
-            lp, ids, lps = split_position(out.prompt_logprobs[start + t], tok, k)
-            sampled[i, t] = lp
-            rank[i, t] = out.prompt_logprobs[start + t][tok].rank or 0
-            top_ids[i, t] = torch.tensor(ids, dtype=torch.long)
-            top_lps[i, t] = torch.tensor(lps)
+        T = len(tokens)
+        sampled[i, :T], rank[i, :T], top_ids[i, :T], top_lps[i, :T] = parse_positions(out.prompt_logprobs, start,
+                                                                                      tokens, k)
     return TeacherScores(sampled_logprobs=sampled, topk_ids=top_ids if k else None, topk_logprobs=top_lps if k else None,
                          sampled_rank=rank)
 
@@ -139,7 +136,8 @@ class VLLMTeacher(LLMWeightReceiver, ScoresRollouts):
                 raise ValueError(f"teacher.vllm.max_model_len: {self.max_model_len} tokens, but row {i} needs "
                                  f"{len(teacher_prompts[i])} teacher-prompt + {lengths[i]} completion + 1; "
                                  "raise it to at least the longest teacher prompt + rollout.max_new_tokens + 1")
-        params = SamplingParams(max_tokens=1, prompt_logprobs=request.topk, detokenize=False)
+        # flat_logprobs: arrays rather than a dict per position, which parse_positions reads without a loop
+        params = SamplingParams(max_tokens=1, prompt_logprobs=request.topk, detokenize=False, flat_logprobs=True)
         prompts = [TokensPrompt(prompt_token_ids=list(teacher_prompts[i]) + completions[i]) for i in rows]
         outputs = self.llm.generate(prompts, params, use_tqdm=False) if rows else []
         scores = teacher_scores_from_outputs(outputs, rows, [len(p) for p in teacher_prompts], completions,

@@ -39,13 +39,20 @@ def reference_grads(path: str, b: TrainBatch) -> dict[str, torch.Tensor]:
     return {k: p.grad.clone() for k, p in model.named_parameters()}
 
 
-@pytest.mark.parametrize("ranks,micro,zero", [(1, 8, 0), (2, 2, 2), (2, 4, 3)])
-def test_split_gives_one_big_batch_gradient_and_sync_matches(ray_session, write_manifest, assets, ranks, micro, zero):
+@pytest.mark.parametrize("ranks,micro,zero,budget", [
+    (1, 8, 0, None), (2, 2, 2, None), (2, 4, 3, None),
+    # learner.max_tokens_per_micro_batch: rows spread over ranks by tokens, micro-batches by length; at
+    # a budget of 1 token every row is a micro-batch of its own and the rank with fewer rows runs a
+    # weightless one, so both ranks take part in every reduction
+    (2, 1, 2, 12), (2, 1, 0, 1)])
+def test_split_gives_one_big_batch_gradient_and_sync_matches(ray_session, write_manifest, assets, ranks, micro, zero,
+                                                             budget):
     ray = ray_session
     cfg = load_manifest(write_manifest(), [
         "loss.name=full_reverse_kl", "learner.optimizer=sgd", f"learner.lr={LR}", "learner.warmup_ratio=0",
         "learner.schedule=constant", "learner.grad_clip=0", f"learner.num_ranks={ranks}",
-        f"learner.micro_batch_size={micro}", f"learner.zero_stage={zero}"])
+        f"learner.micro_batch_size={micro}", f"learner.zero_stage={zero}",
+        f"learner.max_tokens_per_micro_batch={'null' if budget is None else budget}"])
     path = str(assets["tiny"])
     w0 = dict(AutoModelForCausalLM.from_pretrained(path).named_parameters())
     batch = make_batch(w0["lm_head.weight"].shape[0])

@@ -63,8 +63,8 @@ def test_self_teacher_rescoring_equals_behaviour_logprobs(assets):
 
 
 def test_teacher_prompt_with_privileged_info_scores_row_by_row(assets):
-    """OPSD: teacher prompts differ in length from the student's; batch scores equal unpadded ones."""
-    t = HFTeacher(str(assets["tiny"]), micro_batch=2)
+    """OPSD: teacher prompts differ in length from the student's; scores in token batches equal unpadded ones."""
+    t = HFTeacher(str(assets["tiny"]), max_tokens_per_batch=30)  # groups of two rows and one
     teacher_prompts = [[1, 30, 31, 32] + p[1:] for p in PROMPTS]
     comp = torch.tensor([[5, 6, 2, 0], [7, 2, 0, 0], [8, 9, 10, 11]])
     mask = torch.tensor([[1, 1, 1, 0], [1, 1, 0, 0], [1, 1, 1, 1]]).bool()
