@@ -2,6 +2,7 @@
 Checked before any work."""
 from __future__ import annotations
 
+from launch.routing import teacher_specs
 from teachers.base import capabilities_for
 
 
@@ -33,48 +34,59 @@ def check_loss(cfg) -> None:
     if cfg.algorithm == "grpo" and needs.reference_rows:
         raise ManifestError(f"loss.params: {cfg.loss.name!r} has an sft component; reference rows are added to "
                             "algorithm 'opd' steps only")
+    specs = teacher_specs(cfg)
     if cfg.algorithm == "opd" and needs.reference_rows and ref.source == "teacher":
-        if cfg.teacher.kind not in ("hf", "self"):
-            raise ManifestError(f"loss.reference.source: 'teacher' samples from an HF teacher; teacher.kind is "
-                                f"{cfg.teacher.kind!r} (use source: dataset, or teacher.kind: hf)")
+        if len(specs) > 1:
+            raise ManifestError("loss.reference.source: 'teacher' with several teachers is not supported (which one "
+                                "writes a prompt's reference row?); use source: dataset")
+        if specs[0].config.kind not in ("hf", "self"):
+            raise ManifestError(f"loss.reference.source: 'teacher' samples from an HF teacher; {specs[0].key}.kind is "
+                                f"{specs[0].config.kind!r} (use source: dataset, or {specs[0].key}.kind: hf)")
         if ref.temperature < 0:
             raise ManifestError(f"loss.reference.temperature: must be >= 0, got {ref.temperature}")
     if cfg.rollout.engine == "vllm" and needs.student_topk > cfg.rollout.vllm.max_logprobs:
         raise ManifestError(f"rollout.vllm.max_logprobs: {cfg.rollout.vllm.max_logprobs}, but {cfg.loss.name!r} "
                             f"needs the student's top-{needs.student_topk}; raise it")
-    if cfg.teacher.full_vocab_transport == "hidden_states":
-        _check_hidden_transport(cfg, needs)
+    for spec in specs:
+        if spec.config.full_vocab_transport == "hidden_states":
+            _check_hidden_transport(cfg, needs, spec)
     if needs.needs_teacher:
-        try:
-            caps = capabilities_for(cfg.teacher.kind, cfg.teacher.vllm.max_logprobs, on_gpu=cfg.cluster.num_gpus > 0)
-        except ValueError as e:
-            raise ManifestError(str(e)) from None
-        check_built_teacher(cfg, caps)
+        for spec in specs:  # each teacher must serve the loss by itself: it alone scores its rows
+            tc = spec.config
+            try:
+                caps = capabilities_for(tc.kind, tc.vllm.max_logprobs, on_gpu=cfg.cluster.num_gpus > 0)
+            except ValueError as e:
+                raise ManifestError(str(e)) from None
+            check_built_teacher(cfg, caps, spec)
 
 
-def check_built_teacher(cfg, caps) -> None:
+def check_built_teacher(cfg, caps, spec=None) -> None:
     """The configured loss against one teacher's capabilities: before any work from what the manifest
-    says, and again from each teacher as built (a vLLM engine picks its runner only when it starts)."""
+    says, and again from each teacher as built (a vLLM engine picks its runner only when it starts).
+    `spec`: which of the run's teachers (launch/routing.py; default the one `teacher:`)."""
     from launch.config import ManifestError
     from losses import check_teacher
-    name = f"a {cfg.teacher.kind!r} teacher" + (f" ({caps.limits})" if caps.limits else "")
+    spec = spec or teacher_specs(cfg)[0]
+    name = f"a {spec.config.kind!r} teacher" + (f" ({caps.limits})" if caps.limits else "")
+    if spec.named:  # say which of several teachers cannot serve the loss
+        name = f"{spec.key} (teacher {spec.name!r}, {name})"
     try:
         check_teacher(build_configured_loss(cfg), caps, name)
     except ValueError as e:
         raise ManifestError(str(e)) from None
 
 
-def _check_hidden_transport(cfg, needs) -> None:
+def _check_hidden_transport(cfg, needs, spec) -> None:
     from launch.config import ManifestError
-    key = "teacher.full_vocab_transport"
+    key, tc = f"{spec.key}.full_vocab_transport", spec.config
     if cfg.algorithm != "opd" or not needs.teacher_full:
         raise ManifestError(f"{key}: hidden_states serves losses over the teacher's whole distribution; "
                             f"{cfg.loss.name!r} does not use it (remove the key, or use e.g. full_reverse_kl)")
-    if cfg.teacher.kind not in ("hf", "self"):
-        raise ManifestError(f"{key}: hidden_states needs the teacher's weights in an HF model (teacher.kind hf or "
-                            f"self); teacher.kind is {cfg.teacher.kind!r}")
+    if tc.kind not in ("hf", "self"):
+        raise ManifestError(f"{key}: hidden_states needs the teacher's weights in an HF model ({spec.key}.kind hf or "
+                            f"self); {spec.key}.kind is {tc.kind!r}")
     from opd.modeling import model_skeleton, plain_head_problem
-    path = cfg.model.path if cfg.teacher.kind == "self" else cfg.teacher.path
+    path = cfg.model.path if tc.kind == "self" else tc.path
     problem = plain_head_problem(model_skeleton(path))  # the architecture only: no weights are read
     if problem:
         raise ManifestError(f"{key}: the teacher at {path} cannot be scored from hidden states: {problem}; "
