@@ -1,7 +1,9 @@
 """`opd experiment NAME`: a named comparison, run arm by arm, into runs/experiments/NAME/:
 
-    results.json   one object per arm: arm, metric, start, end, steps, wall_s (+ loss, run folder)
-    results.md     the same as a table, then the plots
+    results.json   one object per arm: arm, metric, start, end, steps, wall_s (+ loss, run folder); with
+                   `tasks:` (task name -> metric key, e.g. one eval set per task) one per arm and task,
+                   with its `task`
+    results.md     the same as a table (with tasks: arms x tasks), then the plots
     *.png          every arm's curves, one metric per plot (launch/report.py)
     runs/ARM/      each arm's ordinary run folder (manifest, metrics.jsonl, final model)
     data/, models/ what the experiment's `prepare` step wrote (datasets, tiny initial models)
@@ -24,7 +26,7 @@ from pathlib import Path
 import yaml
 
 from launch.config import ExperimentConfig, ManifestError, load_manifest
-from launch.report import CURVES, markdown_table, plot_all, read_metrics, summarise
+from launch.report import CURVES, fmt, markdown_table, plot_all, read_metrics, summarise
 
 EXPERIMENTS = Path(__file__).resolve().parent.parent / "configs" / "experiments"
 _REF = re.compile(r"\$\{(root|data|final:([A-Za-z0-9_.-]+))\}")
@@ -51,6 +53,7 @@ class Experiment:
     prepare: list[str]               # "module:function" called with the experiment folder, before any arm
     arms: list[Arm]
     plots: list[str] = field(default_factory=list)  # metric keys to plot (default: launch.report.CURVES)
+    tasks: dict[str, str] = field(default_factory=dict)  # task -> its metric key (eval/<set>/accuracy)
 
 
 def available() -> list[str]:
@@ -81,7 +84,7 @@ def load_experiment(name: str) -> Experiment:
     name = path.stem
     doc = yaml.safe_load(path.read_text())
     src = f"{path.name}"
-    unknown = set(doc) - {"description", "metric", "prepare", "arms", "plots"}
+    unknown = set(doc) - {"description", "metric", "prepare", "arms", "plots", "tasks"}
     if unknown:
         raise ManifestError(f"{src}: unknown key(s) {sorted(unknown)}")
     arms = []
@@ -94,7 +97,7 @@ def load_experiment(name: str) -> Experiment:
     if not arms:
         raise ManifestError(f"{src}: arms: at least one arm is needed")
     return Experiment(name, doc.get("description", ""), doc.get("metric", "eval/accuracy"),
-                      list(doc.get("prepare") or []), arms, list(doc.get("plots") or []))
+                      list(doc.get("prepare") or []), arms, list(doc.get("plots") or []), dict(doc.get("tasks") or {}))
 
 
 def resolve(exp: Experiment, root: Path, extra: list[str] = ()) -> list[tuple[Arm, ExperimentConfig]]:
@@ -137,12 +140,16 @@ def run_experiment(name: str, out_dir: str = "runs/experiments", extra: list[str
         print(f"\n=== {exp.name} / {arm.name}: {arm.command()}", flush=True)
         t = time.time()
         train(cfg)
-        rows = read_metrics(root / "runs" / arm.name)
-        results.append({"arm": arm.name, "metric": exp.metric, **summarise(rows), "wall_s": round(time.time() - t, 1),
-                        "loss": cfg.loss.name, "stage": arm.stage, "run": str(root / "runs" / arm.name)})
+        rows, wall = read_metrics(root / "runs" / arm.name), round(time.time() - t, 1)
+        common = {"wall_s": wall, "loss": cfg.loss.name, "stage": arm.stage, "run": str(root / "runs" / arm.name)}
+        if exp.tasks:
+            results += [{"arm": arm.name, "task": task, "metric": key, **summarise(rows, key), **common}
+                        for task, key in exp.tasks.items()]
+        else:
+            results.append({"arm": arm.name, "metric": exp.metric, **summarise(rows), **common})
         write_results(exp, root, results)  # after every arm: a long experiment shows progress
     print(f"\n=== {exp.name}: {len(results)} arms in {time.time() - t0:.0f}s; {root / 'results.md'}")
-    print(f"metric: {exp.metric}\n" + markdown_table(results, "metric"))
+    print(f"metric: {exp.metric}\n" + (task_table(results) if exp.tasks else markdown_table(results, "metric")))
     return {"experiment": exp.name, "results": results, "wall_s": round(time.time() - t0, 1)}
 
 
@@ -151,5 +158,21 @@ def write_results(exp: Experiment, root: Path, results: list[dict]) -> None:
     runs = {r["arm"]: read_metrics(Path(r["run"])) for r in results if not r["stage"]}
     images = plot_all(runs, root, exp.plots or CURVES)
     md = f"# opd experiment {exp.name}\n\n{exp.description.strip()}\n\nMetric: {exp.metric}.\n\n"
-    md += markdown_table(results, "metric") + "\n" + "".join(f"![{p.stem}]({p.name})\n" for p in images)
+    md += task_table(results) if exp.tasks else markdown_table(results, "metric")
+    md += "\n" + "".join(f"![{p.stem}]({p.name})\n" for p in images)
     (root / "results.md").write_text(md)
+
+
+def task_table(results: list[dict]) -> str:
+    """Per-task results as one Markdown row per arm: each task's metric at the start and the end."""
+    tasks = list(dict.fromkeys(r["task"] for r in results))
+    arms = list(dict.fromkeys(r["arm"] for r in results))
+    by = {(r["arm"], r["task"]): r for r in results}
+    lines = ["| arm | " + " | ".join(f"{t}: start -> end" for t in tasks) + " | steps | wall s |",
+             "|---|" + "---|" * (len(tasks) + 2)]
+    for arm in arms:
+        first = by[arm, tasks[0]]
+        cells = [f"{fmt(by[arm, t]['start'], True)} -> {fmt(by[arm, t]['end'], True)}" for t in tasks]
+        name = f"{arm} (stage)" if first["stage"] else arm
+        lines.append(f"| {name} | " + " | ".join(cells) + f" | {first['steps']} | {fmt(first['wall_s'])} |")
+    return "\n".join(lines) + "\n"

@@ -64,7 +64,7 @@ def check_teachers(cfg: ExperimentConfig) -> None:
         return
     if cfg.algorithm != "opd":
         raise ManifestError(f"teachers: algorithm {cfg.algorithm!r} uses no teacher; remove teachers:")
-    if cfg.teacher != TeacherConfig():
+    if cfg.teacher not in (TeacherConfig(), TeacherConfig(kind="none")):  # a base manifest's kind: none may stay
         raise ManifestError("teacher: and teachers: are both set; a run has one `teacher:` or a `teachers:` list "
                             "(move the teacher into the list, with a name)")
     names = []
