@@ -203,3 +203,47 @@ def test_routed_scoring_equals_each_teacher_scoring_its_rows_alone(ray_session, 
         assert s.teachers.row_weights(rows).tolist() == [2.0 if r else 1.0 for r in route]
     finally:
         s.shutdown()
+
+
+def run_metrics(path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def test_opd_train_routes_rows_to_an_hf_teacher_and_a_self_teacher_one_step_off(ray_session, assets, tmp_path):
+    """`opd train` end to end with rollout.max_lag 1: an HF teacher and OPSD's self-teacher (its own
+    privileged prompt) each score their rows of every step; statistics per teacher and overall."""
+    from launch.cli import main
+    path = two_teacher_doc(assets, tmp_path, rollout={"prompts_per_step": 4, "samples_per_prompt": 2,
+                                                      "max_new_tokens": 4, "max_lag": 1},
+                           teachers=[{"name": "add", "kind": "hf", "path": str(assets["teacher"])},
+                                     {"name": "rev", "kind": "self", "prompt_template": "{hint}{prompt}", "weight": 0.5}],
+                           run={"name": "mt", "output_dir": str(tmp_path / "runs"), "steps": 3})
+    assert main(["train", str(path)]) == 0
+    steps = [m for m in run_metrics(tmp_path / "runs" / "mt" / "metrics.jsonl") if "train/loss" in m]
+    assert [m["step"] for m in steps] == [1, 2, 3] and [m["rollout/lag"] for m in steps] == [0, 1, 1]
+    for m in steps:
+        assert m["teacher/add/rows"] + m.get("teacher/rev/rows", 0) == 8
+        assert {"teacher/logprob_sampled", "teacher/add/logprob_sampled", "teacher/add/reverse_kl_sampled"} <= set(m)
+    assert any("opsd/rev/pi_gap_nats" in m for m in steps)  # the self-teacher's PI gap, over its rows only
+    assert all(torch.isfinite(torch.tensor(m["train/loss"])) for m in steps)
+
+
+def test_one_teacher_in_a_list_gives_the_metrics_of_teacher(ray_session, assets, tmp_path):
+    """`teacher:` and `teachers: [that teacher, named]` run the same computation: every metric both log
+    is equal bit for bit (stage timings aside); the list adds only its teacher/<name>/ statistics."""
+    from launch.cli import main
+    base = dict(teachers=[], teacher_routing={}, teacher={"kind": "hf", "path": str(assets["teacher"])},
+                loss={"name": "full_reverse_kl"})
+    runs = {}
+    for name, over in (("single", base), ("listed", {**base, "teacher": {}, "teachers": [
+            {"name": "only", "kind": "hf", "path": str(assets["teacher"])}]})):
+        (tmp_path / name).mkdir()
+        path = two_teacher_doc(assets, tmp_path / name, **over)
+        assert main(["train", str(path)]) == 0
+        runs[name] = run_metrics(tmp_path / name / "runs" / "mt" / "metrics.jsonl")
+    timing = ("time/", "perf/")
+    for a, b in zip(*runs.values(), strict=True):
+        extra = {k for k in b if k.startswith("teacher/only/")}
+        assert extra or "train/loss" not in b
+        assert {k: v for k, v in a.items() if not k.startswith(timing)} == \
+               {k: v for k, v in b.items() if not k.startswith(timing) and k not in extra}
