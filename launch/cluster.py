@@ -197,7 +197,7 @@ class TeacherGroup:
         def args(s):
             topk = None if rollout.student_topk_ids is None else rollout.student_topk_ids[s]
             return teacher_prompts[s], rollout.completion_ids[s], rollout.completion_mask[s], request, topk
-        return concat_scores(self.pool.call("score", [args(s) for s in _split(len(rollout), len(self.actors))]))
+        return concat_scores(self.pool.call("score", [args(s) for s in _split(len(rollout), self._share(len(rollout)))]))
 
     def submit_score(self, teacher_prompts, rollout: Pending, request: ScoreRequest,
                      rows: Optional[list[int]] = None) -> Pending:
@@ -207,10 +207,14 @@ class TeacherGroup:
         parts = [ref for _, ref in rollout.calls]
         rows = list(range(len(teacher_prompts))) if rows is None else rows
         return self.pool.submit("score_rollout", [(teacher_prompts[s], request, rows[s], *parts)
-                                                  for s in _split(len(teacher_prompts), len(self.actors))])
+                                                  for s in _split(len(teacher_prompts), self._share(len(rows)))])
 
     def collect_score(self, pending: Pending) -> TeacherScores:
         return concat_scores(self.pool.collect(pending))
+
+    def _share(self, rows: int) -> int:
+        """How many teachers get rows: all, unless a routed teacher has fewer rows than actors (none gets 0)."""
+        return max(1, min(rows, len(self.actors)))
 
 
 class LearnerGroup:

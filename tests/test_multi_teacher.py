@@ -10,7 +10,7 @@ import yaml
 
 from launch.config import ManifestError, load_manifest
 from launch.routing import Router, teacher_specs
-from launch.teacher_set import merge_scores
+from launch.teacher_set import _rollout_rows, merge_scores
 from learner.worker import loss_batch
 from losses import build_loss
 from opd.contracts import TeacherScores, TrainBatch, concat_batches
@@ -172,7 +172,10 @@ def test_routed_scoring_equals_each_teacher_scoring_its_rows_alone(ray_session, 
     from teachers.hf_teacher import HFTeacher
     cfg = load_manifest(two_teacher_doc(assets, tmp_path, loss={"name": "full_reverse_kl"},
                                         rollout={"prompts_per_step": 6, "samples_per_prompt": 1, "max_new_tokens": 4},
-                                        learner={"micro_batch_size": 6, "lr": 1e-3}))
+                                        learner={"micro_batch_size": 6, "lr": 1e-3}, teachers=[
+                                            {"name": "add", "kind": "hf", "path": str(assets["teacher"])},
+                                            {"name": "rev", "kind": "hf", "path": str(assets["tiny"]), "weight": 2.0,
+                                             "num_actors": 2}]))
     inputs = load_inputs(cfg)
     s = Setup(cfg, inputs)
     try:
@@ -201,6 +204,10 @@ def test_routed_scoring_equals_each_teacher_scoring_its_rows_alone(ray_session, 
         assert {"teacher/logprob_sampled", "teacher/add/logprob_sampled", "teacher/rev/entropy",
                 "teacher/rev/reverse_kl_sampled"} <= set(stats)
         assert s.teachers.row_weights(rows).tolist() == [2.0 if r else 1.0 for r in route]
+        # a teacher with fewer rows than actors (here 1 row, 2 actors) scores them on as many actors as rows
+        one = [route.index(1), route.index(0)]
+        few = s.teachers.score([rows[i] for i in one], _rollout_rows(rollout, one))
+        torch.testing.assert_close(few.scores.full_logprobs, routed.scores.full_logprobs[one], rtol=1e-5, atol=1e-5)
     finally:
         s.shutdown()
 
