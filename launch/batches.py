@@ -82,6 +82,11 @@ class PromptFormatter:
         chat = replace(self.chat, kwargs={**self.chat.kwargs, **kwargs})
         return PromptFormatter(self.tok, self.student_template, self.teacher_template, chat)
 
+    def for_teacher(self, template: str, system: Optional[str]) -> "PromptFormatter":
+        """This formatter with another teacher's prompt template and system prompt (one per entry of teachers:)."""
+        chat = None if self.chat is None else replace(self.chat, teacher_system=system)
+        return PromptFormatter(self.tok, self.student_template, template, chat)
+
     def student(self, row: dict) -> list[int]:
         return self.students([row])[0]
 

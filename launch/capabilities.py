@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from launch.routing import teacher_specs
 from teachers.base import capabilities_for
 
 
@@ -35,54 +36,66 @@ def check_loss(cfg) -> None:
     if cfg.algorithm == "grpo" and needs.reference_rows:
         raise ManifestError(f"loss.params: {cfg.loss.name!r} has an sft component; reference rows are added to "
                             "algorithm 'opd' steps only")
+    specs = teacher_specs(cfg)
     if cfg.algorithm == "opd" and needs.reference_rows and ref.source == "teacher":
-        if cfg.teacher.kind not in ("hf", "self"):
-            raise ManifestError(f"loss.reference.source: 'teacher' samples from an HF teacher; teacher.kind is "
-                                f"{cfg.teacher.kind!r} (use source: dataset, or teacher.kind: hf)")
+        if len(specs) > 1:
+            raise ManifestError("loss.reference.source: 'teacher' with several teachers is not supported (which one "
+                                "writes a prompt's reference row?); use source: dataset")
+        if specs[0].config.kind not in ("hf", "self"):
+            raise ManifestError(f"loss.reference.source: 'teacher' samples from an HF teacher; {specs[0].key}.kind is "
+                                f"{specs[0].config.kind!r} (use source: dataset, or {specs[0].key}.kind: hf)")
         if ref.temperature < 0:
             raise ManifestError(f"loss.reference.temperature: must be >= 0, got {ref.temperature}")
     if cfg.rollout.engine == "vllm" and needs.student_topk > cfg.rollout.vllm.max_logprobs:
         raise ManifestError(f"rollout.vllm.max_logprobs: {cfg.rollout.vllm.max_logprobs}, but {cfg.loss.name!r} "
                             f"needs the student's top-{needs.student_topk}; raise it")
-    if cfg.teacher.full_vocab_transport == "auto":
-        cfg.teacher.full_vocab_transport = auto_transport(cfg, needs)
-    if cfg.teacher.full_vocab_transport == "hidden_states":
-        _check_hidden_transport(cfg, needs)
-    elif cfg.teacher.full_vocab_transport == "logprobs" and cfg.algorithm == "opd" and needs.teacher_full:
-        _check_logprobs_transport(cfg)
+    for spec in specs:  # `auto` resolved per teacher; each one's transport checked
+        tc = spec.config
+        if tc.full_vocab_transport == "auto":
+            tc.full_vocab_transport = auto_transport(cfg, needs, tc)
+        if tc.full_vocab_transport == "hidden_states":
+            _check_hidden_transport(cfg, needs, spec)
+        elif tc.full_vocab_transport == "logprobs" and cfg.algorithm == "opd" and needs.teacher_full:
+            _check_logprobs_transport(cfg, tc)
     if needs.needs_teacher:
-        try:
-            caps = capabilities_for(cfg.teacher.kind, cfg.teacher.vllm.max_logprobs, on_gpu=cfg.cluster.num_gpus > 0)
-        except ValueError as e:
-            raise ManifestError(str(e)) from None
-        check_built_teacher(cfg, caps)
+        for spec in specs:  # each teacher must serve the loss by itself: it alone scores its rows
+            tc = spec.config
+            try:
+                caps = capabilities_for(tc.kind, tc.vllm.max_logprobs, on_gpu=cfg.cluster.num_gpus > 0)
+            except ValueError as e:
+                raise ManifestError(str(e)) from None
+            check_built_teacher(cfg, caps, spec)
 
 
-def check_built_teacher(cfg, caps) -> None:
+def check_built_teacher(cfg, caps, spec=None) -> None:
     """The configured loss against one teacher's capabilities: before any work from what the manifest
-    says, and again from each teacher as built (a vLLM engine picks its runner only when it starts)."""
+    says, and again from each teacher as built (a vLLM engine picks its runner only when it starts).
+    `spec`: which of the run's teachers (launch/routing.py; default the one `teacher:`)."""
     from launch.config import ManifestError
     from losses import check_teacher
+    spec = spec or teacher_specs(cfg)[0]
     loss = build_configured_loss(cfg)
     why = caps.limits if caps.limits and loss.needs.teacher_at_student_topk else ""  # the reason is about given ids
-    name = f"a {cfg.teacher.kind!r} teacher" + (f" ({why})" if why else "")
+    name = f"a {spec.config.kind!r} teacher" + (f" ({why})" if why else "")
+    if spec.named:  # say which of several teachers cannot serve the loss
+        name = f"{spec.key} (teacher {spec.name!r}, {name})"
     try:
         check_teacher(loss, caps, name)
     except ValueError as e:
         raise ManifestError(str(e)) from None
 
 
-def _check_hidden_transport(cfg, needs) -> None:
+def _check_hidden_transport(cfg, needs, spec) -> None:
     from launch.config import ManifestError
-    key = "teacher.full_vocab_transport"
+    key, tc = f"{spec.key}.full_vocab_transport", spec.config
     if cfg.algorithm != "opd" or not needs.teacher_full:
         raise ManifestError(f"{key}: hidden_states serves losses over the teacher's whole distribution; "
                             f"{cfg.loss.name!r} does not use it (remove the key, or use e.g. full_reverse_kl)")
-    if cfg.teacher.kind not in ("hf", "self"):
-        raise ManifestError(f"{key}: hidden_states needs the teacher's weights in an HF model (teacher.kind hf or "
-                            f"self); teacher.kind is {cfg.teacher.kind!r}")
+    if tc.kind not in ("hf", "self"):
+        raise ManifestError(f"{key}: hidden_states needs the teacher's weights in an HF model ({spec.key}.kind hf or "
+                            f"self); {spec.key}.kind is {tc.kind!r}")
     from opd.modeling import model_skeleton, plain_head_problem
-    path = _teacher_path(cfg)
+    path = _teacher_path(cfg, tc)
     if not Path(path).is_dir():
         return  # the model lives where the job runs (`opd check` elsewhere); the run checks it there
     problem = plain_head_problem(model_skeleton(path))  # the architecture only: no weights are read
@@ -91,7 +104,7 @@ def _check_hidden_transport(cfg, needs) -> None:
                             "use logprobs")
 
 
-def auto_transport(cfg, needs) -> str:
+def auto_transport(cfg, needs, tc=None) -> str:
     """teacher.full_vocab_transport: auto, resolved: hidden_states where the loss reads the teacher's whole
     distribution and the teacher can send its hidden states (an HF or self teacher whose head is a plain
     Linear), else logprobs. The two give the same loss and gradient to float rounding
@@ -112,20 +125,21 @@ def _teacher_path(cfg) -> str:
     return cfg.model.path if cfg.teacher.kind == "self" else cfg.teacher.path
 
 
-def _check_logprobs_transport(cfg) -> None:
+def _check_logprobs_transport(cfg, tc=None) -> None:
     """The log-prob transport ships [N, T, V] float32 each step; refuse it where that is not shippable."""
     from launch.config import ManifestError
-    if cfg.teacher.kind not in ("hf", "self"):
+    tc = tc or cfg.teacher
+    if tc.kind not in ("hf", "self"):
         return  # check_built_teacher names what a vLLM teacher cannot send
-    if not Path(_teacher_path(cfg), "config.json").exists():
+    if not Path(_teacher_path(cfg, tc), "config.json").exists():
         return  # the model lives where the job runs (`opd check` elsewhere); the run checks it there
     from opd.modeling import model_skeleton
-    vocab = model_skeleton(_teacher_path(cfg)).get_output_embeddings().weight.shape[0]
+    vocab = model_skeleton(_teacher_path(cfg, tc)).get_output_embeddings().weight.shape[0]
     rows = cfg.rollout.prompts_per_step * cfg.rollout.samples_per_prompt
     gb = rows * cfg.rollout.max_new_tokens * vocab * 4 / 1e9
-    if gb > cfg.teacher.max_logprobs_transport_gb:
+    if gb > tc.max_logprobs_transport_gb:
         raise ManifestError(
             f"teacher.full_vocab_transport: logprobs ships {rows} rows x {cfg.rollout.max_new_tokens} tokens x "
             f"{vocab} vocabulary x 4 bytes = {gb:.1f} GB a step, over teacher.max_logprobs_transport_gb = "
-            f"{cfg.teacher.max_logprobs_transport_gb:g}; use full_vocab_transport: hidden_states (or auto), or "
+            f"{tc.max_logprobs_transport_gb:g}; use full_vocab_transport: hidden_states (or auto), or "
             "fewer rows or tokens")

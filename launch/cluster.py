@@ -85,17 +85,19 @@ def _split(n: int, parts: int) -> list[slice]:
     return [slice(a, b) for a, b in zip(bounds, bounds[1:])]
 
 
-def llm_spec(cfg: ExperimentConfig, side: str, path: str, seed: int, sync_backend=None):
-    """The vLLM engine for one side (rollout / teacher), from its manifest section."""
+def llm_spec(cfg: ExperimentConfig, side: str, path: str, seed: int, sync_backend=None, teacher=None):
+    """The vLLM engine for one side (rollout / teacher), from its manifest section (`teacher`: which
+    TeacherConfig, default `teacher:`)."""
     from opd.vllm_llm import LLMSpec
-    v: VLLMConfig = getattr(cfg, side).vllm
+    tc = teacher or cfg.teacher
+    v: VLLMConfig = cfg.rollout.vllm if side == "rollout" else tc.vllm
     shared = cfg.cluster.colocate and side == "rollout"  # the learner needs the rest of the GPU
     return LLMSpec(model=path, dtype=v.dtype or cfg.model.dtype, tensor_parallel_size=v.tensor_parallel_size,
                    max_model_len=v.max_model_len,
                    gpu_memory_utilization=v.gpu_memory_utilization or (0.4 if shared else 0.85),
                    kv_cache_memory_gb=v.kv_cache_memory_gb, max_logprobs=v.max_logprobs,
                    enforce_eager=v.enforce_eager, seed=seed, sync_backend=sync_backend, sleep_mode=shared,
-                   trust_remote_code=(cfg.model if side == "rollout" else cfg.teacher).trust_remote_code)
+                   trust_remote_code=(cfg.model if side == "rollout" else tc).trust_remote_code)
 
 
 def sync_backend(cfg: ExperimentConfig) -> str:
@@ -167,23 +169,25 @@ class TeacherGroup:
         return self.pool.actors
 
     @classmethod
-    def start(cls, cfg: ExperimentConfig, placement: Placement):
-        tc = cfg.teacher
+    def start(cls, cfg: ExperimentConfig, placement: Placement, index: int = 0, tc=None, role: str = "teacher"):
+        """The teachers of one TeacherConfig (`tc`, default `teacher:`), in layout.teacher_groups[index]."""
+        tc = tc or cfg.teacher
         path = cfg.model.path if tc.kind == "self" else tc.path
-        slots = placement.layout.teacher
+        slots = placement.layout.teacher_groups[index]
+        first = sum(len(g) for g in placement.layout.teacher_groups[:index])  # seeds differ across teachers
 
         def make(i: int):
             opts = placement.options(slots[i])
             if tc.kind == "vllm":
                 from teachers.vllm_teacher import VLLMTeacher
-                spec = llm_spec(cfg, "teacher", path, cfg.run.seed + i)
+                spec = llm_spec(cfg, "teacher", path, cfg.run.seed + first + i, teacher=tc)
                 return ray.remote(VLLMTeacher).options(**opts).remote(spec, student_path=cfg.model.path)
             from teachers.hf_teacher import HFTeacher
             return ray.remote(HFTeacher).options(**opts).remote(
                 path, cfg.model.dtype, student_path=cfg.model.path, threads=cfg.cluster.threads_per_actor,
                 use_gpu=cfg.cluster.num_gpus > 0, max_tokens_per_batch=tc.max_tokens_per_batch,
                 trust_remote_code=(cfg.model if tc.kind == "self" else tc).trust_remote_code)
-        return cls(ActorPool("teacher", make, len(slots), cfg.cluster.call_timeout_s))
+        return cls(ActorPool(role, make, len(slots), cfg.cluster.call_timeout_s))
 
     def generate(self, teacher_prompts: list[list[int]], spec: SamplingSpec) -> Rollout:
         """Completions the teachers write from their own prompts (reference rows for an SFT mix)."""
@@ -195,17 +199,24 @@ class TeacherGroup:
         def args(s):
             topk = None if rollout.student_topk_ids is None else rollout.student_topk_ids[s]
             return teacher_prompts[s], rollout.completion_ids[s], rollout.completion_mask[s], request, topk
-        return concat_scores(self.pool.call("score", [args(s) for s in _split(len(rollout), len(self.actors))]))
+        return concat_scores(self.pool.call("score", [args(s) for s in _split(len(rollout), self._share(len(rollout)))]))
 
-    def submit_score(self, teacher_prompts, rollout: Pending, request: ScoreRequest) -> Pending:
+    def submit_score(self, teacher_prompts, rollout: Pending, request: ScoreRequest,
+                     rows: Optional[list[int]] = None) -> Pending:
         """Score a rollout still being generated: each teacher gets the engines' reply references and starts
-        when they exist, without the rollout passing through the driver. collect_score() waits."""
+        when they exist, without the rollout passing through the driver. collect_score() waits.
+        `rows`: the rollout rows teacher_prompts belong to (default all, in order)."""
         parts = [ref for _, ref in rollout.calls]
-        return self.pool.submit("score_rollout", [(teacher_prompts[s], request, s.start, s.stop, *parts)
-                                                  for s in _split(len(teacher_prompts), len(self.actors))])
+        rows = list(range(len(teacher_prompts))) if rows is None else rows
+        return self.pool.submit("score_rollout", [(teacher_prompts[s], request, rows[s], *parts)
+                                                  for s in _split(len(teacher_prompts), self._share(len(rows)))])
 
     def collect_score(self, pending: Pending) -> TeacherScores:
         return concat_scores(self.pool.collect(pending))
+
+    def _share(self, rows: int) -> int:
+        """How many teachers get rows: all, unless a routed teacher has fewer rows than actors (none gets 0)."""
+        return max(1, min(rows, len(self.actors)))
 
 
 class LearnerGroup:

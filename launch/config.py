@@ -96,7 +96,15 @@ class ModelConfig:
 
 @dataclass
 class TeacherConfig:
+    """`teacher:` (one teacher) or one entry of `teachers:` (several, routed per row: launch/routing.py)."""
     kind: str = "hf"              # hf | vllm | self (the student's own weights) | none
+    # teachers: only. Its name in teacher_routing and in its metrics (teacher/<name>/...); `teacher:` is
+    # the one teacher and keeps the metric names it always had.
+    name: Optional[str] = None
+    # teachers: only. Multiplies the loss weight of every token of this teacher's rows; the reduction's
+    # denominators stay the global token (or sample) counts, so 1 everywhere is the plain mean
+    # (launch/routing.py says it exactly).
+    weight: float = 1.0
     path: Optional[str] = None    # required for hf / vllm; `self` uses model.path
     prompt_template: str = "{prompt}"  # row fields by name; OPSD puts privileged info here
     # data.chat_template on: the teacher's system message. null: the student's (data.system_prompt);
@@ -119,6 +127,15 @@ class TeacherConfig:
     # this budget, not by rows x length x vocabulary (docs/long-responses.md).
     max_tokens_per_batch: int = 16384
     vllm: VLLMConfig = field(default_factory=VLLMConfig)
+
+
+@dataclass
+class TeacherRoutingConfig:
+    """Which of `teachers:` scores a row: the row's `field` value, looked up in `routes` (value -> teacher
+    name; without an entry, the value itself must be a teacher's name), else `default`."""
+    field: Optional[str] = None   # a data field, e.g. data_source; null: every row goes to default
+    routes: dict[str, str] = dataclasses.field(default_factory=dict)  # `field` is a key here
+    default: Optional[str] = None  # a teacher's name; null: a row that names no teacher is an error
 
 
 @dataclass
@@ -303,6 +320,9 @@ class ExperimentConfig:
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     teacher: TeacherConfig = field(default_factory=TeacherConfig)
+    # Several teachers, each scoring the rows teacher_routing gives it (instead of `teacher:`, not beside it).
+    teachers: list[TeacherConfig] = field(default_factory=list)
+    teacher_routing: TeacherRoutingConfig = field(default_factory=TeacherRoutingConfig)
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
     learner: LearnerConfig = field(default_factory=LearnerConfig)
     sync: SyncConfig = field(default_factory=SyncConfig)
@@ -329,12 +349,14 @@ def _all_keys(cls=ExperimentConfig, prefix="") -> list[str]:
 
 def _explain(e: OmegaConfBaseException, source: str) -> ManifestError:
     key = getattr(e, "full_key", None) or "?"
-    if isinstance(e, ConfigKeyError) and getattr(e, "object_type", None) is EvalSetConfig:
+    items = {EvalSetConfig: ("eval.sets[]", "a set"), TeacherConfig: ("teachers[]", "a teacher")}
+    item = items.get(getattr(e, "object_type", None))
+    if isinstance(e, ConfigKeyError) and item and "." not in key:
         # OmegaConf names a list item's key without its path
-        names = [f.name for f in fields(EvalSetConfig)]
+        names = [f.name for f in fields(getattr(e, "object_type"))]
         near = difflib.get_close_matches(str(e.key), names, n=1, cutoff=0.6)
-        hint = f"; did you mean 'eval.sets[].{near[0]}'?" if near else f" (a set has {', '.join(names)})"
-        return ManifestError(f"{source}: unknown key 'eval.sets[].{e.key}'{hint}")
+        hint = f"; did you mean '{item[0]}.{near[0]}'?" if near else f" ({item[1]} has {', '.join(names)})"
+        return ManifestError(f"{source}: unknown key '{item[0]}.{e.key}'{hint}")
     if isinstance(e, ConfigKeyError):
         near = difflib.get_close_matches(key, _all_keys(), n=1, cutoff=0.6)
         hint = f"; did you mean {near[0]!r}?" if near else ""
@@ -402,6 +424,7 @@ PATH_KEYS = ("model.path", "teacher.path", "data.train", "data.eval", "run.outpu
 def _path_fields(cfg: ExperimentConfig) -> list[tuple[str, object, str]]:
     """(manifest key, the object holding its value, attribute name) of every path the manifest names."""
     out = [(key, _section(cfg, key.split(".")[:-1]), key.split(".")[-1]) for key in PATH_KEYS]
+    out += [(f"teachers[{i}].path", t, "path") for i, t in enumerate(cfg.teachers)]
     return out + [(f"eval.sets[{i}].data", s, "data") for i, s in enumerate(cfg.eval.sets)]
 
 
@@ -443,9 +466,10 @@ def _section(cfg: ExperimentConfig, names: list[str]):
 
 def missing_paths(cfg: ExperimentConfig) -> list[str]:
     """Keys whose path the run reads but which does not exist here."""
+    from launch.routing import teacher_specs
     read = {"model.path", "data.train", "data.eval"}
-    if cfg.algorithm == "opd" and cfg.teacher.kind in ("hf", "vllm"):
-        read.add("teacher.path")
+    if cfg.algorithm == "opd":
+        read |= {f"{t.key}.path" for t in teacher_specs(cfg) if t.config.kind in ("hf", "vllm")}
     if cfg.loss.kl_to_reference.coef > 0:
         read.add("loss.kl_to_reference.path")
     return [key for key, holder, name in _path_fields(cfg)
@@ -486,7 +510,13 @@ def validate(cfg: ExperimentConfig) -> None:
     """Checks a type system cannot express (file paths are load_manifest's)."""
     _choice("algorithm", cfg.algorithm, ("opd", "sft", "grpo"))
     _choice("cluster.mode", cfg.cluster.mode, ("local", "ray"))
-    _choice("teacher.kind", cfg.teacher.kind, ("hf", "vllm", "self", "none"))
+    from launch.routing import check_teachers, teacher_specs  # several teachers: each checked as `teacher:` is
+    for t in teacher_specs(cfg):
+        _choice(f"{t.key}.kind", t.config.kind, ("hf", "vllm", "self", "none"))
+        _choice(f"{t.key}.full_vocab_transport", t.config.full_vocab_transport, ("auto", "logprobs", "hidden_states"))
+        _positive(f"{t.key}.num_actors", t.config.num_actors)
+        _positive(f"{t.key}.max_tokens_per_batch", t.config.max_tokens_per_batch)
+        _positive(f"{t.key}.max_logprobs_transport_gb", t.config.max_logprobs_transport_gb)
     _choice("rollout.engine", cfg.rollout.engine, ("hf", "vllm"))
     _choice("learner.zero_stage", cfg.learner.zero_stage, (0, 1, 2, 3))
     _choice("learner.optimizer", cfg.learner.optimizer, ("adamw", "sgd"))
@@ -495,16 +525,13 @@ def validate(cfg: ExperimentConfig) -> None:
     if cfg.learner.fused_head == "true" and cfg.learner.zero_stage == 3:
         raise ManifestError("learner.fused_head: true needs the whole output layer on every rank; ZeRO stage 3 "
                             "partitions it (use auto or false with learner.zero_stage: 3)")
-    _choice("teacher.full_vocab_transport", cfg.teacher.full_vocab_transport, ("auto", "logprobs", "hidden_states"))
-    _positive("teacher.max_tokens_per_batch", cfg.teacher.max_tokens_per_batch)
-    _positive("teacher.max_logprobs_transport_gb", cfg.teacher.max_logprobs_transport_gb)
     if cfg.learner.max_tokens_per_micro_batch is not None:
         _positive("learner.max_tokens_per_micro_batch", cfg.learner.max_tokens_per_micro_batch)
     _choice("learner.schedule", cfg.learner.schedule, ("cosine", "linear", "constant"))
     _choice("model.dtype", cfg.model.dtype, ("float32", "bfloat16", "float16"))
     for key in ("run.steps", "rollout.prompts_per_step", "rollout.samples_per_prompt",
                 "rollout.max_new_tokens", "rollout.num_actors", "learner.num_ranks",
-                "learner.micro_batch_size", "teacher.num_actors"):
+                "learner.micro_batch_size"):
         section, name = key.split(".")
         _positive(key, getattr(getattr(cfg, section), name))
     _positive("learner.lr", cfg.learner.lr)
@@ -551,13 +578,16 @@ def validate(cfg: ExperimentConfig) -> None:
         raise ManifestError("loss.kl_to_reference.coef: algorithm 'sft' trains on reference rows only, which the "
                             "KL-to-reference penalty skips; set it to 0")
 
+    check_teachers(cfg)
     needs_teacher = cfg.algorithm == "opd"
-    if needs_teacher and cfg.teacher.kind == "none":
-        raise ManifestError("teacher.kind: algorithm 'opd' needs a teacher (hf, vllm or self)")
-    if needs_teacher and cfg.teacher.kind in ("hf", "vllm") and not cfg.teacher.path:
-        raise ManifestError(f"teacher.path: required for teacher.kind {cfg.teacher.kind!r}")
-    if cfg.teacher.live and cfg.teacher.kind != "self":
-        raise ManifestError("teacher.live: only a self-teacher (teacher.kind: self) can follow live weights")
+    for t in teacher_specs(cfg):
+        k, tc = t.key, t.config
+        if needs_teacher and tc.kind == "none":
+            raise ManifestError(f"{k}.kind: algorithm 'opd' needs a teacher (hf, vllm or self)")
+        if needs_teacher and tc.kind in ("hf", "vllm") and not tc.path:
+            raise ManifestError(f"{k}.path: required for {k}.kind {tc.kind!r}")
+        if tc.live and tc.kind != "self":
+            raise ManifestError(f"{k}.live: only a self-teacher ({k}.kind: self) can follow live weights")
     if cfg.cluster.mode == "local":
         _check_local_gpus(cfg.cluster.num_gpus)
     _check_cluster(cfg)
@@ -626,10 +656,12 @@ def _check_engines(cfg: ExperimentConfig) -> None:
         raise ManifestError(f"rollout.num_actors: {cfg.rollout.num_actors}, but colocated engines sit one per "
                             f"learner GPU: set it to learner.num_ranks ({cfg.learner.num_ranks})")
     _check_colocation_layout(cfg)
-    for side, engine in (("rollout", cfg.rollout.engine), ("teacher", cfg.teacher.kind)):
+    from launch.routing import teacher_specs
+    sides = [("rollout", cfg.rollout.engine, cfg.rollout.vllm)] + [(t.key, t.config.kind, t.config.vllm)
+                                                                 for t in teacher_specs(cfg)]
+    for side, engine, v in sides:
         if engine != "vllm":
             continue
-        v: VLLMConfig = getattr(cfg, side).vllm
         _positive(f"{side}.vllm.tensor_parallel_size", v.tensor_parallel_size)
         if v.max_model_len is not None:
             _positive(f"{side}.vllm.max_model_len", v.max_model_len)
@@ -678,10 +710,12 @@ def _check_overlap(cfg: ExperimentConfig) -> None:
     if cfg.cluster.colocate:
         raise ManifestError("rollout.max_lag: 1 needs the engines awake during the learner step, but "
                             "cluster.colocate: true puts them to sleep then; set rollout.max_lag: 0")
-    if cfg.algorithm == "opd" and cfg.teacher.live:
-        raise ManifestError("rollout.max_lag: 1 with teacher.live: true is refused: the live self-teacher would "
+    from launch.routing import teacher_specs
+    live = [t.key for t in teacher_specs(cfg) if t.config.live]
+    if cfg.algorithm == "opd" and live:
+        raise ManifestError(f"rollout.max_lag: 1 with {live[0]}.live: true is refused: the live self-teacher would "
                             "score a rollout with weights a version newer than the ones that sampled it; "
-                            "set rollout.max_lag: 0 or teacher.live: false")
+                            f"set rollout.max_lag: 0 or {live[0]}.live: false")
 
 
 def reference_rows(cfg: ExperimentConfig) -> int:

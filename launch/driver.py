@@ -8,17 +8,18 @@ from typing import Optional
 
 import ray
 import torch
-from launch.batches import (distill_batch, reward_batch, rollout_stats, score_request, sft_batch,
-                            teacher_stats)
-from launch.capabilities import auto_transport, build_configured_loss, check_built_teacher, check_loss
-from launch.cluster import (LearnerGroup, RolloutGroup, TeacherGroup, check_address, connect_weight_sync,
-                            derived_seed, start_ray)
+from launch.batches import distill_batch, reward_batch, rollout_stats, score_request, sft_batch
+from launch.capabilities import build_configured_loss, check_built_teacher, check_loss
+from launch.cluster import (LearnerGroup, RolloutGroup, check_address, connect_weight_sync, derived_seed,
+                            start_ray)
 from launch.config import ExperimentConfig, reference_rows, rows_per_step, sampling_spec
 from launch.evaluation import Evaluator
 from launch.guards import NonfiniteGuard
 from launch.inputs import Inputs, load_inputs
 from launch.placement import Placement
-from launch.remote import Pending, RunStopped, gather
+from launch.routing import teacher_specs
+from launch.teacher_set import PendingScores, TeacherSet
+from launch.remote import RunStopped, gather
 from launch.run_dir import RunDir
 from opd.contracts import SamplingSpec, TrainBatch, concat_batches
 from tasks.data import PromptStream
@@ -81,21 +82,21 @@ def draw(cfg: ExperimentConfig, s: "Setup") -> tuple[list[dict], list[dict]]:
 
 
 def rollout_batch(cfg: ExperimentConfig, s: "Setup", step: int, prompts: list[dict], rows: list[dict], rollout,
-                  timer: "StageTimer", metrics: dict, scores: Optional[Pending] = None) -> TrainBatch:
+                  timer: "StageTimer", metrics: dict, scores: Optional[PendingScores] = None) -> TrainBatch:
     """Rewards, teacher scores (OPD) or advantages (GRPO) for a sampled rollout: the step's TrainBatch.
     `scores`: teacher scoring already submitted (launch/overlap.py); else the teachers score it now."""
     rewards = s.rewards(rollout, rows)
     metrics.update(rollout_stats(rollout), **{"rollout/reward_mean": sum(rewards) / len(rewards)})
     if cfg.algorithm != "opd":
         return reward_batch(rollout, rewards, [i // cfg.rollout.samples_per_prompt for i in range(len(rows))])
-    with timer("teacher"):  # with scores submitted ahead: the time spent waiting for them
-        scores = (s.teachers.collect_score(scores) if scores
-                  else s.teachers.score(s.fmt.teachers(rows), rollout, s.request))
-    batch = distill_batch(rollout, scores)
+    with timer("teacher"):  # with scores submitted ahead: the time spent waiting for them; each teacher its rows
+        routed = (s.teachers.collect_score(scores, rollout.completion_ids.shape[1]) if scores
+                  else s.teachers.score(rows, rollout))
+    batch = replace(distill_batch(rollout, routed.scores), row_weights=s.teachers.row_weights(rows))
     if s.reference_rows:  # an SFT mix: reference rows join the same optimizer step
         with timer("reference"):
             batch = concat_batches(batch, s.reference_batch(prompts, step))
-    metrics.update(teacher_stats(rollout, scores, cfg.teacher.kind == "self"))
+    metrics.update(s.teachers.stats(rollout, routed))
     return batch
 
 
@@ -197,6 +198,7 @@ class Setup:
     def __init__(self, cfg: ExperimentConfig, inputs: Inputs):
         self.cfg, rc = cfg, cfg.rollout
         self.fmt, self.train_data = inputs.fmt, inputs.train
+        self.teacher_fmts, self.router = inputs.teacher_fmts, inputs.router
         self.skipped_rows = inputs.skipped_rows
         self.train = PromptStream(self.train_data.rows, cfg.run.seed)
         start_ray(cfg)
@@ -204,10 +206,11 @@ class Setup:
         self.evaluator = Evaluator(inputs.eval_sets, cfg.run.seed, cfg.eval.verify_timeout_s,
                                    named=bool(cfg.eval.sets), stop_ids=inputs.special.stop)
         needs = build_configured_loss(cfg).needs
-        if cfg.teacher.full_vocab_transport == "auto":  # checked before an earlier stage wrote the teacher
-            cfg.teacher.full_vocab_transport = auto_transport(cfg, needs)
-            check_loss(cfg)
-        self.request = score_request(needs, rc.temperature, cfg.teacher.full_vocab_transport, cfg.teacher.kind == "self")
+        self.specs = teacher_specs(cfg) if cfg.algorithm == "opd" else []
+        if any(t.config.full_vocab_transport == "auto" for t in self.specs):
+            check_loss(cfg)  # `auto` left open by a check made before an earlier stage wrote the teacher
+        self.requests = [score_request(needs, rc.temperature, t.config.full_vocab_transport, t.config.kind == "self")
+                         for t in self.specs]
         stop = inputs.special.stop  # every engine stops at the same ids, in training, reference rows and eval
         self.sampling = replace(sampling_spec(cfg, return_topk=needs.student_topk), stop_ids=stop)
         self.reference_rows = reference_rows(cfg)
@@ -231,25 +234,35 @@ class Setup:
             gather([(f"learner rank {r}.__ray_ready__", a.__ray_ready__.remote()) for r, a in enumerate(self.learner.ranks)],
                    cfg.cluster.call_timeout_s)
         self.rollouts = RolloutGroup.start(cfg, placement, self.sampling, pad_id)
-        self.teachers = TeacherGroup.start(cfg, placement) if cfg.algorithm == "opd" else None
+        self.teachers = (TeacherSet.start(cfg, placement, self.specs, self.teacher_fmts, self.requests, self.router)
+                         if cfg.algorithm == "opd" else None)
         # Wait for every actor to load, so step 1's stage timings measure work, not start-up.
         gather([(f"{name}.__ray_ready__", a.__ray_ready__.remote()) for name, a in self._named_actors()],
                cfg.cluster.call_timeout_s)
-        if self.teachers:  # what a vLLM teacher can return depends on the runner its engine picked
-            for caps in gather([(f"teacher {i}.get_capabilities", a.get_capabilities.remote())
-                                for i, a in enumerate(self.teachers.actors)], cfg.cluster.call_timeout_s):
-                check_built_teacher(cfg, caps)
+        for spec, group in zip(self.specs, self.teachers.groups if self.teachers else []):
+            # what a vLLM teacher can return depends on the runner its engine picked
+            for caps in gather([(f"{group.pool.role} {i}.get_capabilities", a.get_capabilities.remote())
+                                for i, a in enumerate(group.actors)], cfg.cluster.call_timeout_s):
+                check_built_teacher(cfg, caps, spec)
         self.rollouts.pool.on_replace = self._reconnect
-        if self.teachers and cfg.teacher.live:
-            self.teachers.pool.on_replace = self._reconnect
+        for group in self._live_teachers():
+            group.pool.on_replace = self._reconnect
         self._connect()
+
+    def _live_teachers(self) -> list:
+        """The teacher groups that follow the student's weights (live self-teachers)."""
+        return [g for s, g in zip(self.specs, self.teachers.groups if self.teachers else []) if s.config.live]
+
+    def _groups(self) -> list:
+        """Every replaceable actor group: the rollout engines and each teacher."""
+        return [g for g in [self.rollouts, *(self.teachers.groups if self.teachers else [])] if g]
 
     def _connect(self) -> None:
         targets = list(self.rollouts.actors)
         kinds = [self.cfg.rollout.engine] * len(targets)
-        if self.teachers and self.cfg.teacher.live:  # a live self-teacher follows the student
-            targets += self.teachers.actors
-            kinds += ["hf"] * len(self.teachers.actors)
+        for group in self._live_teachers():  # a live self-teacher follows the student
+            targets += group.actors
+            kinds += ["hf"] * len(group.actors)
         connect_weight_sync(self.cfg, self.learner, targets, kinds)
 
     def _reconnect(self, _replaced: list[int]) -> None:
@@ -257,18 +270,18 @@ class Setup:
         the old groups is bounded (sync.close_timeout_s): an engine that did not close is stuck in a
         broadcast and is replaced too, not waited on."""
         stuck = self.learner.call("close_weight_sync")
-        for group in (self.rollouts, self.teachers):
-            if group and stuck:
+        for group in self._groups():
+            if stuck:
                 group.pool.replace_stuck(stuck)
         self._connect()
         self.learner.call("sync_weights", self.version)
 
     def _named_actors(self) -> list[tuple[str, object]]:
         return ([(f"learner rank {r}", a) for r, a in enumerate(self.learner.ranks if self.learner else [])]
-                + [(f"{g.pool.role} {i}", a) for g in (self.rollouts, self.teachers) if g for i, a in enumerate(g.actors)])
+                + [(f"{g.pool.role} {i}", a) for g in self._groups() for i, a in enumerate(g.actors)])
 
     def replaced(self) -> int:
-        return sum(g.pool.replaced for g in (self.rollouts, self.teachers) if g)
+        return sum(g.pool.replaced for g in self._groups())
 
     def reference_batch(self, prompts: list[dict], step: int) -> TrainBatch:
         """SFT rows for this step's prompts under the student's prompt: the dataset's answers, or
@@ -276,7 +289,7 @@ class Setup:
         if self.cfg.loss.reference.source == "dataset":
             return sft_batch(self.fmt, prompts, "target")
         spec = replace(self.reference_sampling, seed=derived_seed(self.cfg.run.seed, "reference", step))
-        written = self.teachers.generate(self.fmt.teachers(prompts), spec)
+        written = self.teachers.generate(prompts, spec)
         return TrainBatch(prompt_ids=self.fmt.students(prompts), completion_ids=written.completion_ids,
                           completion_mask=written.completion_mask, is_reference=torch.ones(len(prompts), dtype=torch.bool))
 

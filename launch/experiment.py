@@ -1,8 +1,9 @@
 """`opd experiment NAME`: a named comparison, run arm by arm, into runs/experiments/NAME/:
 
     results.json   one object per arm: arm, metric, start, end, steps, wall_s (+ loss, run folder, and
-                   gap_closed where the experiment names a `gap_to` arm)
-    results.md     the same as a table, the gap closed, then the plots
+                   gap_closed where the experiment names a `gap_to` arm); with `tasks:` (task name -> metric
+                   key, e.g. one eval set per task) one per arm and task, with its `task`
+    results.md     the same as a table (with tasks: arms x tasks), the gap closed, then the plots
     *.png          every arm's curves, one metric per plot (launch/report.py)
     runs/ARM/      each arm's ordinary run folder (manifest, metrics.jsonl, final model)
     data/, models/ what the experiment's `prepare` step wrote (datasets, tiny initial models)
@@ -35,7 +36,7 @@ from typing import Optional
 import yaml
 
 from launch.config import ExperimentConfig, ManifestError, load_manifest
-from launch.report import CURVES, gap_closed, markdown_table, plot_all, read_metrics, summarise
+from launch.report import CURVES, fmt, gap_closed, markdown_table, plot_all, read_metrics, summarise
 
 EXPERIMENTS = Path(__file__).resolve().parent.parent / "configs" / "experiments"
 _REF = re.compile(r"\$\{(root|data|final:([A-Za-z0-9_.-]+))\}")
@@ -63,6 +64,7 @@ class Experiment:
     arms: list[Arm]
     plots: list[str] = field(default_factory=list)  # metric keys to plot (default: launch.report.CURVES)
     gap_to: Optional[str] = None     # an arm (the teacher) whose end the other arms' gap_closed is measured to
+    tasks: dict[str, str] = field(default_factory=dict)  # task -> its metric key (eval/<set>/accuracy)
 
 
 @dataclass
@@ -116,7 +118,7 @@ def load_experiment(name: str) -> Experiment:
     name = path.stem
     doc = yaml.safe_load(path.read_text())
     src = f"{path.name}"
-    unknown = set(doc) - {"description", "metric", "prepare", "arms", "plots", "gap_to"}
+    unknown = set(doc) - {"description", "metric", "prepare", "arms", "plots", "gap_to", "tasks"}
     if unknown:
         raise ManifestError(f"{src}: unknown key(s) {sorted(unknown)}")
     arms = []
@@ -133,7 +135,7 @@ def load_experiment(name: str) -> Experiment:
         raise ManifestError(f"{src}: gap_to: {gap_to!r} is not an arm; name one of {[a.name for a in arms]}")
     return Experiment(name, doc.get("description", ""), doc.get("metric", "eval/accuracy"),
                       [_prepare(src, i, p) for i, p in enumerate(doc.get("prepare") or [])], arms,
-                      list(doc.get("plots") or []), gap_to)
+                      list(doc.get("plots") or []), gap_to, dict(doc.get("tasks") or {}))
 
 
 def resolve(exp: Experiment, root: Path, extra: list[str] = ()) -> list[tuple[Arm, ExperimentConfig]]:
@@ -175,13 +177,18 @@ def run_experiment(name: str, out_dir: str = "runs/experiments", extra: list[str
         print(f"\n=== {exp.name} / {arm.name}: {arm.command()}", flush=True)
         t = time.time()
         train(cfg)
-        rows = read_metrics(root / "runs" / arm.name)
-        results.append({"arm": arm.name, "metric": exp.metric, **summarise(rows), "wall_s": round(time.time() - t, 1),
-                        "loss": cfg.loss.name, "stage": arm.stage, "run": str(root / "runs" / arm.name)})
-        add_gaps(exp, results)
+        rows, wall = read_metrics(root / "runs" / arm.name), round(time.time() - t, 1)
+        common = {"wall_s": wall, "loss": cfg.loss.name, "stage": arm.stage, "run": str(root / "runs" / arm.name)}
+        if exp.tasks:
+            results += [{"arm": arm.name, "task": task, "metric": key, **summarise(rows, key), **common}
+                        for task, key in exp.tasks.items()]
+        else:
+            results.append({"arm": arm.name, "metric": exp.metric, **summarise(rows), **common})
+            add_gaps(exp, results)
         write_results(exp, root, results)  # after every arm: a long experiment shows progress
     print(f"\n=== {exp.name}: {len(results)} arms in {time.time() - t0:.0f}s; {root / 'results.md'}")
-    print(f"metric: {exp.metric}\n" + markdown_table(results, "metric") + gap_lines(exp, results))
+    print(f"metric: {exp.metric}\n" + (task_table(results) if exp.tasks else markdown_table(results, "metric")
+                                       + gap_lines(exp, results)))
     return {"experiment": exp.name, "results": results, "wall_s": round(time.time() - t0, 1)}
 
 
@@ -215,5 +222,21 @@ def write_results(exp: Experiment, root: Path, results: list[dict]) -> None:
     runs = {r["arm"]: read_metrics(Path(r["run"])) for r in results if not r["stage"]}
     images = plot_all(runs, root, exp.plots or CURVES)
     md = f"# opd experiment {exp.name}\n\n{exp.description.strip()}\n\nMetric: {exp.metric}.\n\n"
-    md += markdown_table(results, "metric") + gap_lines(exp, results) + "\n" + "".join(f"![{p.stem}]({p.name})\n" for p in images)
+    md += task_table(results) if exp.tasks else markdown_table(results, "metric") + gap_lines(exp, results)
+    md += "\n" + "".join(f"![{p.stem}]({p.name})\n" for p in images)
     (root / "results.md").write_text(md)
+
+
+def task_table(results: list[dict]) -> str:
+    """Per-task results as one Markdown row per arm: each task's metric at the start and the end."""
+    tasks = list(dict.fromkeys(r["task"] for r in results))
+    arms = list(dict.fromkeys(r["arm"] for r in results))
+    by = {(r["arm"], r["task"]): r for r in results}
+    lines = ["| arm | " + " | ".join(f"{t}: start -> end" for t in tasks) + " | steps | wall s |",
+             "|---|" + "---|" * (len(tasks) + 2)]
+    for arm in arms:
+        first = by[arm, tasks[0]]
+        cells = [f"{fmt(by[arm, t]['start'], True)} -> {fmt(by[arm, t]['end'], True)}" for t in tasks]
+        name = f"{arm} (stage)" if first["stage"] else arm
+        lines.append(f"| {name} | " + " | ".join(cells) + f" | {first['steps']} | {fmt(first['wall_s'])} |")
+    return "\n".join(lines) + "\n"

@@ -10,6 +10,7 @@ from launch.batches import ChatSettings, PromptFormatter
 from launch.config import ExperimentConfig, ManifestError
 from opd.tokens import SpecialIds, special_ids
 from launch.evaluation import EvalSet, eval_set_specs
+from launch.routing import Router, TeacherSpec, teacher_specs
 from tasks.data import Dataset, load_dataset
 
 
@@ -21,6 +22,10 @@ class Inputs:
     eval_sets: list[EvalSet]  # the first is the headline eval/accuracy (launch/evaluation.py)
     special: SpecialIds                 # pad, eos and every stop id (both engines stop at the same set)
     skipped_rows: dict[str, dict[str, int]] = field(default_factory=dict)  # data key -> reason -> rows
+    # One per teacher of launch.routing.teacher_specs (its own template and system prompt; `teacher:`: fmt),
+    # and which teacher scores each row.
+    teacher_fmts: list[PromptFormatter] = field(default_factory=list)
+    router: Router | None = None
 
 
 def template_fields(key: str, template: str) -> list[str]:
@@ -63,34 +68,56 @@ def _tokenizer(key: str, path: str, trust_remote_code: bool = False):
 
 def load_inputs(cfg: ExperimentConfig) -> Inputs:
     dc, tc = cfg.data, cfg.teacher
+    opd = cfg.algorithm == "opd"
+    specs = teacher_specs(cfg) if opd else []
     tok = _tokenizer("model.path", cfg.model.path, cfg.model.trust_remote_code)
     student = _model_config("model.path", cfg.model.path, cfg.model.trust_remote_code)
-    teacher = None
-    if cfg.algorithm == "opd" and tc.kind in ("hf", "vllm"):
+    _check_embedding_rows(len(tok), student.vocab_size, None)
+    for spec in specs:
+        t = spec.config
+        if t.kind not in ("hf", "vllm"):
+            continue
         from teachers.base import check_same_tokenizer
         try:
-            check_same_tokenizer(_tokenizer("teacher.path", tc.path, tc.trust_remote_code), tok)
+            check_same_tokenizer(_tokenizer(f"{spec.key}.path", t.path, t.trust_remote_code), tok, f"{spec.key}.path")
         except ValueError as e:
             raise ManifestError(str(e)) from None
-        teacher = _model_config("teacher.path", tc.path, tc.trust_remote_code)
-    _check_embedding_rows(len(tok), student.vocab_size, teacher and teacher.vocab_size)
+        teacher = _model_config(f"{spec.key}.path", t.path, t.trust_remote_code)
+        _check_embedding_rows(len(tok), student.vocab_size, teacher.vocab_size, f"{spec.key}.path")
     _check_k(cfg.loss.params, "loss.params", len(tok))
     try:
         special = special_ids(tok, cfg.model.path, cfg.rollout.stop)
     except ValueError as e:
         raise ManifestError(str(e)) from None
     templates = {"data.prompt_template": dc.prompt_template}
-    if cfg.algorithm == "opd":
-        templates["teacher.prompt_template"] = tc.prompt_template
+    templates.update({f"{spec.key}.prompt_template": spec.config.prompt_template for spec in specs})
     fields = {key: template_fields(key, t) for key, t in templates.items()}
     # Templates say {prompt} and {answer} whatever the dataset calls those columns; SFT trains on "target".
     column = {"prompt": dc.prompt_field, "answer": dc.answer_field, "target": dc.sft_field or dc.answer_field}
     wanted = sorted({column.get(f, f) for names in fields.values() for f in names}
                     | {dc.answer_field, column["target"]})
     fmt = PromptFormatter(tok, dc.prompt_template, tc.prompt_template, _chat_settings(cfg, tok))
-    train = _load("data.train", dc.train, wanted, column, fields, dc.messages_field, dc.chat_template)
-    _check_renders("data.train", fmt, train.rows[0], cfg.algorithm == "opd")
-    _drop_long("data.train", train, _train_limits(cfg, fmt, student))
+    teacher_fmts = ([fmt] if not cfg.teachers else
+                    [fmt.for_teacher(s.config.prompt_template, s.config.system_prompt) for s in specs])
+    router = Router(cfg) if opd else None
+    # A template field only one teacher's rows have (a task's own column) is required of that teacher's rows
+    # only: rows are loaded with the fields every prompt needs, and checked per teacher below.
+    shared = wanted if not cfg.teachers else sorted(set(wanted) - {column.get(f, f) for s in specs
+                                                                   for f in fields[f"{s.key}.prompt_template"]})
+    train = _load("data.train", dc.train, shared, column, fields, dc.messages_field, dc.chat_template)
+    if router:
+        router.check("data.train", train.rows)
+    for g, spec in enumerate(specs if cfg.teachers else []):
+        need = fields[f"{spec.key}.prompt_template"]
+        _drop_rows(train, lambda r, g=g, need=need: router.indices([r])[0] == g and any(f not in r for f in need),
+                   f"a field of {spec.key}.prompt_template ({', '.join(need)}) missing")
+    routes = router.indices(train.rows) if router else []
+    _check_renders("data.train", fmt, train.rows[0], False)
+    for g, (spec, tfmt) in enumerate(zip(specs, teacher_fmts)):
+        first = next((r for r, i in zip(train.rows, routes) if i == g), None)
+        if first is not None:
+            _check_renders("data.train", tfmt, first, True, spec.key)
+    _drop_long("data.train", train, _train_limits(cfg, fmt, student, list(zip(specs, teacher_fmts)), router))
     eval_sets, skipped = [], {"data.train": train.skip_reasons}
     student_fields = {"data.prompt_template": fields["data.prompt_template"]}
     wanted_eval = sorted({column.get(f, f) for f in fields["data.prompt_template"]} | {dc.answer_field})
@@ -100,13 +127,15 @@ def load_inputs(cfg: ExperimentConfig) -> Inputs:
         _drop_long(spec.key, evals, [("prompt", lambda rows: [len(p) for p in EvalSet(spec, rows).prompts(fmt)], most)])
         eval_sets.append(EvalSet(spec, evals.rows[:spec.size]))
         skipped[spec.key] = evals.skip_reasons
-    return Inputs(tokenizer=tok, fmt=fmt, train=train, eval_sets=eval_sets, special=special, skipped_rows=skipped)
+    return Inputs(tokenizer=tok, fmt=fmt, train=train, eval_sets=eval_sets, special=special, skipped_rows=skipped,
+                  teacher_fmts=teacher_fmts, router=router)
 
 
 def _chat_settings(cfg: ExperimentConfig, tok) -> ChatSettings | None:
     dc = cfg.data
     if not dc.chat_template:
-        if dc.chat_template_kwargs or dc.system_prompt is not None or cfg.teacher.system_prompt is not None:
+        if (dc.chat_template_kwargs or dc.system_prompt is not None or cfg.teacher.system_prompt is not None
+                or any(t.system_prompt is not None for t in cfg.teachers)):
             raise ManifestError("data.chat_template: data.chat_template_kwargs, data.system_prompt and "
                                 "teacher.system_prompt apply to chat prompts; set data.chat_template: true")
         return None
@@ -117,23 +146,25 @@ def _chat_settings(cfg: ExperimentConfig, tok) -> ChatSettings | None:
                         teacher_system=cfg.teacher.system_prompt, messages_field=dc.messages_field)
 
 
-def _check_renders(key: str, fmt: PromptFormatter, row: dict, teacher: bool) -> None:
-    """Render one row's prompts now, so a template or chat-template problem stops the run here."""
+def _check_renders(key: str, fmt: PromptFormatter, row: dict, teacher: bool, teacher_key: str = "teacher") -> None:
+    """Render one row's prompts now (a teacher's: the first row routed to it), so a template or
+    chat-template problem stops the run here."""
     try:
         fmt.students([row])
         if teacher:
             fmt.teachers([row])
     except Exception as e:  # noqa: BLE001 - Jinja, KeyError, tokenizer errors: one line naming the keys
         raise ManifestError(f"{key}: its first row does not render as a prompt with data.prompt_template / "
-                            f"teacher.prompt_template / data.chat_template_kwargs ({type(e).__name__}: "
+                            f"{teacher_key}.prompt_template / data.chat_template_kwargs ({type(e).__name__}: "
                             f"{str(e).splitlines()[0][:200]})") from None
 
 
-def _check_embedding_rows(tokenizer_ids: int, student_rows: int, teacher_rows: int | None) -> None:
+def _check_embedding_rows(tokenizer_ids: int, student_rows: int, teacher_rows: int | None,
+                          teacher_key: str = "teacher.path") -> None:
     """Every tokenizer id needs an embedding row on both sides. Rows past the tokenizer are padding (Qwen3 pads
     151,669 ids to 151,936 rows; a larger sibling may pad further): sizes may differ there, and full-vocabulary
     losses then compare the rows both sides have (losses/full_vocab.py)."""
-    for key, rows in (("model.path", student_rows), ("teacher.path", teacher_rows)):
+    for key, rows in (("model.path", student_rows), (teacher_key, teacher_rows)):
         if rows is not None and rows < tokenizer_ids:
             other = "" if teacher_rows is None else f" (student {student_rows} rows, teacher {teacher_rows} rows)"
             raise ManifestError(f"{key}: the embedding has {rows} rows but the shared tokenizer has {tokenizer_ids} "
@@ -164,16 +195,17 @@ def _check_k(params, key: str, vocab: int) -> None:
         _check_k(value, sub, vocab)
 
 
-def _context(cfg: ExperimentConfig, side: str, config) -> int:
-    """Tokens a prompt plus its completion may take on one side (rollout or teacher)."""
+def _context(cfg: ExperimentConfig, side: str, config, teacher: TeacherSpec | None = None) -> int:
+    """Tokens a prompt plus its completion may take on one side (rollout, or `teacher`)."""
     limit = getattr(config, "max_position_embeddings", None) or 1 << 62
-    engine = cfg.rollout.engine if side == "rollout" else cfg.teacher.kind
-    if engine == "vllm" and getattr(cfg, side).vllm.max_model_len:
-        limit = min(limit, getattr(cfg, side).vllm.max_model_len)
+    engine, vllm = (cfg.rollout.engine, cfg.rollout.vllm) if teacher is None else (teacher.config.kind,
+                                                                                 teacher.config.vllm)
+    if engine == "vllm" and vllm.max_model_len:
+        limit = min(limit, vllm.max_model_len)
     return limit
 
 
-def _train_limits(cfg: ExperimentConfig, fmt: PromptFormatter, student) -> list[tuple]:
+def _train_limits(cfg: ExperimentConfig, fmt: PromptFormatter, student, teachers=(), router=None) -> list[tuple]:
     """(what, rows -> their token counts, most tokens) that every training row must meet, so no prompt
     is cut or overflows a model's context mid-run."""
     new_tokens, context = cfg.rollout.max_new_tokens, _context(cfg, "rollout", student)
@@ -186,15 +218,25 @@ def _train_limits(cfg: ExperimentConfig, fmt: PromptFormatter, student) -> list[
             return [len(p) + len(a) + 1 for p, a in zip(fmt.students(rows), answers)]
         return [("prompt + answer", prompt_and_answer, context)]
     limits = [("prompt", _lengths(fmt.students), context - new_tokens)]
-    if cfg.algorithm == "opd":
-        tc = cfg.teacher
-        teacher = student if tc.kind == "self" else _model_config("teacher.path", tc.path, tc.trust_remote_code)
-        limits.append(("teacher prompt", _lengths(fmt.teachers), _context(cfg, "teacher", teacher) - new_tokens))
+    for g, (spec, tfmt) in enumerate(teachers):  # (TeacherSpec, its PromptFormatter); each over its own rows
+        tc = spec.config
+        teacher = student if tc.kind == "self" else _model_config(f"{spec.key}.path", tc.path, tc.trust_remote_code)
+        what = "teacher prompt" if not spec.named else f"teacher {spec.name!r} prompt"
+        mine = None if len(teachers) == 1 else (lambda rows, g=g: [i == g for i in router.indices(rows)])
+        limits.append((what, _lengths(tfmt.teachers, mine), _context(cfg, "teacher", teacher, spec) - new_tokens))
     return limits
 
 
-def _lengths(encode):
-    return lambda rows: [len(ids) for ids in encode(rows)]
+def _lengths(encode, mine=None):
+    """rows -> their token counts under `encode`; with `mine` (rows -> which are this teacher's), 0 for the rest."""
+    if mine is None:
+        return lambda rows: [len(ids) for ids in encode(rows)]
+
+    def lengths(rows: list[dict]) -> list[int]:
+        keep = mine(rows)
+        ids = iter(encode([r for r, k in zip(rows, keep) if k]))
+        return [len(next(ids)) if k else 0 for k in keep]
+    return lengths
 
 
 def _drop_long(key: str, ds: Dataset, limits: list[tuple], chunk: int = 1024) -> None:

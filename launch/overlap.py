@@ -60,6 +60,7 @@ from launch.driver import (Setup, StageTimer, begin, between_steps, checkpoint_d
                            log_step, rollout_batch, sync)
 from launch.remote import Pending
 from launch.run_dir import RunDir
+from launch.teacher_set import PendingScores
 from opd.contracts import Rollout, TrainBatch
 
 
@@ -73,7 +74,7 @@ class Ahead:
     rows: list[dict]
     pending: Optional[Pending] = None
     rollout: Optional[Rollout] = None
-    scores: Optional[Pending] = None
+    scores: Optional[PendingScores] = None
     batch: Optional[TrainBatch] = None
     metrics: dict = field(default_factory=dict)
 
@@ -134,6 +135,5 @@ def submit(cfg: ExperimentConfig, s: Setup, step: int) -> Ahead:
     (OPD) scoring them as soon as they exist."""
     prompts, rows = draw(cfg, s)
     pending = s.rollouts.submit(s.fmt.students(rows), s.sampling_at(step))
-    scores = (s.teachers.submit_score(s.fmt.teachers(rows), pending, s.request)
-              if cfg.algorithm == "opd" else None)
+    scores = s.teachers.submit_score(rows, pending) if cfg.algorithm == "opd" else None
     return Ahead(prompts, rows, pending=pending, scores=scores)

@@ -28,6 +28,8 @@ class Layout:
     learner: list[Slot]
     rollout: list[Slot]
     teacher: list[Slot]
+    # teacher's slots per teacher of launch.routing.teacher_specs, in its order (one list for `teacher:`)
+    teacher_groups: list[list[Slot]]
 
     @property
     def gpus(self) -> float:
@@ -40,17 +42,20 @@ class Layout:
                 f"engine(s) {gpus(self.rollout):g} GPU, {len(self.teacher)} teacher(s) {gpus(self.teacher):g} GPU")
 
 
-def engine_gpus(cfg: ExperimentConfig, side: str) -> int:
-    """GPUs one rollout engine / teacher occupies."""
-    kind = cfg.rollout.engine if side == "rollout" else cfg.teacher.kind
-    return getattr(cfg, side).vllm.tensor_parallel_size if kind == "vllm" else 1
+def engine_gpus(cfg: ExperimentConfig, side: str, teacher=None) -> int:
+    """GPUs one rollout engine / teacher occupies (`teacher`: which TeacherConfig; default `teacher:`)."""
+    tc = teacher or cfg.teacher
+    kind, vllm = (cfg.rollout.engine, cfg.rollout.vllm) if side == "rollout" else (tc.kind, tc.vllm)
+    return vllm.tensor_parallel_size if kind == "vllm" else 1
 
 
 def layout(cfg: ExperimentConfig) -> Layout:
     gpu = cfg.cluster.num_gpus > 0
     has_teacher = cfg.algorithm == "opd"
     n_learner, n_rollout = cfg.learner.num_ranks, cfg.rollout.num_actors  # SFT runs still evaluate
-    n_teacher = cfg.teacher.num_actors if has_teacher else 0
+    from launch.routing import teacher_specs
+    teachers = [t.config for t in teacher_specs(cfg)] if has_teacher else []
+    n_teacher = sum(t.num_actors for t in teachers)
     colocate = cfg.cluster.colocate and n_rollout > 0
     n_bundles = n_learner + (0 if colocate else n_rollout) + n_teacher
     # Local mode shares the machine's CPUs out (Ray's CPU counts are logical); a cluster gives each 1.
@@ -70,9 +75,11 @@ def layout(cfg: ExperimentConfig) -> Layout:
     else:
         g = engine_gpus(cfg, "rollout")
         rollout = [Slot(add(g, "rollout"), cpu, g if gpu else 0) for _ in range(n_rollout)]
-    g = engine_gpus(cfg, "teacher")
-    teacher = [Slot(add(g, "teacher"), cpu, g if gpu else 0) for _ in range(n_teacher)]
-    return Layout(bundles, learner, rollout, teacher)
+    groups = []
+    for tc in teachers:
+        g = engine_gpus(cfg, "teacher", tc)
+        groups.append([Slot(add(g, "teacher"), cpu, g if gpu else 0) for _ in range(tc.num_actors)])
+    return Layout(bundles, learner, rollout, [s for group in groups for s in group], groups)
 
 
 def check_resources(cfg: ExperimentConfig) -> None:

@@ -94,8 +94,9 @@ class ActorPool:
         return self.collect(self.submit(method, args))
 
     def submit(self, method: str, args: Sequence[tuple]) -> "Pending":
-        """Start actor[i].method(*args[i]) on every actor and return at once (collect() waits)."""
-        return Pending(method, list(args), self._send(method, args, range(len(self.actors))))
+        """Start actor[i].method(*args[i]) on the first len(args) actors (every actor, unless there is less
+        work than actors) and return at once (collect() waits)."""
+        return Pending(method, list(args), self._send(method, args, range(len(args))))
 
     def collect(self, pending: "Pending", retry: bool = True) -> Optional[list]:
         """The results of submitted calls, in actor order. The deadline counts from here, not from the

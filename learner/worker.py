@@ -80,7 +80,7 @@ def loss_batch(b: TrainBatch, token_counts: tuple[int, int], device: torch.devic
     t = b.teacher
     return LossBatch(
         tokens=flat(b.completion_ids),
-        weights=flat(b.completion_mask.float() / _row_denominators(b, token_counts, reduction)[:, None]),
+        weights=flat(_token_weights(b, token_counts, reduction)),
         behaviour_logprobs=flat(b.behaviour_logprobs),
         teacher_sampled_logprobs=None if t is None else flat(t.sampled_logprobs),
         teacher_topk_ids=None if t is None else flat(t.topk_ids),
@@ -95,6 +95,13 @@ def loss_batch(b: TrainBatch, token_counts: tuple[int, int], device: torch.devic
         is_reference=per_row(b.is_reference),
         seq_ids=torch.arange(n)[:, None].expand(n, T).reshape(-1),  # for discounting within a sequence
     ).to(device)
+
+
+def _token_weights(b: TrainBatch, counts: tuple[int, int], reduction: str = "token_mean") -> torch.Tensor:
+    """[n, T] each token's weight in the loss: mask / its row's global denominator, times the row's teacher
+    weight (TrainBatch.row_weights; launch/routing.py defines the weighted loss)."""
+    w = b.completion_mask.float() / _row_denominators(b, counts, reduction)[:, None]
+    return w if b.row_weights is None else w * b.row_weights.float()[:, None]
 
 
 def _row_denominators(b: TrainBatch, counts: tuple[int, int], reduction: str = "token_mean") -> torch.Tensor:
@@ -467,9 +474,13 @@ def _frozen_reference(cfg, device: torch.device):
 def _frozen_teacher_head(cfg, device: torch.device):
     """The teacher's output layer for teacher.full_vocab_transport: hidden_states (None for a live
     self-teacher, whose head is the student's own, and for every other transport)."""
-    if cfg.algorithm != "opd" or cfg.teacher.full_vocab_transport != "hidden_states" or cfg.teacher.live:
+    if cfg.algorithm != "opd":
         return None
-    path = cfg.model.path if cfg.teacher.kind == "self" else cfg.teacher.path
+    from launch.routing import teacher_specs  # hidden states are refused with several teachers: one head
+    tc = teacher_specs(cfg)[0].config
+    if tc.full_vocab_transport != "hidden_states" or tc.live:
+        return None
+    path = cfg.model.path if tc.kind == "self" else tc.path
     return load_output_head(path, cfg.model.dtype).to(device)
 
 

@@ -96,6 +96,9 @@ class TrainBatch:
     teacher: Optional[TeacherScores] = None
     advantages: Optional[torch.Tensor] = None    # [N] per-sequence (GRPO), broadcast over tokens
     is_reference: Optional[torch.Tensor] = None  # [N] bool
+    # [N] float: multiplies every token weight of the row (its teacher's `weight`, launch/routing.py); the
+    # denominators stay the global counts. None: 1 for every row.
+    row_weights: Optional[torch.Tensor] = None
     weight_version: int = 0
 
     @property
@@ -189,6 +192,9 @@ def concat_batches(a: TrainBatch, b: TrainBatch) -> TrainBatch:
         f.name: cat(getattr(ta, f.name) if ta else None, getattr(tb, f.name) if tb else None, na, nb)
         for f in fields(TeacherScores)})
     flags = lambda x, n: x if x is not None else torch.zeros(n, dtype=torch.bool)  # noqa: E731
+    ones = lambda x, n: x if x is not None else torch.ones(n)  # noqa: E731
+    row_weights = (None if a.row_weights is None and b.row_weights is None
+                   else torch.cat([ones(a.row_weights, na), ones(b.row_weights, nb)]))
     return TrainBatch(prompt_ids=a.prompt_ids + b.prompt_ids,
                       completion_ids=cat(a.completion_ids, b.completion_ids, na, nb),
                       completion_mask=cat(a.completion_mask, b.completion_mask, na, nb),
@@ -197,7 +203,7 @@ def concat_batches(a: TrainBatch, b: TrainBatch) -> TrainBatch:
                       student_topk_logprobs=cat(a.student_topk_logprobs, b.student_topk_logprobs, na, nb),
                       teacher=teacher, advantages=cat(a.advantages, b.advantages, na, nb),
                       is_reference=torch.cat([flags(a.is_reference, na), flags(b.is_reference, nb)]),
-                      weight_version=a.weight_version)
+                      row_weights=row_weights, weight_version=a.weight_version)
 
 
 def pad_rows(rows: list[list], pad, dtype=torch.long, width: Optional[int] = None) -> torch.Tensor:

@@ -54,13 +54,16 @@ class ScoresRollouts:
         """What this teacher, as built, can return (a vLLM teacher's depend on its engine's runner)."""
         return self.capabilities
 
-    def score_rollout(self, teacher_prompts: list[list[int]], request: ScoreRequest, start: int, stop: int,
+    def score_rollout(self, teacher_prompts: list[list[int]], request: ScoreRequest, rows: list[int],
                       *parts) -> TeacherScores:
-        """Rows start:stop of the rollout the engines' `parts` make together (padded as the driver pads it)."""
+        """`rows` (indices, in the order of teacher_prompts) of the rollout the engines' `parts` make
+        together, padded as the driver pads it: the scores are [len(rows), T] for the rollout's width T."""
         from opd.contracts import concat_rollouts
         r = concat_rollouts(list(parts))
-        topk = None if r.student_topk_ids is None else r.student_topk_ids[start:stop]
-        return self.score(teacher_prompts, r.completion_ids[start:stop], r.completion_mask[start:stop], request, topk)
+        idx = torch.as_tensor(rows, dtype=torch.long)
+        topk = None if r.student_topk_ids is None else r.student_topk_ids.index_select(0, idx)
+        return self.score(teacher_prompts, r.completion_ids.index_select(0, idx),
+                          r.completion_mask.index_select(0, idx), request, topk)
 
 
 class Teacher(Protocol):

@@ -173,3 +173,27 @@ def test_prepare_args_and_gap_to_are_checked(tmp_path):
                {"arm": "b", "start": 0.9, "end": 0.9, "stage": False}]
     add_gaps(exp, results)
     assert results[1]["gap_closed"] == pytest.approx(0.5) and results[2]["gap_closed"] is None
+
+
+def test_multi_teacher_experiment_reports_every_arm_on_every_task(ray_session, tmp_path):
+    """`opd experiment multi-teacher` at toy length: specialists and a mix teacher trained, the student
+    distilled by the routed pair, the mix teacher and each specialist alone; one result per arm and task."""
+    out = tmp_path / "exp"
+    assert main(["experiment", "multi-teacher", "--out", str(out), "run.steps=2", "eval.size=8",
+                 "eval.interval=0", "logging.tensorboard=false"]) == 0
+    root = out / "multi-teacher"
+    results = json.loads((root / "results.json").read_text())
+    arms = ["addition-teacher", "reversal-teacher", "mix-teacher", "student", "routed", "mix-teacher-only",
+            "addition-teacher-only", "reversal-teacher-only"]
+    assert [(r["arm"], r["task"]) for r in results] == [(a, t) for a in arms for t in ("addition", "reversal")]
+    for r in results:
+        assert r["metric"] == f"eval/{r['task']}/accuracy" and r["steps"] == 2
+        assert 0 <= r["start"] <= 1 and 0 <= r["end"] <= 1
+    steps = [json.loads(line) for line in (root / "runs" / "routed" / "metrics.jsonl").read_text().splitlines()]
+    step = next(s for s in steps if "train/loss" in s)
+    assert step["teacher/addition/rows"] + step["teacher/reversal/rows"] == 64
+    manifest = (root / "runs" / "routed" / "manifest.yaml").read_text()
+    assert f"path: {root / 'runs' / 'reversal-teacher' / 'final'}" in manifest and "field: task" in manifest
+    md = (root / "results.md").read_text()
+    assert "| arm | addition: start -> end | reversal: start -> end |" in md and "| routed |" in md
+    assert (root / "eval_reversal_accuracy.png").exists()
