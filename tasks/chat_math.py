@@ -10,9 +10,15 @@ model writes the operands it has just read and then their result.
 
 Answers are 0..MAX_ANSWER (20): small enough that the tiny Qwen3 student learns the task in a few minutes
 of SFT on two cores (answers up to 99 need forward-written two-digit carries, which it learns far more
-slowly). Eval problems are held out by their question text: the same sum may
-appear in train in other words, so eval measures reading the problem (which numbers, which operation)
-as much as the arithmetic. `max_answer` raises the ceiling for harder variants.
+slowly). `max_answer` raises the ceiling for harder variants. Eval problems are held out by (operation,
+a, b): no eval sum appears in train in any wording, so a model scores on eval only by doing the
+arithmetic, not by recall.
+
+`opd_sums` adds a third split, opd_prompts.jsonl: problems over `opd_sums` further sums that are in
+neither train nor eval, with `messages` and `answer` only (no solution: OPD needs prompts; the answer
+only grades rollouts for the logs). A student SFT'd on train has learnt many train sums by rote and
+answers them far better than unseen ones; distilling on sums it has never seen puts the teacher's
+signal where the student is weak, as on eval.
 """
 from __future__ import annotations
 
@@ -55,34 +61,59 @@ def make_example(rng: random.Random, max_answer: int = MAX_ANSWER) -> dict:
     content = question.format(name=name, pron=pron, things=rng.choice(THINGS), a=a, b=b)
     answer, solution = solution_text(op, a, b)
     return {"messages": [{"role": "user", "content": content}], "answer": answer, "solution": solution,
-            "hint": f"{a} {op} {b} = {answer}."}
+            "hint": f"{a} {op} {b} = {answer}.", "_key": (op, a, b)}
 
 
-def write_split(path: Path, n: int, seed: int, max_answer: int, exclude: frozenset = frozenset()) -> set[str]:
-    """Write n rows with distinct questions not in `exclude`; returns the questions written."""
-    rng, seen, rows = random.Random(seed), set(), []
-    for _ in range(100 * n):
-        if len(rows) == n:
-            break
+def write_split(path: Path, n: int, seed: int, max_answer: int, exclude: frozenset = frozenset(),
+                unique: bool = False, only: frozenset | None = None,
+                fields: tuple[str, ...] = ("messages", "answer", "solution", "hint")) -> set:
+    """Write n rows (only `fields`) whose sum (op, a, b) is not in `exclude` (and, given `only`, is in
+    it); returns the sums written. unique: no two rows share a sum (eval); otherwise rows may repeat a
+    sum in other words (train)."""
+    rng, keys, rows = random.Random(seed), set(), []
+    attempts = 0
+    while len(rows) < n:
+        attempts += 1
+        if attempts > 1000 * n:
+            raise ValueError(f"cannot draw {n} rows with answers up to {max_answer} outside the held-out sums")
         ex = make_example(rng, max_answer)
-        question = ex["messages"][0]["content"]
-        if question not in exclude and question not in seen:
-            seen.add(question)
-            rows.append(ex)
-    if len(rows) < n:
-        raise ValueError(f"cannot draw {n} distinct problems with answers up to {max_answer}")
+        key = ex.pop("_key")
+        if key in exclude or (only is not None and key not in only) or (unique and key in keys):
+            continue
+        keys.add(key)
+        rows.append({k: ex[k] for k in fields})
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return seen
+    return keys
+
+
+def draw_sums(n: int, seed: int, max_answer: int, exclude: frozenset) -> frozenset:
+    """n distinct sums (op, a, b) outside `exclude`, drawn as make_example draws them."""
+    rng, keys = random.Random(seed), set()
+    for _ in range(1000 * n):
+        if len(keys) == n:
+            return frozenset(keys)
+        key = make_example(rng, max_answer)["_key"]
+        if key not in exclude:
+            keys.add(key)
+    raise ValueError(f"cannot draw {n} sums with answers up to {max_answer} outside {len(exclude)} held out")
 
 
 def write_task(out_dir: str | Path, n_train: int = 8000, n_eval: int = 256, seed: int = 0,
-               max_answer: int = MAX_ANSWER) -> dict[str, Path]:
-    """train.jsonl and eval.jsonl under out_dir; no eval question appears in train."""
+               max_answer: int = MAX_ANSWER, opd_sums: int = 0, n_opd: int = 4000) -> dict[str, Path]:
+    """train.jsonl and eval.jsonl under out_dir, and with opd_sums > 0 opd_prompts.jsonl (n_opd prompts
+    over opd_sums sums, answers but no solutions); no sum appears in two of them."""
     out_dir = Path(out_dir)
-    held_out = write_split(out_dir / "eval.jsonl", n_eval, seed + 1, max_answer)
+    held_out = write_split(out_dir / "eval.jsonl", n_eval, seed + 1, max_answer, unique=True)
+    paths = {"train": out_dir / "train.jsonl", "eval": out_dir / "eval.jsonl"}
+    if opd_sums:
+        opd = draw_sums(opd_sums, seed + 2, max_answer, frozenset(held_out))
+        write_split(out_dir / "opd_prompts.jsonl", n_opd, seed + 2, max_answer, only=opd,
+                    fields=("messages", "answer"))
+        paths["opd"] = out_dir / "opd_prompts.jsonl"
+        held_out |= opd
     write_split(out_dir / "train.jsonl", n_train, seed, max_answer, exclude=frozenset(held_out))
-    return {"train": out_dir / "train.jsonl", "eval": out_dir / "eval.jsonl"}
+    return paths
 
 
 def corpus(rng: random.Random, n: int) -> list[str]:
@@ -95,14 +126,16 @@ def corpus(rng: random.Random, n: int) -> list[str]:
 
 
 def prepare(root: str | Path, seed: int = 0, max_answer: int = MAX_ANSWER, n_train: int = 8000,
-            n_eval: int = 256) -> None:
+            n_eval: int = 256, opd_sums: int = 0, n_opd: int = 4000) -> None:
     """`opd experiment chat-math`'s prepare step: the tiny Qwen3 student and teacher at the small
     vocabulary (root/models/{student,teacher}; not the 151,936-row pair, which no learning run reads) and
     the task (root/data/{train,eval}.jsonl), both from `seed` (the experiment's run.seed), so another
-    seed is another run from scratch: init, tokenizer, split."""
+    seed is another run from scratch: init, tokenizer, split. opd_sums > 0 also writes
+    root/data/opd_prompts.jsonl, the OPD arm's prompts (see the module docstring)."""
     from tasks.tiny_qwen3 import SIZES, build_tokenizer, small_rows, write_model
     root = Path(root)
     tok = build_tokenizer(seed)
     for i, (name, size) in enumerate(SIZES.items()):
         write_model(root / "models" / name, tok, size, small_rows(tok), seed + i)
-    write_task(root / "data", n_train=n_train, n_eval=n_eval, seed=seed, max_answer=max_answer)
+    write_task(root / "data", n_train=n_train, n_eval=n_eval, seed=seed, max_answer=max_answer,
+               opd_sums=opd_sums, n_opd=n_opd)

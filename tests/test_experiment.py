@@ -1,6 +1,7 @@
 """`opd experiment` and `opd report`: the OPSD experiment end to end at toy length (every PI kind runs a
 short real OPSD run), the results files, the plots, and arm errors caught before any work."""
 import json
+import re
 
 import pytest
 
@@ -119,10 +120,19 @@ def test_chat_math_experiment_runs_end_to_end_in_chat_format(ray_session, tmp_pa
     for name in ("student", "teacher"):
         rows = json.loads((root / "models" / name / "config.json").read_text())["vocab_size"]
         assert rows < QWEN3_ROWS and rows % 64 == 0
-    # the data follow run.seed and the experiment's prepare args (answers up to 20, 64 held-out problems)
-    write_task(tmp_path / "seed1", n_eval=64, seed=1, max_answer=20)
-    assert (root / "data" / "eval.jsonl").read_text() == (tmp_path / "seed1" / "eval.jsonl").read_text()
-    assert max(int(json.loads(r)["answer"]) for r in (root / "data" / "train.jsonl").read_text().splitlines()) <= 20
+    # the data follow run.seed and the experiment's prepare args (answers up to 20, 64 held-out problems,
+    # OPD prompts over 64 more sums); no sum is in two splits, and the OPD prompts carry no solution
+    write_task(tmp_path / "seed1", n_eval=64, seed=1, max_answer=20, opd_sums=64)
+    for split in ("eval", "train", "opd_prompts"):
+        assert (root / "data" / f"{split}.jsonl").read_text() == (tmp_path / "seed1" / f"{split}.jsonl").read_text()
+    splits = {k: [json.loads(r) for r in (root / "data" / f"{k}.jsonl").read_text().splitlines()]
+              for k in ("train", "eval", "opd_prompts")}
+    assert max(int(r["answer"]) for r in splits["train"]) <= 20
+    assert all(set(r) == {"messages", "answer"} for r in splits["opd_prompts"])
+    sums = {k: {tuple(re.findall(r"\d+", r["messages"][0]["content"])) + (r["answer"],) for r in rows}
+            for k, rows in splits.items()}
+    assert len(sums["eval"]) == 64 and len(sums["opd_prompts"]) == 64
+    assert not sums["eval"] & sums["train"] and not sums["opd_prompts"] & (sums["train"] | sums["eval"])
 
     results = json.loads((root / "results.json").read_text())
     assert [(r["arm"], r["stage"], r["loss"]) for r in results] == [
@@ -138,6 +148,7 @@ def test_chat_math_experiment_runs_end_to_end_in_chat_format(ray_session, tmp_pa
 
     manifest = (root / "runs" / "opd" / "manifest.yaml").read_text()
     assert f"path: {root / 'runs' / 'teacher' / 'final'}" in manifest
+    assert f"train: {root / 'data' / 'opd_prompts.jsonl'}" in manifest
     for line in ("chat_template: true", "enable_thinking: false", "verifier: boxed_match", "samples_per_prompt: 4",
                  "temperature: 0.7"):
         assert line in manifest, line

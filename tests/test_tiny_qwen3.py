@@ -128,7 +128,7 @@ def test_the_tokenizer_is_the_same_for_the_same_seed():
     assert build_tokenizer(0).backend_tokenizer.to_str() == build_tokenizer(0).backend_tokenizer.to_str()
 
 
-def test_chat_math_rows_are_messages_with_boxed_answers_and_held_out_questions(qwen3_assets):
+def test_chat_math_rows_are_messages_with_boxed_answers_and_held_out_sums(qwen3_assets):
     splits = {k: [json.loads(line) for line in open(qwen3_assets[k]).read().splitlines()] for k in ("train", "eval")}
     for split, rows in splits.items():
         assert len(rows) == {"train": 512, "eval": 32}[split]
@@ -143,6 +143,9 @@ def test_chat_math_rows_are_messages_with_boxed_answers_and_held_out_questions(q
             assert boxed_match(row["solution"], str(int(row["answer"]) + 1)) == 0.0
     questions = {k: [r["messages"][0]["content"] for r in rows] for k, rows in splits.items()}
     assert len(set(questions["eval"])) == 32 and not set(questions["eval"]) & set(questions["train"])
+    # held out by sum, not only by wording: no eval sum appears in train in any words
+    sums = {k: {r["hint"] for r in rows} for k, rows in splits.items()}
+    assert len(sums["eval"]) == 32 and not sums["eval"] & sums["train"]
     assert {r["solution"].split()[1] for r in splits["train"]} == {"+", "-"}
 
 
