@@ -111,18 +111,19 @@ def auto_transport(cfg, needs, tc=None) -> str:
     (tests/test_fused_head.py); hidden states are H/V of the bytes and no [N, T, V] teacher tensor exists.
     Left "auto" while the teacher's folder does not exist yet (`opd check` on a stage whose teacher an
     earlier stage trains): the run resolves it when it loads the manifest."""
-    if cfg.algorithm != "opd" or not needs.teacher_full or cfg.teacher.kind not in ("hf", "self"):
-        return "logprobs"
-    from pathlib import Path
-
+    tc = tc or cfg.teacher
+    if cfg.algorithm != "opd" or not needs.teacher_full or tc.kind not in ("hf", "self") or len(cfg.teachers) > 1:
+        return "logprobs"  # several teachers: the learner holds one teacher head (launch/routing.py)
     from opd.modeling import model_skeleton, plain_head_problem
-    if not Path(_teacher_path(cfg), "config.json").exists():
+    if not Path(_teacher_path(cfg, tc), "config.json").exists():
         return "auto"
-    return "logprobs" if plain_head_problem(model_skeleton(_teacher_path(cfg))) else "hidden_states"
+    return "logprobs" if plain_head_problem(model_skeleton(_teacher_path(cfg, tc))) else "hidden_states"
 
 
-def _teacher_path(cfg) -> str:
-    return cfg.model.path if cfg.teacher.kind == "self" else cfg.teacher.path
+def _teacher_path(cfg, tc=None) -> str:
+    """The folder of teacher `tc` (default `teacher:`): its own path, or the student's for a self-teacher."""
+    tc = tc or cfg.teacher
+    return cfg.model.path if tc.kind == "self" else tc.path
 
 
 def _check_logprobs_transport(cfg, tc=None) -> None:
