@@ -190,7 +190,7 @@ def test_multi_teacher_experiment_reports_every_arm_on_every_task(ray_session, t
     """`opd experiment multi-teacher` at toy length: specialists and a mix teacher trained, the student
     distilled by the routed pair, the mix teacher and each specialist alone; one result per arm and task."""
     out = tmp_path / "exp"
-    assert main(["experiment", "multi-teacher", "--out", str(out), "run.steps=2", "eval.size=8",
+    assert main(["experiment", "multi-teacher", "--out", str(out), "run.steps=2", "eval.size=8", "eval.stop_at_accuracy=null",
                  "eval.interval=0", "logging.tensorboard=false"]) == 0
     root = out / "multi-teacher"
     results = json.loads((root / "results.json").read_text())
