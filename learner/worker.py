@@ -130,6 +130,7 @@ class LearnerWorker:
         import deepspeed
         from transformers import AutoModelForCausalLM
         deepspeed.init_distributed(dist_backend="nccl" if self.device.type == "cuda" else "gloo")
+        _forget_stale_deepspeed_groups()
         self.cfg, self.rank, self.world_size = cfg, rank, world_size
         model = AutoModelForCausalLM.from_pretrained(cfg.model.path, dtype=DTYPES[cfg.model.dtype],
                                                      trust_remote_code=cfg.model.trust_remote_code)
@@ -452,6 +453,22 @@ class LearnerWorker:
         except Exception as e:  # noqa: BLE001 - DeepSpeed and torch raise many kinds; say which checkpoint
             raise RuntimeError(f"checkpoint {p}: cannot be loaded on rank {self.rank} "
                                f"({type(e).__name__}: {(str(e).strip().splitlines() or [''])[0][:200]})") from e
+
+
+def _forget_stale_deepspeed_groups() -> None:
+    """DeepSpeed caches process groups in module globals (deepspeed.utils.groups) and reuses them in the next
+    deepspeed.initialize. A process that hosts a learner after its torch.distributed group was torn down (an
+    in-process vLLM engine's shutdown, a unit test's destroy_process_group) would hand DeepSpeed a group that
+    torch no longer knows ("Group ... is not registered"). Drop the cached groups torch no longer registers;
+    DeepSpeed makes fresh ones from the current world group."""
+    import torch.distributed.distributed_c10d as c10d
+    from deepspeed.utils import groups
+    live = c10d._world.pg_group_ranks
+    for name, value in vars(groups).items():
+        if isinstance(value, c10d.ProcessGroup) and value not in live:
+            setattr(groups, name, None)
+        elif isinstance(value, dict) and any(isinstance(v, c10d.ProcessGroup) and v not in live for v in value.values()):
+            value.clear()
 
 
 def _use_fused_head(setting: str, zero_stage: int, model) -> bool:

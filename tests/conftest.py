@@ -81,14 +81,7 @@ SLOW_MODULES = {"test_vllm", "test_faults", "test_overlap", "test_resume", "test
                 "test_weight_sync", "test_colocation", "test_gpu_smoke", "test_paper_cpu"}
 
 
-# In-process DeepSpeed learners share the process's torch.distributed group; an in-process vLLM engine
-# (test_chat, test_lora) tears its own down on exit and leaves that group unusable, so the modules that
-# build in-process learners after a run of the suite's first half go first.
-FIRST_MODULES = ("test_overlap", "test_resume")
-
-
 def pytest_collection_modifyitems(config, items):
-    items.sort(key=lambda item: item.module.__name__.split(".")[-1] not in FIRST_MODULES)  # stable: order kept
     for item in items:
         if SLOW_FIXTURES & set(getattr(item, "fixturenames", ())) or item.module.__name__.split(".")[-1] in SLOW_MODULES:
             item.add_marker(pytest.mark.slow)

@@ -181,3 +181,17 @@ def test_adam_betas_reach_the_optimizer(write_manifest, zero):
             torch.testing.assert_close(v * 0.5 ** 2, 0.25 * m * m, rtol=1e-4, atol=1e-12)
             checked += 1
     assert checked
+
+
+def test_a_learner_built_after_the_process_group_was_torn_down_trains(write_manifest):
+    """An in-process vLLM engine's shutdown (or a test's destroy_process_group) tears the process's
+    torch.distributed group down; DeepSpeed keeps the groups it made in module globals. A learner built
+    afterwards in the same process must still initialise and step (it failed with "Group ... is not registered")."""
+    import torch.distributed as dist
+    cfg = sgd_cfg(write_manifest)
+    first = worker(cfg)
+    batch = make_batch(first.engine.module.config.vocab_size)
+    dist.destroy_process_group()
+    second = worker(cfg)
+    metrics = second.train_step(batch, [batch.denominators("token_mean", slice(0, len(batch)))])
+    assert dist.is_initialized() and metrics["loss"] > 0 and second.engine.global_steps == 1

@@ -39,8 +39,6 @@ def worker(ray_session, assets, tmp_path_factory):
         "rollout": {"prompts_per_step": 4, "samples_per_prompt": 2}, "learner": {"micro_batch_size": 8},
         "loss": {"name": "full_reverse_kl"}, "data": {"train": str(assets["train"]), "eval": str(assets["eval"])}}))
     w = LearnerWorker(load_manifest(path), 0, 1, "127.0.0.1", free_port(), rows_per_step=8)
-    # no destroy_process_group: DeepSpeed caches the process's group, and the in-process learners of later
-    # test modules (test_overlap, test_resume) reuse it
     return w
 
 
