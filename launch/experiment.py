@@ -210,10 +210,13 @@ def gap_lines(exp: Experiment, results: list[dict]) -> str:
     for r in results:
         if "gap_closed" not in r:
             continue
-        closed = "no gap (it started level with or above)" if r["gap_closed"] is None else f"{r['gap_closed']:.1%}"
-        lines.append(f"gap closed by {r['arm']}: {closed} of the {(ref['end'] - r['start']) * 100:.1f}-point gap "
-                     f"between its start ({r['start']:.1%}) and {ref['arm']} ({ref['end']:.1%}); it ended at "
-                     f"{r['end']:.1%}")
+        where = f"its start ({r['start']:.1%}) and {ref['arm']} ({ref['end']:.1%}); it ended at {r['end']:.1%}"
+        if r["gap_closed"] is None:
+            lines.append(f"gap closed by {r['arm']}: none to close (it started level with or above {ref['arm']}): "
+                         f"between {where}")
+        else:
+            lines.append(f"gap closed by {r['arm']}: {r['gap_closed']:.1%} of the {(ref['end'] - r['start']) * 100:.1f}"
+                         f"-point gap between {where}")
     return "".join(f"\n{line}\n" for line in lines)
 
 

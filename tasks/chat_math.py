@@ -14,6 +14,16 @@ slowly). `max_answer` raises the ceiling for harder variants. Eval problems are 
 a, b): no eval sum appears in train in any wording, so a model scores on eval only by doing the
 arithmetic, not by recall.
 
+`style="column"` (the chat-math learning check's task) asks for the sum of two two-digit numbers and
+works it column by column, the carry always written:
+
+  "Ones: 7 + 5 = 12. Tens: 4 + 3 + 1 = 8. The answer is \\boxed{82}."
+
+Every step is a one-digit fact (with or without a carry) that train holds whichever sums are held out,
+so a model that learns the procedure gets unseen sums right: the SFT'd tiny teacher scores ~98% on
+held-out sums where the one-line `fact` style (answers up to 20, the default) reaches ~50%, since there
+each held-out sum is a fact never seen.
+
 `opd_sums` adds a third split, opd_prompts.jsonl: problems over `opd_sums` further sums that are in
 neither train nor eval, with `messages` and `answer` only (no solution: OPD needs prompts; the answer
 only grades rollouts for the logs). A student SFT'd on train has learnt many train sums by rote and
@@ -42,15 +52,31 @@ TEMPLATES = [
 MAX_ANSWER = 20
 
 
-def solution_text(op: str, a: int, b: int) -> tuple[str, str]:
-    """(answer, solution) for `a op b`: the text an assistant writes, ending in the boxed answer."""
+STYLES = ("fact", "column")
+
+
+def solution_text(op: str, a: int, b: int, style: str = "fact") -> tuple[str, str]:
+    """(answer, solution) for `a op b`: the text an assistant writes, ending in the boxed answer.
+    fact: the sum in one line. column: two-digit addition worked column by column, the carry always
+    written, so every step is a one-digit fact that train holds whichever sums are held out."""
     answer = str(a + b if op == "+" else a - b)
+    if style == "column":
+        ones = a % 10 + b % 10
+        tens = a // 10 + b // 10 + ones // 10
+        return answer, (f"Ones: {a % 10} + {b % 10} = {ones}. Tens: {a // 10} + {b // 10} + {ones // 10} = {tens}. "
+                        f"The answer is \\boxed{{{answer}}}.")
     return answer, f"{a} {op} {b} = {answer}. The answer is \\boxed{{{answer}}}."
 
 
-def make_example(rng: random.Random, max_answer: int = MAX_ANSWER) -> dict:
-    op, question = rng.choice(TEMPLATES)
-    if op == "+":
+def make_example(rng: random.Random, max_answer: int = MAX_ANSWER, style: str = "fact") -> dict:
+    """fact: addition or subtraction with answers 0..max_answer. column: addition of two two-digit
+    numbers (10..99; max_answer unused), solved column by column."""
+    if style not in STYLES:
+        raise ValueError(f"style must be one of {STYLES}, got {style!r}")
+    op, question = rng.choice([t for t in TEMPLATES if style == "fact" or t[0] == "+"])
+    if style == "column":
+        a, b = rng.randint(10, 99), rng.randint(10, 99)
+    elif op == "+":
         total = rng.randint(0, max_answer)
         a = rng.randint(0, total)
         b = total - a
@@ -59,14 +85,14 @@ def make_example(rng: random.Random, max_answer: int = MAX_ANSWER) -> dict:
         b = rng.randint(1, a)
     name, pron = rng.choice(NAMES)
     content = question.format(name=name, pron=pron, things=rng.choice(THINGS), a=a, b=b)
-    answer, solution = solution_text(op, a, b)
+    answer, solution = solution_text(op, a, b, style)
     return {"messages": [{"role": "user", "content": content}], "answer": answer, "solution": solution,
             "hint": f"{a} {op} {b} = {answer}.", "_key": (op, a, b)}
 
 
 def write_split(path: Path, n: int, seed: int, max_answer: int, exclude: frozenset = frozenset(),
                 unique: bool = False, only: frozenset | None = None,
-                fields: tuple[str, ...] = ("messages", "answer", "solution", "hint")) -> set:
+                fields: tuple[str, ...] = ("messages", "answer", "solution", "hint"), style: str = "fact") -> set:
     """Write n rows (only `fields`) whose sum (op, a, b) is not in `exclude` (and, given `only`, is in
     it); returns the sums written. unique: no two rows share a sum (eval); otherwise rows may repeat a
     sum in other words (train)."""
@@ -76,7 +102,7 @@ def write_split(path: Path, n: int, seed: int, max_answer: int, exclude: frozens
         attempts += 1
         if attempts > 1000 * n:
             raise ValueError(f"cannot draw {n} rows with answers up to {max_answer} outside the held-out sums")
-        ex = make_example(rng, max_answer)
+        ex = make_example(rng, max_answer, style)
         key = ex.pop("_key")
         if key in exclude or (only is not None and key not in only) or (unique and key in keys):
             continue
@@ -87,32 +113,32 @@ def write_split(path: Path, n: int, seed: int, max_answer: int, exclude: frozens
     return keys
 
 
-def draw_sums(n: int, seed: int, max_answer: int, exclude: frozenset) -> frozenset:
+def draw_sums(n: int, seed: int, max_answer: int, exclude: frozenset, style: str = "fact") -> frozenset:
     """n distinct sums (op, a, b) outside `exclude`, drawn as make_example draws them."""
     rng, keys = random.Random(seed), set()
     for _ in range(1000 * n):
         if len(keys) == n:
             return frozenset(keys)
-        key = make_example(rng, max_answer)["_key"]
+        key = make_example(rng, max_answer, style)["_key"]
         if key not in exclude:
             keys.add(key)
     raise ValueError(f"cannot draw {n} sums with answers up to {max_answer} outside {len(exclude)} held out")
 
 
 def write_task(out_dir: str | Path, n_train: int = 8000, n_eval: int = 256, seed: int = 0,
-               max_answer: int = MAX_ANSWER, opd_sums: int = 0, n_opd: int = 4000) -> dict[str, Path]:
+               max_answer: int = MAX_ANSWER, opd_sums: int = 0, n_opd: int = 4000, style: str = "fact") -> dict[str, Path]:
     """train.jsonl and eval.jsonl under out_dir, and with opd_sums > 0 opd_prompts.jsonl (n_opd prompts
     over opd_sums sums, answers but no solutions); no sum appears in two of them."""
     out_dir = Path(out_dir)
-    held_out = write_split(out_dir / "eval.jsonl", n_eval, seed + 1, max_answer, unique=True)
+    held_out = write_split(out_dir / "eval.jsonl", n_eval, seed + 1, max_answer, unique=True, style=style)
     paths = {"train": out_dir / "train.jsonl", "eval": out_dir / "eval.jsonl"}
     if opd_sums:
-        opd = draw_sums(opd_sums, seed + 2, max_answer, frozenset(held_out))
+        opd = draw_sums(opd_sums, seed + 2, max_answer, frozenset(held_out), style)
         write_split(out_dir / "opd_prompts.jsonl", n_opd, seed + 2, max_answer, only=opd,
-                    fields=("messages", "answer"))
+                    fields=("messages", "answer"), style=style)
         paths["opd"] = out_dir / "opd_prompts.jsonl"
         held_out |= opd
-    write_split(out_dir / "train.jsonl", n_train, seed, max_answer, exclude=frozenset(held_out))
+    write_split(out_dir / "train.jsonl", n_train, seed, max_answer, exclude=frozenset(held_out), style=style)
     return paths
 
 
@@ -126,7 +152,7 @@ def corpus(rng: random.Random, n: int) -> list[str]:
 
 
 def prepare(root: str | Path, seed: int = 0, max_answer: int = MAX_ANSWER, n_train: int = 8000,
-            n_eval: int = 256, opd_sums: int = 0, n_opd: int = 4000) -> None:
+            n_eval: int = 256, opd_sums: int = 0, n_opd: int = 4000, style: str = "fact") -> None:
     """`opd experiment chat-math`'s prepare step: the tiny Qwen3 student and teacher at the small
     vocabulary (root/models/{student,teacher}; not the 151,936-row pair, which no learning run reads) and
     the task (root/data/{train,eval}.jsonl), both from `seed` (the experiment's run.seed), so another
@@ -138,4 +164,4 @@ def prepare(root: str | Path, seed: int = 0, max_answer: int = MAX_ANSWER, n_tra
     for i, (name, size) in enumerate(SIZES.items()):
         write_model(root / "models" / name, tok, size, small_rows(tok), seed + i)
     write_task(root / "data", n_train=n_train, n_eval=n_eval, seed=seed, max_answer=max_answer,
-               opd_sums=opd_sums, n_opd=n_opd)
+               opd_sums=opd_sums, n_opd=n_opd, style=style)

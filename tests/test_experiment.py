@@ -120,18 +120,18 @@ def test_chat_math_experiment_runs_end_to_end_in_chat_format(ray_session, tmp_pa
     for name in ("student", "teacher"):
         rows = json.loads((root / "models" / name / "config.json").read_text())["vocab_size"]
         assert rows < QWEN3_ROWS and rows % 64 == 0
-    # the data follow run.seed and the experiment's prepare args (answers up to 20, 64 held-out problems,
-    # OPD prompts over 64 more sums); no sum is in two splits, and the OPD prompts carry no solution
-    write_task(tmp_path / "seed1", n_eval=64, seed=1, max_answer=20, opd_sums=64)
+    # the data follow run.seed and the experiment's prepare args (two-digit sums worked column by column, 64
+    # held-out problems, OPD prompts over 400 more sums); no sum is in two splits, the OPD prompts carry no solution
+    write_task(tmp_path / "seed1", n_eval=64, seed=1, opd_sums=400, style="column")
     for split in ("eval", "train", "opd_prompts"):
         assert (root / "data" / f"{split}.jsonl").read_text() == (tmp_path / "seed1" / f"{split}.jsonl").read_text()
     splits = {k: [json.loads(r) for r in (root / "data" / f"{k}.jsonl").read_text().splitlines()]
               for k in ("train", "eval", "opd_prompts")}
-    assert max(int(r["answer"]) for r in splits["train"]) <= 20
+    assert all(r["solution"].startswith("Ones: ") and 20 <= int(r["answer"]) <= 198 for r in splits["train"])
     assert all(set(r) == {"messages", "answer"} for r in splits["opd_prompts"])
     sums = {k: {tuple(re.findall(r"\d+", r["messages"][0]["content"])) + (r["answer"],) for r in rows}
             for k, rows in splits.items()}
-    assert len(sums["eval"]) == 64 and len(sums["opd_prompts"]) == 64
+    assert len(sums["eval"]) == 64 and len(sums["opd_prompts"]) == 400
     assert not sums["eval"] & sums["train"] and not sums["opd_prompts"] & (sums["train"] | sums["eval"])
 
     results = json.loads((root / "results.json").read_text())
@@ -184,6 +184,11 @@ def test_prepare_args_and_gap_to_are_checked(tmp_path):
                {"arm": "b", "start": 0.9, "end": 0.9, "stage": False}]
     add_gaps(exp, results)
     assert results[1]["gap_closed"] == pytest.approx(0.5) and results[2]["gap_closed"] is None
+    from launch.experiment import gap_lines
+    assert gap_lines(exp, results).split("\n")[1::2][:2] == [
+        "gap closed by a: 50.0% of the 60.0-point gap between its start (20.0%) and teacher (80.0%); it ended at 50.0%",
+        "gap closed by b: none to close (it started level with or above teacher): between its start (90.0%) and "
+        "teacher (80.0%); it ended at 90.0%"]
 
 
 def test_multi_teacher_experiment_reports_every_arm_on_every_task(ray_session, tmp_path):

@@ -1,6 +1,7 @@
 """The tiny Qwen3 family and its chat-math task, loaded the way a user's Qwen3 is: AutoTokenizer,
 AutoConfig, AutoModelForCausalLM, GenerationConfig and vLLM's CPU build, all through `from_pretrained`."""
 import json
+import random
 import re
 
 import pytest
@@ -147,6 +148,28 @@ def test_chat_math_rows_are_messages_with_boxed_answers_and_held_out_sums(qwen3_
     sums = {k: {r["hint"] for r in rows} for k, rows in splits.items()}
     assert len(sums["eval"]) == 32 and not sums["eval"] & sums["train"]
     assert {r["solution"].split()[1] for r in splits["train"]} == {"+", "-"}
+
+
+def test_column_rows_work_two_digit_sums_one_digit_fact_at_a_time(tmp_path):
+    """style=column (`opd experiment chat-math`): two two-digit addends; the solution adds the ones, then the
+    tens with the carry always written, then boxes the sum; eval sums are held out of train."""
+    from tasks.chat_math import make_example, write_task
+    paths = write_task(tmp_path, n_train=300, n_eval=40, opd_sums=30, n_opd=60, style="column")
+    rows = {k: [json.loads(line) for line in paths[k].read_text().splitlines()] for k in ("train", "eval", "opd")}
+    carries = set()
+    for row in rows["train"] + rows["eval"]:
+        a, b = map(int, re.findall(r"\d+", row["messages"][0]["content"]))
+        assert 10 <= a <= 99 and 10 <= b <= 99 and row["answer"] == str(a + b)
+        ones, tens = a % 10 + b % 10, a // 10 + b // 10 + (a % 10 + b % 10) // 10
+        assert row["solution"] == (f"Ones: {a % 10} + {b % 10} = {ones}. Tens: {a // 10} + {b // 10} + {ones // 10} = "
+                                   f"{tens}. The answer is \\boxed{{{a + b}}}.")
+        assert boxed_match(row["solution"], row["answer"]) == 1.0
+        carries.add(ones // 10)
+    assert carries == {0, 1}
+    sums = {k: {tuple(re.findall(r"\d+", r["messages"][0]["content"])) for r in v} for k, v in rows.items()}
+    assert len(sums["eval"]) == 40 and not sums["eval"] & (sums["train"] | sums["opd"]) and not sums["opd"] & sums["train"]
+    with pytest.raises(ValueError, match="style must be one of"):
+        make_example(random.Random(0), style="columns")
 
 
 def test_make_tiny_writes_the_qwen3_family(tmp_path, capsys):
