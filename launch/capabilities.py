@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from launch.routing import teacher_specs
-from teachers.base import capabilities_for
+from teachers.kinds import capabilities_for
 
 
 def build_configured_loss(cfg):

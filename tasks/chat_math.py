@@ -149,19 +149,3 @@ def corpus(rng: random.Random, n: int) -> list[str]:
         ex = make_example(rng)
         out += [ex["messages"][0]["content"], ex["solution"]]
     return out
-
-
-def prepare(root: str | Path, seed: int = 0, max_answer: int = MAX_ANSWER, n_train: int = 8000,
-            n_eval: int = 256, opd_sums: int = 0, n_opd: int = 4000, style: str = "fact") -> None:
-    """`opd experiment chat-math`'s prepare step: the tiny Qwen3 student and teacher at the small
-    vocabulary (root/models/{student,teacher}; not the 151,936-row pair, which no learning run reads) and
-    the task (root/data/{train,eval}.jsonl), both from `seed` (the experiment's run.seed), so another
-    seed is another run from scratch: init, tokenizer, split. opd_sums > 0 also writes
-    root/data/opd_prompts.jsonl, the OPD arm's prompts (see the module docstring)."""
-    from tasks.tiny_qwen3 import SIZES, build_tokenizer, small_rows, write_model
-    root = Path(root)
-    tok = build_tokenizer(seed)
-    for i, (name, size) in enumerate(SIZES.items()):
-        write_model(root / "models" / name, tok, size, small_rows(tok), seed + i)
-    write_task(root / "data", n_train=n_train, n_eval=n_eval, seed=seed, max_answer=max_answer,
-               opd_sums=opd_sums, n_opd=n_opd, style=style)

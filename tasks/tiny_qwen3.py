@@ -25,6 +25,8 @@ vLLM's CPU attention needs >= 32; GQA everywhere; tied embeddings as Qwen3-1.7B,
   teacher         192, 576, 4, 6, 2, untied   small rows
   student-151936   64, 192, 2, 2, 1, tied     151,936 rows   (paper-arm smoke runs: ~10M parameters)
   teacher-151936   64, 192, 4, 2, 1, untied   151,936 rows   (~20M parameters)
+
+`prepare_chat_math` is `opd experiment chat-math`'s prepare step: the learning pair and the chat-math task.
 """
 from __future__ import annotations
 
@@ -36,6 +38,8 @@ from pathlib import Path
 import torch
 from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
 from transformers import GenerationConfig, PreTrainedTokenizerFast, Qwen3Config, Qwen3ForCausalLM
+
+from tasks.chat_math import MAX_ANSWER, corpus, write_task
 
 QWEN3_ROWS = 151936        # Qwen3-0.6B..8B: 151,669 tokens padded to 151,936 rows
 QWEN3_LARGE_ROWS = 152064  # Qwen2.5-7B+ and others: the same tokenizer over more rows
@@ -115,7 +119,6 @@ def _generic_text(rng: random.Random, n: int) -> list[str]:
 
 def build_tokenizer(seed: int = 0, vocab: int = BPE_VOCAB) -> PreTrainedTokenizerFast:
     """Train the byte-level BPE on chat-math problems and generic text; add the specials after it."""
-    from tasks.chat_math import corpus
     rng = random.Random(seed)
     # The role names as ChatML writes them after <|im_start|>, so each is one token (as in Qwen's vocabulary).
     text = corpus(rng, 4000) + _generic_text(rng, 4000) + [f"{r}\n" for r in ("system", "user", "assistant")] * 50
@@ -180,7 +183,6 @@ def write_family(out_dir: str | Path, seed: int = 0, vocab_rows: tuple[int, ...]
     sizes), all over one tokenizer, the chat-math task in out_dir/data/{train,eval}.jsonl, and the safety
     requests of the OPSD arm's CPU run in out_dir/data/safety_{train,eval}.jsonl (tasks/safety_requests.py)."""
     from tasks import safety_requests
-    from tasks.chat_math import write_task
     out_dir = Path(out_dir)
     tok = build_tokenizer(seed)
     for rows in vocab_rows:
@@ -195,3 +197,18 @@ def write_family(out_dir: str | Path, seed: int = 0, vocab_rows: tuple[int, ...]
     paths.update(safety_requests.write_task(out_dir / "data", seed=seed))
     (out_dir / "family.json").write_text(json.dumps({k: str(v) for k, v in paths.items()}, indent=2) + "\n")
     return paths
+
+
+def prepare_chat_math(root: str | Path, seed: int = 0, max_answer: int = MAX_ANSWER, n_train: int = 8000,
+                      n_eval: int = 256, opd_sums: int = 0, n_opd: int = 4000, style: str = "fact") -> None:
+    """`opd experiment chat-math`'s prepare step: the tiny Qwen3 student and teacher at the small
+    vocabulary (root/models/{student,teacher}; not the 151,936-row pair, which no learning run reads) and
+    the task (root/data/{train,eval}.jsonl), both from `seed` (the experiment's run.seed), so another
+    seed is another run from scratch: init, tokenizer, split. opd_sums > 0 also writes
+    root/data/opd_prompts.jsonl, the OPD arm's prompts (tasks/chat_math.py)."""
+    root = Path(root)
+    tok = build_tokenizer(seed)
+    for i, (name, size) in enumerate(SIZES.items()):
+        write_model(root / "models" / name, tok, size, small_rows(tok), seed + i)
+    write_task(root / "data", n_train=n_train, n_eval=n_eval, seed=seed, max_answer=max_answer,
+               opd_sums=opd_sums, n_opd=n_opd, style=style)

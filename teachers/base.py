@@ -1,5 +1,5 @@
-"""The teacher boundary: score student completions under the teacher's own prompt, and say before
-any work what a teacher of each kind can return (the manifest check reads `capabilities_for`)."""
+"""The teacher boundary: score student completions under the teacher's own prompt, and the shape of
+what a teacher can return (`TeacherCapabilities`; each kind's, before any work: teachers/kinds.py)."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -17,19 +17,6 @@ class TeacherCapabilities:
     max_topk: int
     temperature_one_only: bool = False  # scores only at temperature 1 (vLLM prompt log-probs)
     limits: str = ""               # why a capability is missing, where it depends on the engine
-
-
-def capabilities_for(kind: str, max_logprobs: int = 20, on_gpu: bool = False) -> TeacherCapabilities:
-    """What teacher.kind can serve, as far as the manifest tells (a vLLM teacher's log-probs at given
-    ids depend on the runner its engine picks: allowed on GPUs here and checked again on the built
-    engine, `ScoresRollouts.get_capabilities`). HF (and the OPSD self-teacher, which is an HF teacher
-    on the student's weights) runs the full forward in-process: anything. vLLM: teachers/vllm_teacher.py."""
-    if kind in ("hf", "self"):
-        return TeacherCapabilities(full_vocab=True, logprobs_at_any_ids=True, max_topk=1 << 30)
-    if kind == "vllm":
-        from teachers.vllm_teacher import CPU_BUILD_LIMIT, capabilities
-        return capabilities(max_logprobs, None if on_gpu else CPU_BUILD_LIMIT)
-    raise ValueError(f"teacher.kind: {kind!r} is not one of ['hf', 'vllm', 'self']")
 
 
 def check_same_tokenizer(teacher_tok, student_tok, key: str = "teacher.path") -> None:

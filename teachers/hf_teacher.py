@@ -13,11 +13,17 @@ from opd.modeling import (actor_device, completion_hidden, completion_logits, lo
 from opd.sampling import generate
 from opd.tokens import special_ids
 from opd.weight_sync.gloo import HFModelReceiver
-from teachers.base import ScoresRollouts, capabilities_for, check_same_tokenizer
+from teachers.base import ScoresRollouts, TeacherCapabilities, check_same_tokenizer
+
+
+def capabilities() -> TeacherCapabilities:
+    """The full forward runs in-process: anything (full vocabulary, log-probs at any ids, any k, any
+    temperature)."""
+    return TeacherCapabilities(full_vocab=True, logprobs_at_any_ids=True, max_topk=1 << 30)
 
 
 class HFTeacher(HFModelReceiver, ScoresRollouts):
-    capabilities = capabilities_for("hf")
+    capabilities = capabilities()
 
     def __init__(self, model_path: str, dtype: str = "float32", student_path: Optional[str] = None,
                  threads: int = 0, max_tokens_per_batch: int = 16384, use_gpu: bool = False,

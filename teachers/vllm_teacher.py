@@ -6,7 +6,7 @@ completion token t of a row whose teacher prompt has P tokens is entry P + t, wh
 prompt was (OPSD teachers see privileged text the student never did). Each entry holds the actual
 token's log-prob and the teacher's top-K.
 
-Limits, stated as errors rather than approximated (and declared by `teachers.base.capabilities_for`,
+Limits, stated as errors rather than approximated (and declared by `teachers.kinds.capabilities_for`,
 which the manifest check reads before any work, and by `get_capabilities` on the built engine):
 * no full vocabulary;
 * prompt log-probs are at temperature 1 only (prompt tokens bypass the sampler);

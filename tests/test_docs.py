@@ -1,6 +1,6 @@
 """The docs point at things that exist: every relative Markdown link resolves to a file in the repository
 (and its #anchor to a heading there), every repository path a doc names in code (`launch/driver.py`,
-`configs/paper/`, `teachers/base.py:capabilities_for`, `tests/test_x.py::test_y`) exists, and the README
+`configs/paper/`, `teachers/kinds.py:capabilities_for`, `tests/test_x.py::test_y`) exists, and the README
 stays a front door. Pure text reading: no models, no Ray.
 
 The tests of the checker itself run it on small documents written to a temporary folder, so a broken

@@ -166,10 +166,10 @@ def test_prepare_args_and_gap_to_are_checked(tmp_path):
     from launch.experiment import Prepare, add_gaps
     path = tmp_path / "e.yaml"
     arms = "arms:\n  - {name: t, manifest: configs/chat_math/teacher_sft.yaml}\n"
-    path.write_text("prepare: [{call: tasks.chat_math:prepare, args: {max_answer: 20}}]\ngap_to: t\n" + arms)
+    path.write_text("prepare: [{call: tasks.tiny_qwen3:prepare_chat_math, args: {max_answer: 20}}]\ngap_to: t\n" + arms)
     exp = load_experiment(str(path))
-    assert exp.prepare == [Prepare("tasks.chat_math:prepare", {"max_answer": 20})] and exp.gap_to == "t"
-    for bad in ("prepare: [tasks.chat_math.prepare]", "prepare: [{call: a:b, args: {seed: 3}}]",
+    assert exp.prepare == [Prepare("tasks.tiny_qwen3:prepare_chat_math", {"max_answer": 20})] and exp.gap_to == "t"
+    for bad in ("prepare: [tasks.tiny_qwen3.prepare_chat_math]", "prepare: [{call: a:b, args: {seed: 3}}]",
                 "prepare: [{call: a:b, with: {}}]"):
         path.write_text(bad + "\n" + arms)
         with pytest.raises(ManifestError, match=r"prepare\[0\]: give \"module:function\""):

@@ -6,7 +6,8 @@ from transformers import AutoTokenizer
 from actors.hf_engine import HFEngine
 from opd.sampling import sample
 from opd.contracts import SamplingSpec, ScoreRequest
-from teachers.base import capabilities_for, check_same_tokenizer
+from teachers.base import check_same_tokenizer
+from teachers.kinds import capabilities_for
 from teachers.hf_teacher import HFTeacher
 
 PROMPTS = [[1, 5, 6, 41, 7, 8, 44], [1, 9, 41, 4, 44], [1, 44]]  # ragged on purpose
