@@ -51,14 +51,14 @@ class Injector:
         self.plan, self.rng, self.step, self.injected = plan, rng, 0, []
 
     def install(self) -> None:
-        import launch.driver
+        import launch.session
         from launch.cluster import RolloutGroup, TeacherGroup
-        sampling_at = launch.driver.Setup.sampling_at
+        sampling_at = launch.session.Setup.sampling_at
 
         def tracking(setup, step):
             self.step = step
             return sampling_at(setup, step)
-        launch.driver.Setup.sampling_at = tracking
+        launch.session.Setup.sampling_at = tracking
         for cls, method, role in ((RolloutGroup, "generate", "rollout"), (TeacherGroup, "score", "teacher")):
             setattr(cls, method, self._wrap(getattr(cls, method), role))
 

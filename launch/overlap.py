@@ -56,10 +56,11 @@ from dataclasses import dataclass, field
 from typing import Optional
 
 from launch.config import ExperimentConfig
-from launch.driver import (Setup, StageTimer, begin, between_steps, checkpoint_due, draw, finish, learner_metrics,
-                           log_step, rollout_batch, sync)
 from launch.remote import Pending
 from launch.run_dir import RunDir
+from launch.session import Setup
+from launch.step import (StageTimer, begin, between_steps, checkpoint_due, draw, finish, learner_metrics, log_step,
+                         rollout_batch, sync)
 from launch.teacher_set import PendingScores
 from opd.contracts import Rollout, TrainBatch
 

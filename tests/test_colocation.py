@@ -5,7 +5,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from launch.driver import Setup
+from launch.session import Setup
 
 
 class Learner:

@@ -14,7 +14,7 @@ import pytest
 import ray
 import torch
 
-import launch.driver
+import launch.step
 from launch.cli import main
 from launch.cluster import LearnerGroup, RolloutGroup, TeacherGroup, check_address
 from launch.config import ManifestError, load_manifest
@@ -84,14 +84,14 @@ def test_learner_rank_failure_stops_the_run_by_name_and_the_checkpoint_resumes(r
 
 def nan_teacher_at(monkeypatch, steps):
     """Teacher log-probs of NaN in the batches of the given steps (so the loss is NaN there)."""
-    original, calls = launch.driver.distill_batch, []
+    original, calls = launch.step.distill_batch, []
 
     def poisoned(rollout, scores):
         calls.append(1)
         if len(calls) in steps:
             scores.sampled_logprobs = torch.full_like(scores.sampled_logprobs, float("nan"))
         return original(rollout, scores)
-    monkeypatch.setattr(launch.driver, "distill_batch", poisoned)
+    monkeypatch.setattr(launch.step, "distill_batch", poisoned)
 
 
 @pytest.mark.parametrize("zero_stage", [0, 2])

@@ -167,7 +167,7 @@ def test_routed_scoring_equals_each_teacher_scoring_its_rows_alone(ray_session, 
     """A TeacherSet of two real HF teachers (Ray actors) on a real rollout: each row's scores are those its
     teacher gives when it scores its rows alone, in-process, bit for bit, in the reference loop's call and in
     the overlapped loop's (scoring chained onto the engines' replies)."""
-    from launch.driver import Setup
+    from launch.session import Setup
     from launch.inputs import load_inputs
     from teachers.hf_teacher import HFTeacher
     cfg = load_manifest(two_teacher_doc(assets, tmp_path, loss={"name": "full_reverse_kl"},
