@@ -97,7 +97,7 @@ def teacher_child(a) -> dict:
 def learner_child(a) -> dict:
     import torch
 
-    from launch.config import load_manifest
+    from launch.manifest import load_manifest
     from learner.worker import LearnerWorker
     from opd.contracts import TeacherScores, TrainBatch
     from opd.weight_sync import free_port

@@ -43,7 +43,7 @@ def measure_arm(model: str, r: int, targets: list[str]) -> dict:
     import torch
     import yaml
     from actors.hf_engine import HFEngine
-    from launch.config import load_manifest
+    from launch.manifest import load_manifest
     from learner.lora import optimizer_state_bytes
     from learner.worker import LearnerWorker
     from opd.contracts import TeacherScores, TrainBatch

@@ -98,7 +98,7 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     import transformers
     import yaml
-    from launch.config import load_manifest
+    from launch.manifest import load_manifest
     from launch.driver import train
     from tasks.arithmetic import write_task
     from tasks.tiny import write_tiny_models

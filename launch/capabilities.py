@@ -1,9 +1,11 @@
 """Does the configured loss fit the algorithm, and can the configured teacher supply what it needs?
-Checked before any work."""
+Checked before any work, beside launch/validation.py (which calls check_loss last); nothing here changes the
+manifest."""
 from __future__ import annotations
 
 from pathlib import Path
 
+from launch.config import ManifestError
 from launch.routing import teacher_specs
 from teachers.kinds import capabilities_for
 
@@ -17,7 +19,6 @@ def build_configured_loss(cfg):
 
 
 def check_loss(cfg) -> None:
-    from launch.config import ManifestError
     try:
         loss = build_configured_loss(cfg)
     except ValueError as e:
@@ -49,13 +50,12 @@ def check_loss(cfg) -> None:
     if cfg.rollout.engine == "vllm" and needs.student_topk > cfg.rollout.vllm.max_logprobs:
         raise ManifestError(f"rollout.vllm.max_logprobs: {cfg.rollout.vllm.max_logprobs}, but {cfg.loss.name!r} "
                             f"needs the student's top-{needs.student_topk}; raise it")
-    for spec in specs:  # `auto` resolved per teacher; each one's transport checked
+    for spec in specs:  # each teacher's transport checked, `auto` as it resolves (launch/derived.py:resolve)
         tc = spec.config
-        if tc.full_vocab_transport == "auto":
-            tc.full_vocab_transport = auto_transport(cfg, needs, tc)
-        if tc.full_vocab_transport == "hidden_states":
+        transport = auto_transport(cfg, needs, tc) if tc.full_vocab_transport == "auto" else tc.full_vocab_transport
+        if transport == "hidden_states":
             _check_hidden_transport(cfg, needs, spec)
-        elif tc.full_vocab_transport == "logprobs" and cfg.algorithm == "opd" and needs.teacher_full:
+        elif transport == "logprobs" and cfg.algorithm == "opd" and needs.teacher_full:
             _check_logprobs_transport(cfg, tc)
     if needs.needs_teacher:
         for spec in specs:  # each teacher must serve the loss by itself: it alone scores its rows
@@ -71,7 +71,6 @@ def check_built_teacher(cfg, caps, spec=None) -> None:
     """The configured loss against one teacher's capabilities: before any work from what the manifest
     says, and again from each teacher as built (a vLLM engine picks its runner only when it starts).
     `spec`: which of the run's teachers (launch/routing.py; default the one `teacher:`)."""
-    from launch.config import ManifestError
     from losses import check_teacher
     spec = spec or teacher_specs(cfg)[0]
     loss = build_configured_loss(cfg)
@@ -86,7 +85,6 @@ def check_built_teacher(cfg, caps, spec=None) -> None:
 
 
 def _check_hidden_transport(cfg, needs, spec) -> None:
-    from launch.config import ManifestError
     key, tc = f"{spec.key}.full_vocab_transport", spec.config
     if cfg.algorithm != "opd" or not needs.teacher_full:
         raise ManifestError(f"{key}: hidden_states serves losses over the teacher's whole distribution; "
@@ -128,7 +126,6 @@ def _teacher_path(cfg, tc=None) -> str:
 
 def _check_logprobs_transport(cfg, tc=None) -> None:
     """The log-prob transport ships [N, T, V] float32 each step; refuse it where that is not shippable."""
-    from launch.config import ManifestError
     tc = tc or cfg.teacher
     if tc.kind not in ("hf", "self"):
         return  # check_built_teacher names what a vLLM teacher cannot send

@@ -19,7 +19,8 @@ def _quiet() -> None:
 
 
 def cmd_train(args) -> int:
-    from launch.config import ManifestError, load_manifest
+    from launch.config import ManifestError
+    from launch.manifest import load_manifest
     from launch.experiment import is_experiment_file
     try:
         for m in filter(is_experiment_file, args.manifests):
@@ -45,7 +46,8 @@ def cmd_train(args) -> int:
 def cmd_check(args) -> int:
     """Validate a manifest without loading models or data, and check its layout against a described
     or live cluster: a GPU manifest can be checked on a laptop."""
-    from launch.config import ManifestError, load_manifest, missing_paths
+    from launch.config import ManifestError
+    from launch.manifest import load_manifest, missing_paths
     from launch.experiment import is_experiment_file
     from launch.placement import layout, unplaceable
     try:

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Optional
 
-from launch.config import ManifestError
+from launch.config import ExperimentConfig, ManifestError
 from opd.contracts import SamplingSpec
 
 if TYPE_CHECKING:

@@ -35,7 +35,9 @@ from typing import Optional
 
 import yaml
 
-from launch.config import ExperimentConfig, ManifestError, load_manifest
+from launch.config import ExperimentConfig, ManifestError
+
+from launch.manifest import load_manifest
 from launch.report import CURVES, fmt, gap_closed, markdown_table, plot_all, read_metrics, summarise
 
 EXPERIMENTS = Path(__file__).resolve().parent.parent / "configs" / "experiments"

@@ -12,6 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from launch.config import ExperimentConfig, ManifestError
+from launch.routing import teacher_specs
 
 
 @dataclass
@@ -53,7 +54,6 @@ def layout(cfg: ExperimentConfig) -> Layout:
     gpu = cfg.cluster.num_gpus > 0
     has_teacher = cfg.algorithm == "opd"
     n_learner, n_rollout = cfg.learner.num_ranks, cfg.rollout.num_actors  # SFT runs still evaluate
-    from launch.routing import teacher_specs
     teachers = [t.config for t in teacher_specs(cfg)] if has_teacher else []
     n_teacher = sum(t.num_actors for t in teachers)
     colocate = cfg.cluster.colocate and n_rollout > 0

@@ -14,7 +14,9 @@ from typing import Optional
 
 import yaml
 
-from launch.config import ExperimentConfig, ManifestError, to_yaml
+from launch.config import ExperimentConfig, ManifestError
+
+from launch.manifest import to_yaml
 from learner import checkpoint
 
 

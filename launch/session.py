@@ -13,7 +13,8 @@ import torch
 from launch.batches import score_request, sft_batch
 from launch.capabilities import build_configured_loss, check_built_teacher, check_loss
 from launch.cluster import LearnerGroup, RolloutGroup, connect_weight_sync, derived_seed, start_ray
-from launch.config import ExperimentConfig, reference_rows, rows_per_step, sampling_spec
+from launch.config import ExperimentConfig
+from launch.derived import reference_rows, resolve, rows_per_step, sampling_spec
 from launch.evaluation import Evaluator
 from launch.inputs import Inputs
 from launch.placement import Placement
@@ -43,6 +44,7 @@ class Setup:
         self.specs = teacher_specs(cfg) if cfg.algorithm == "opd" else []
         if any(t.config.full_vocab_transport == "auto" for t in self.specs):
             check_loss(cfg)  # `auto` left open by a check made before an earlier stage wrote the teacher
+            resolve(cfg)
         self.requests = [score_request(needs, rc.temperature, t.config.full_vocab_transport, t.config.kind == "self")
                          for t in self.specs]
         stop = inputs.special.stop  # every engine stops at the same ids, in training, reference rows and eval

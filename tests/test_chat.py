@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from launch.batches import sft_batch
-from launch.config import load_manifest
+from launch.manifest import load_manifest
 from launch.inputs import load_inputs
 from opd.contracts import SamplingSpec
 from opd.modeling import completion_logits

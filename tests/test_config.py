@@ -1,7 +1,9 @@
 """Manifests: typed loading, extends, overrides, and errors that name the key before any work."""
 import pytest
 
-from launch.config import ManifestError, load_manifest, to_yaml
+from launch.config import ManifestError
+
+from launch.manifest import load_manifest, to_yaml
 
 
 def test_loads_typed_with_overrides(write_manifest):

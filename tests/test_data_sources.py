@@ -6,7 +6,9 @@ import shutil
 import pytest
 import torch
 
-from launch.config import ManifestError, load_manifest
+from launch.config import ManifestError
+
+from launch.manifest import load_manifest
 from launch.inputs import load_inputs
 from losses import build_loss
 from losses.reduce import compute_loss

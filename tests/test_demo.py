@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from launch import demo
-from launch.config import load_manifest
+from launch.manifest import load_manifest
 
 ROOT = Path(__file__).resolve().parent.parent
 

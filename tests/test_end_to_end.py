@@ -96,7 +96,8 @@ def test_eval_stop_at_accuracy_ends_the_run_at_that_evaluation(ray_session, writ
 
 
 def test_eval_stop_at_accuracy_is_checked_before_work(write_manifest):
-    from launch.config import ManifestError, load_manifest
+    from launch.config import ManifestError
+    from launch.manifest import load_manifest
     for bad in ({"stop_at_accuracy": 1.5}, {"stop_at_accuracy": 0.5, "interval": 0}):
         with pytest.raises(ManifestError, match="eval.stop_at_accuracy"):
             load_manifest(write_manifest(eval=bad))

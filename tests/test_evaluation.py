@@ -7,7 +7,9 @@ from itertools import combinations
 
 import pytest
 
-from launch.config import ManifestError, load_manifest
+from launch.config import ManifestError
+
+from launch.manifest import load_manifest
 from launch.evaluation import EvalSet, EvalSetSpec, Evaluator, eval_set_specs, pass_at_k, pass_ks, set_metrics
 from opd.contracts import SamplingSpec
 from tasks.verifiers import last_digits_match

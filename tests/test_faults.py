@@ -17,7 +17,8 @@ import torch
 import launch.step
 from launch.cli import main
 from launch.cluster import LearnerGroup, RolloutGroup, TeacherGroup, check_address
-from launch.config import ManifestError, load_manifest
+from launch.config import ManifestError
+from launch.manifest import load_manifest
 from launch.remote import ActorPool, RunStopped, gather
 
 REPO = Path(__file__).resolve().parents[1]
@@ -176,7 +177,7 @@ def test_local_ray_listens_on_loopback_only_and_starts_no_dashboard(write_manife
     script = """
 import json, sys, psutil, ray
 from launch.cluster import start_ray
-from launch.config import load_manifest
+from launch.manifest import load_manifest
 start_ray(load_manifest(sys.argv[1], ["cluster.num_cpus=1"]))
 me = psutil.Process()
 pids = {me.pid} | {p.pid for p in me.children(recursive=True)}

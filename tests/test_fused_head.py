@@ -5,7 +5,9 @@ import json
 import pytest
 import torch
 
-from launch.config import ManifestError, load_manifest
+from launch.config import ManifestError
+
+from launch.manifest import load_manifest
 from losses import REGISTRY, LossBatch, build_loss
 from losses.reduce import Head, compute_loss, compute_loss_from_hidden
 from losses.synthetic import synthetic_batch

@@ -6,7 +6,8 @@ import shutil
 import pytest
 
 from launch.cli import main
-from launch.config import ManifestError, load_manifest
+from launch.config import ManifestError
+from launch.manifest import load_manifest
 from launch.inputs import load_inputs, template_fields
 
 

@@ -7,7 +7,9 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from launch.config import ManifestError, load_manifest
+from launch.config import ManifestError
+
+from launch.manifest import load_manifest
 from learner.worker import LearnerWorker, lr_lambda
 from opd.contracts import TeacherScores, TrainBatch
 from opd.weight_sync import free_port

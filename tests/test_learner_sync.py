@@ -7,7 +7,7 @@ from transformers import AutoModelForCausalLM
 
 from actors.hf_engine import HFEngine
 from launch.cluster import LearnerGroup, connect_weight_sync
-from launch.config import load_manifest
+from launch.manifest import load_manifest
 from launch.placement import Placement
 from opd.contracts import SamplingSpec, TeacherScores, TrainBatch
 

@@ -6,7 +6,9 @@ the row-count micro-batches."""
 import pytest
 import torch
 
-from launch.config import ManifestError, load_manifest
+from launch.config import ManifestError
+
+from launch.manifest import load_manifest
 from opd.batching import split_to, weightless
 from opd.contracts import trimmed
 from test_learner_paper_keys import make_batch, reference_sgd, sgd_cfg, worker

@@ -115,7 +115,7 @@ def test_no_rows_x_T_x_V_float32_tensor_unless_the_full_distribution_is_asked(tm
 
 
 def test_auto_transport_picks_hidden_states_where_the_teacher_can_send_them(write_manifest, assets):
-    from launch.config import load_manifest
+    from launch.manifest import load_manifest
     cfg = load_manifest(write_manifest(loss={"name": "full_reverse_kl"}))
     assert cfg.teacher.full_vocab_transport == "hidden_states"  # HF teacher, plain Linear head
     assert load_manifest(write_manifest()).teacher.full_vocab_transport == "logprobs"  # sampled_token_rkl
@@ -124,7 +124,8 @@ def test_auto_transport_picks_hidden_states_where_the_teacher_can_send_them(writ
 
 
 def test_an_oversized_log_prob_transport_is_refused_with_its_size(write_manifest):
-    from launch.config import ManifestError, load_manifest
+    from launch.config import ManifestError
+    from launch.manifest import load_manifest
     over = dict(loss={"name": "full_reverse_kl"}, teacher={"full_vocab_transport": "logprobs",
                                                            "max_logprobs_transport_gb": 1e-6})
     # 4 prompts x 2 samples x 4 tokens x 55 ids x 4 bytes = 7040 bytes

@@ -11,7 +11,8 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from actors.hf_engine import HFEngine
-from launch.config import ManifestError, load_manifest
+from launch.config import ManifestError
+from launch.manifest import load_manifest
 from learner.lora import ADAPTER_DIR, LoraStudent, optimizer_state_bytes
 from opd.contracts import SamplingSpec
 from opd.weight_sync import free_port, open_sender

@@ -8,7 +8,9 @@ import pytest
 import torch
 import yaml
 
-from launch.config import ManifestError, load_manifest
+from launch.config import ManifestError
+
+from launch.manifest import load_manifest
 from launch.routing import Router, teacher_specs
 from launch.teacher_set import _rollout_rows, merge_scores
 from learner.worker import loss_batch

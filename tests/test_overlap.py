@@ -13,7 +13,9 @@ import torch
 import launch.driver
 from launch.cli import main
 from launch.cluster import LearnerGroup, RolloutGroup
-from launch.config import ManifestError, load_manifest, sampling_spec
+from launch.config import ManifestError
+from launch.derived import sampling_spec
+from launch.manifest import load_manifest
 from launch.overlap import overlapped_loop
 from launch.placement import Placement
 from launch.remote import ActorPool, gather

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from launch.cli import main
-from launch.config import load_manifest, to_yaml
+from launch.manifest import load_manifest, to_yaml
 from test_ray_job import _submit, head  # noqa: F401  (the token-auth head fixture and its submitter)
 
 PAPER = Path(__file__).resolve().parents[1] / "configs" / "paper"

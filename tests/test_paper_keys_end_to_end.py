@@ -8,7 +8,8 @@ import math
 import pytest
 
 from launch.cli import main
-from launch.config import ManifestError, load_manifest
+from launch.config import ManifestError
+from launch.manifest import load_manifest
 
 PAPER = {"reduction": "sample_mean", "kl_to_reference": {"coef": 0.01, "estimator": "low_var_kl"}}
 VLLM = {"kind": "vllm", "vllm": {"kv_cache_memory_gb": 0.0625, "max_logprobs": 5}}

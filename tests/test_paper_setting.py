@@ -12,7 +12,9 @@ from pathlib import Path
 
 import pytest
 
-from launch.config import ManifestError, load_manifest
+from launch.config import ManifestError
+
+from launch.manifest import load_manifest
 from launch.placement import layout
 from tasks.dapo import convert, main
 from tasks.verifiers import VERIFIERS, boxed_match, last_boxed

@@ -8,7 +8,7 @@ from pathlib import Path
 
 
 from launch.cli import main
-from launch.config import load_manifest
+from launch.manifest import load_manifest
 from launch.placement import layout, unplaceable
 
 REPO = Path(__file__).resolve().parents[1]
@@ -71,7 +71,7 @@ def test_opd_check_names_the_broken_key_and_an_unholdable_layout(write_manifest,
 TWO_NODES = """
 import json, sys, time, ray
 from ray.cluster_utils import Cluster
-from launch.config import load_manifest
+from launch.manifest import load_manifest
 from launch.placement import Placement
 cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 2, "resources": {"trainer_node": 10}})
 rollout_node = cluster.add_node(num_cpus=2, resources={"rollout_node": 10})

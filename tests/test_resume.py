@@ -13,7 +13,8 @@ import pytest
 import torch
 
 from launch.cli import main
-from launch.config import ManifestError, load_manifest
+from launch.config import ManifestError
+from launch.manifest import load_manifest
 from launch.run_dir import RunDir
 from learner import checkpoint
 

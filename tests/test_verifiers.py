@@ -6,7 +6,9 @@ import time
 
 import pytest
 
-from launch.config import ManifestError, load_manifest
+from launch.config import ManifestError
+
+from launch.manifest import load_manifest
 from tasks.data import load_dataset
 from tasks.math_fixture import MATH_ROWS, write_math_fixture
 from tasks import verifiers
@@ -164,7 +166,7 @@ def _timed_in_thread(fn, *args):
 
 
 def test_importing_starts_no_worker():
-    code = ("import tasks.verifiers as v, launch.config, launch.evaluation; "
+    code = ("import tasks.verifiers as v, launch.manifest, launch.evaluation; "
             "assert v._WORKER._proc is None and v._WORKER.starts == 0; print('idle')")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.stdout.strip() == "idle", out.stderr

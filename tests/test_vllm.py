@@ -200,7 +200,7 @@ def test_two_engines_sync_from_two_zero3_ranks_without_deadlock(ray_session, wri
     """Ray actors, as the driver places them: two vLLM engines (one group, ranks 1 and 2) receive
     from a two-rank ZeRO-3 learner in one round; both then equal the learner's exported weights."""
     from launch.cluster import LearnerGroup, connect_weight_sync, llm_spec
-    from launch.config import load_manifest
+    from launch.manifest import load_manifest
     from launch.placement import Placement
     cfg = load_manifest(write_manifest(), [
         f"model.path={assets['student']}", "learner.num_ranks=2", "learner.zero_stage=3", "learner.micro_batch_size=2",
@@ -243,7 +243,7 @@ def test_tp2_engine_in_a_placement_group_runs_the_multiprocess_executor_and_rece
     exported weights does."""
     from dataclasses import replace
     from launch.cluster import llm_spec
-    from launch.config import load_manifest
+    from launch.manifest import load_manifest
     from launch.placement import Placement
     cfg = load_manifest(write_manifest(), ["rollout.engine=vllm", "rollout.num_actors=2",
                                            "rollout.vllm.tensor_parallel_size=2", "rollout.vllm.kv_cache_memory_gb=0.0625"])

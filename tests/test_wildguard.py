@@ -101,7 +101,7 @@ def test_safety_keyword(completion, label, reward):
 
 def test_safety_keyword_is_registered_and_named_by_an_eval_set(write_manifest, tmp_path):
     assert VERIFIERS["safety_keyword"] is safety_keyword and get_verifier("safety_keyword", 1.0) is safety_keyword
-    from launch.config import load_manifest
+    from launch.manifest import load_manifest
     data = tmp_path / "wg.jsonl"
     data.write_text(json.dumps({"prompt": "p", "answer": "safe"}) + "\n")
     cfg = load_manifest(write_manifest(data={"train": str(data), "eval": None},
