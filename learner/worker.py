@@ -493,8 +493,8 @@ def _frozen_teacher_head(cfg, device: torch.device):
     self-teacher, whose head is the student's own, and for every other transport)."""
     if cfg.algorithm != "opd":
         return None
-    from launch.routing import teacher_specs  # hidden states are refused with several teachers: one head
-    tc = teacher_specs(cfg)[0].config
+    # the run's first teacher (launch/routing.py:teacher_specs); hidden states are refused with several: one head
+    tc = cfg.teachers[0] if cfg.teachers else cfg.teacher
     if tc.full_vocab_transport != "hidden_states" or tc.live:
         return None
     path = cfg.model.path if tc.kind == "self" else tc.path
