@@ -7,7 +7,7 @@ from pathlib import Path
 
 from launch.config import ManifestError
 from launch.routing import teacher_specs
-from teachers.kinds import capabilities_for
+from teachers.kinds import capabilities_for, kind_of, kinds_where
 
 
 def build_configured_loss(cfg):
@@ -42,7 +42,7 @@ def check_loss(cfg) -> None:
         if len(specs) > 1:
             raise ManifestError("loss.reference.source: 'teacher' with several teachers is not supported (which one "
                                 "writes a prompt's reference row?); use source: dataset")
-        if specs[0].config.kind not in ("hf", "self"):
+        if not _in_hf_model(specs[0].config):
             raise ManifestError(f"loss.reference.source: 'teacher' samples from an HF teacher; {specs[0].key}.kind is "
                                 f"{specs[0].config.kind!r} (use source: dataset, or {specs[0].key}.kind: hf)")
         if ref.temperature < 0:
@@ -89,9 +89,9 @@ def _check_hidden_transport(cfg, needs, spec) -> None:
     if cfg.algorithm != "opd" or not needs.teacher_full:
         raise ManifestError(f"{key}: hidden_states serves losses over the teacher's whole distribution; "
                             f"{cfg.loss.name!r} does not use it (remove the key, or use e.g. full_reverse_kl)")
-    if tc.kind not in ("hf", "self"):
-        raise ManifestError(f"{key}: hidden_states needs the teacher's weights in an HF model ({spec.key}.kind hf or "
-                            f"self); {spec.key}.kind is {tc.kind!r}")
+    if not _in_hf_model(tc):
+        raise ManifestError(f"{key}: hidden_states needs the teacher's weights in an HF model ({spec.key}.kind "
+                            f"{kinds_where(hf_model=True)}); {spec.key}.kind is {tc.kind!r}")
     from opd.modeling import model_skeleton, plain_head_problem
     path = _teacher_path(cfg, tc)
     if not Path(path).is_dir():
@@ -110,7 +110,7 @@ def auto_transport(cfg, needs, tc=None) -> str:
     Left "auto" while the teacher's folder does not exist yet (`opd check` on a stage whose teacher an
     earlier stage trains): the run resolves it when it loads the manifest."""
     tc = tc or cfg.teacher
-    if cfg.algorithm != "opd" or not needs.teacher_full or tc.kind not in ("hf", "self") or len(cfg.teachers) > 1:
+    if cfg.algorithm != "opd" or not needs.teacher_full or not _in_hf_model(tc) or len(cfg.teachers) > 1:
         return "logprobs"  # several teachers: the learner holds one teacher head (launch/routing.py)
     from opd.modeling import model_skeleton, plain_head_problem
     if not Path(_teacher_path(cfg, tc), "config.json").exists():
@@ -121,13 +121,18 @@ def auto_transport(cfg, needs, tc=None) -> str:
 def _teacher_path(cfg, tc=None) -> str:
     """The folder of teacher `tc` (default `teacher:`): its own path, or the student's for a self-teacher."""
     tc = tc or cfg.teacher
-    return cfg.model.path if tc.kind == "self" else tc.path
+    return kind_of(tc).weights_path(cfg, tc)
+
+
+def _in_hf_model(tc) -> bool:
+    """Whether teacher `tc` holds its weights in an HF model in its process (teachers/kinds.py: hf_model)."""
+    return bool(kind_of(tc) and kind_of(tc).hf_model)
 
 
 def _check_logprobs_transport(cfg, tc=None) -> None:
     """The log-prob transport ships [N, T, V] float32 each step; refuse it where that is not shippable."""
     tc = tc or cfg.teacher
-    if tc.kind not in ("hf", "self"):
+    if not _in_hf_model(tc):
         return  # check_built_teacher names what a vLLM teacher cannot send
     if not Path(_teacher_path(cfg, tc), "config.json").exists():
         return  # the model lives where the job runs (`opd check` elsewhere); the run checks it there

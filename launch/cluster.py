@@ -21,6 +21,7 @@ from opd.contracts import (Rollout, SamplingSpec, ScoreRequest, TeacherScores, T
                            concat_scores)
 from opd.batching import spread_by_tokens
 from opd.weight_sync import free_port
+from teachers.kinds import TeacherStart, teacher_kind
 
 QUIET_ENV = {"TRANSFORMERS_VERBOSITY": "error", "HF_HUB_OFFLINE": "1", "HF_HUB_DISABLE_PROGRESS_BARS": "1",
              "TOKENIZERS_PARALLELISM": "false", "PYTHONWARNINGS": "ignore"}
@@ -100,6 +101,17 @@ def llm_spec(cfg: ExperimentConfig, side: str, path: str, seed: int, sync_backen
                    trust_remote_code=(cfg.model if side == "rollout" else tc).trust_remote_code)
 
 
+def teacher_start(cfg: ExperimentConfig, tc, seed: int) -> TeacherStart:
+    """What one actor of teacher `tc` starts from (teachers/kinds.py: its kind's `start` builds it)."""
+    kind = teacher_kind(tc.kind)
+    path = kind.weights_path(cfg, tc)
+    return TeacherStart(path=path, student_path=cfg.model.path, dtype=cfg.model.dtype, seed=seed,
+                        threads=cfg.cluster.threads_per_actor, use_gpu=cfg.cluster.num_gpus > 0,
+                        trust_remote_code=(cfg.model if kind.student_weights else tc).trust_remote_code,
+                        max_tokens_per_batch=tc.max_tokens_per_batch,
+                        llm=llm_spec(cfg, "teacher", path, seed, teacher=tc) if kind.vllm else None)
+
+
 def sync_backend(cfg: ExperimentConfig) -> str:
     """sync.backend for vLLM receivers (HF receivers always use gloo)."""
     if cfg.sync.backend != "auto":
@@ -172,21 +184,12 @@ class TeacherGroup:
     def start(cls, cfg: ExperimentConfig, placement: Placement, index: int = 0, tc=None, role: str = "teacher"):
         """The teachers of one TeacherConfig (`tc`, default `teacher:`), in layout.teacher_groups[index]."""
         tc = tc or cfg.teacher
-        path = cfg.model.path if tc.kind == "self" else tc.path
         slots = placement.layout.teacher_groups[index]
         first = sum(len(g) for g in placement.layout.teacher_groups[:index])  # seeds differ across teachers
 
         def make(i: int):
-            opts = placement.options(slots[i])
-            if tc.kind == "vllm":
-                from teachers.vllm_teacher import VLLMTeacher
-                spec = llm_spec(cfg, "teacher", path, cfg.run.seed + first + i, teacher=tc)
-                return ray.remote(VLLMTeacher).options(**opts).remote(spec, student_path=cfg.model.path)
-            from teachers.hf_teacher import HFTeacher
-            return ray.remote(HFTeacher).options(**opts).remote(
-                path, cfg.model.dtype, student_path=cfg.model.path, threads=cfg.cluster.threads_per_actor,
-                use_gpu=cfg.cluster.num_gpus > 0, max_tokens_per_batch=tc.max_tokens_per_batch,
-                trust_remote_code=(cfg.model if tc.kind == "self" else tc).trust_remote_code)
+            call = teacher_kind(tc.kind).start(teacher_start(cfg, tc, cfg.run.seed + first + i))
+            return ray.remote(call.cls).options(**placement.options(slots[i])).remote(*call.args, **call.kwargs)
         return cls(ActorPool(role, make, len(slots), cfg.cluster.call_timeout_s))
 
     def generate(self, teacher_prompts: list[list[int]], spec: SamplingSpec) -> Rollout:

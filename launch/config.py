@@ -84,7 +84,7 @@ class ModelConfig:
 @dataclass
 class TeacherConfig:
     """`teacher:` (one teacher) or one entry of `teachers:` (several, routed per row: launch/routing.py)."""
-    kind: str = "hf"              # hf | vllm | self (the student's own weights) | none
+    kind: str = "hf"              # hf | vllm | self (the student's own weights) | none; teachers/kinds.py registers them
     # teachers: only. Its name in teacher_routing and in its metrics (teacher/<name>/...); `teacher:` is
     # the one teacher and keeps the metric names it always had.
     name: Optional[str] = None

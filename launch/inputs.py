@@ -12,6 +12,7 @@ from opd.tokens import SpecialIds, special_ids
 from launch.evaluation import EvalSet, eval_set_specs
 from launch.routing import Router, TeacherSpec, teacher_specs
 from tasks.data import Dataset, load_dataset
+from teachers.kinds import kind_of
 
 
 @dataclass
@@ -75,7 +76,7 @@ def load_inputs(cfg: ExperimentConfig) -> Inputs:
     _check_embedding_rows(len(tok), student.vocab_size, None)
     for spec in specs:
         t = spec.config
-        if t.kind not in ("hf", "vllm"):
+        if kind_of(t) is None or kind_of(t).student_weights:  # a self-teacher is the student's own folder
             continue
         from teachers.base import check_same_tokenizer
         try:
@@ -198,9 +199,11 @@ def _check_k(params, key: str, vocab: int) -> None:
 def _context(cfg: ExperimentConfig, side: str, config, teacher: TeacherSpec | None = None) -> int:
     """Tokens a prompt plus its completion may take on one side (rollout, or `teacher`)."""
     limit = getattr(config, "max_position_embeddings", None) or 1 << 62
-    engine, vllm = (cfg.rollout.engine, cfg.rollout.vllm) if teacher is None else (teacher.config.kind,
-                                                                                 teacher.config.vllm)
-    if engine == "vllm" and vllm.max_model_len:
+    if teacher is None:
+        engine_is_vllm, vllm = cfg.rollout.engine == "vllm", cfg.rollout.vllm
+    else:
+        engine_is_vllm, vllm = bool(kind_of(teacher.config) and kind_of(teacher.config).vllm), teacher.config.vllm
+    if engine_is_vllm and vllm.max_model_len:
         limit = min(limit, vllm.max_model_len)
     return limit
 
@@ -220,7 +223,8 @@ def _train_limits(cfg: ExperimentConfig, fmt: PromptFormatter, student, teachers
     limits = [("prompt", _lengths(fmt.students), context - new_tokens)]
     for g, (spec, tfmt) in enumerate(teachers):  # (TeacherSpec, its PromptFormatter); each over its own rows
         tc = spec.config
-        teacher = student if tc.kind == "self" else _model_config(f"{spec.key}.path", tc.path, tc.trust_remote_code)
+        teacher = (student if kind_of(tc).student_weights
+                   else _model_config(f"{spec.key}.path", tc.path, tc.trust_remote_code))
         what = "teacher prompt" if not spec.named else f"teacher {spec.name!r} prompt"
         mine = None if len(teachers) == 1 else (lambda rows, g=g: [i == g for i in router.indices(rows)])
         limits.append((what, _lengths(tfmt.teachers, mine), _context(cfg, "teacher", teacher, spec) - new_tokens))

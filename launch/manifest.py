@@ -28,6 +28,7 @@ from launch.derived import resolve
 from launch.routing import teacher_specs
 from launch.validation import validate
 from tasks.data import source_kind
+from teachers.kinds import kind_of
 
 
 def _all_keys(cls=ExperimentConfig, prefix="") -> list[str]:
@@ -162,7 +163,8 @@ def missing_paths(cfg: ExperimentConfig) -> list[str]:
     """Keys whose path the run reads but which does not exist here."""
     read = {"model.path", "data.train", "data.eval"}
     if cfg.algorithm == "opd":
-        read |= {f"{t.key}.path" for t in teacher_specs(cfg) if t.config.kind in ("hf", "vllm")}
+        read |= {f"{t.key}.path" for t in teacher_specs(cfg)  # a self-teacher reads model.path
+                 if kind_of(t.config) and not kind_of(t.config).student_weights}
     if cfg.loss.kl_to_reference.coef > 0:
         read.add("loss.kl_to_reference.path")
     return [key for key, holder, name in _path_fields(cfg)

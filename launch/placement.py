@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 from launch.config import ExperimentConfig, ManifestError
 from launch.routing import teacher_specs
+from teachers.kinds import kind_of
 
 
 @dataclass
@@ -45,9 +46,11 @@ class Layout:
 
 def engine_gpus(cfg: ExperimentConfig, side: str, teacher=None) -> int:
     """GPUs one rollout engine / teacher occupies (`teacher`: which TeacherConfig; default `teacher:`)."""
+    if side == "rollout":
+        return cfg.rollout.vllm.tensor_parallel_size if cfg.rollout.engine == "vllm" else 1
     tc = teacher or cfg.teacher
-    kind, vllm = (cfg.rollout.engine, cfg.rollout.vllm) if side == "rollout" else (tc.kind, tc.vllm)
-    return vllm.tensor_parallel_size if kind == "vllm" else 1
+    kind = kind_of(tc)
+    return kind.gpus(tc) if kind else 1
 
 
 def layout(cfg: ExperimentConfig) -> Layout:

@@ -31,6 +31,7 @@ from dataclasses import dataclass
 from typing import Optional
 
 from launch.config import ExperimentConfig, ManifestError, TeacherConfig
+from teachers.kinds import kinds_where
 
 SINGLE = "teacher"  # the name of `teacher:`'s one teacher
 _NAME = re.compile(r"^[A-Za-z0-9_.-]+$")
@@ -75,7 +76,7 @@ def check_teachers(cfg: ExperimentConfig) -> None:
         if t.name in names:
             raise ManifestError(f"teachers[{i}].name: {t.name!r} is used twice; names must differ")
         if t.kind == "none":
-            raise ManifestError(f"teachers[{i}].kind: 'none' is not a teacher; use hf, vllm or self")
+            raise ManifestError(f"teachers[{i}].kind: 'none' is not a teacher; use {kinds_where()}")
         if not t.weight > 0:
             raise ManifestError(f"teachers[{i}].weight: must be > 0, got {t.weight} (a teacher whose rows should "
                                 "not count belongs out of the list)")

@@ -25,6 +25,7 @@ from launch.run_dir import RunDir
 from opd.contracts import SamplingSpec, TrainBatch
 from tasks.data import PromptStream
 from tasks.verifiers import get_verifier
+from teachers.kinds import teacher_kind
 
 
 class Setup:
@@ -45,7 +46,8 @@ class Setup:
         if any(t.config.full_vocab_transport == "auto" for t in self.specs):
             check_loss(cfg)  # `auto` left open by a check made before an earlier stage wrote the teacher
             resolve(cfg)
-        self.requests = [score_request(needs, rc.temperature, t.config.full_vocab_transport, t.config.kind == "self")
+        self.requests = [score_request(needs, rc.temperature, t.config.full_vocab_transport,
+                                       teacher_kind(t.config.kind).student_weights)
                          for t in self.specs]
         stop = inputs.special.stop  # every engine stops at the same ids, in training, reference rows and eval
         self.sampling = replace(sampling_spec(cfg, return_topk=needs.student_topk), stop_ids=stop)

@@ -21,6 +21,7 @@ from launch.cluster import TeacherGroup
 from launch.remote import Pending
 from launch.routing import Router, TeacherSpec
 from opd.contracts import Rollout, SamplingSpec, ScoreRequest, TeacherScores
+from teachers.kinds import teacher_kind
 
 
 @dataclass
@@ -99,7 +100,7 @@ class TeacherSet:
         """teacher_stats over every row (the names `teacher:` always had), and with `teachers:` each
         teacher's over its own rows, under teacher/<name>/ (opsd/<name>/pi_gap_nats for a self-teacher),
         with its row count and the sampled-token reverse-KL estimate mean_t log p_old(y_t) - log q(y_t)."""
-        self_teacher = all(s.config.kind == "self" for s in self.specs)
+        self_teacher = all(teacher_kind(s.config.kind).student_weights for s in self.specs)
         out = teacher_stats(rollout, routed.scores, self_teacher)
         for g, idx, scores in routed.parts:
             spec = self.specs[g]
@@ -108,7 +109,7 @@ class TeacherSet:
             sub = _rollout_rows(rollout, idx)
             prefix = f"teacher/{spec.name}/"
             out[prefix + "rows"] = float(len(idx))
-            for k, v in teacher_stats(sub, scores, spec.config.kind == "self").items():
+            for k, v in teacher_stats(sub, scores, teacher_kind(spec.config.kind).student_weights).items():
                 out[prefix + k.removeprefix("teacher/") if k.startswith("teacher/")
                     else f"opsd/{spec.name}/{k.removeprefix('opsd/')}"] = v
             if sub.behaviour_logprobs is not None and scores.sampled_logprobs is not None:

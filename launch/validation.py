@@ -11,6 +11,7 @@ from launch.derived import rows_per_step, sampling_spec
 from launch.evaluation import eval_set_specs
 from launch.placement import check_resources
 from launch.routing import check_teachers, teacher_specs
+from teachers.kinds import TEACHER_KINDS, kind_of, kinds_where
 
 
 def _choice(key: str, value, choices) -> None:
@@ -28,7 +29,7 @@ def validate(cfg: ExperimentConfig) -> None:
     _choice("algorithm", cfg.algorithm, ("opd", "sft", "grpo"))
     _choice("cluster.mode", cfg.cluster.mode, ("local", "ray"))
     for t in teacher_specs(cfg):
-        _choice(f"{t.key}.kind", t.config.kind, ("hf", "vllm", "self", "none"))
+        _choice(f"{t.key}.kind", t.config.kind, (*TEACHER_KINDS, "none"))
         _choice(f"{t.key}.full_vocab_transport", t.config.full_vocab_transport, ("auto", "logprobs", "hidden_states"))
         _positive(f"{t.key}.num_actors", t.config.num_actors)
         _positive(f"{t.key}.max_tokens_per_batch", t.config.max_tokens_per_batch)
@@ -96,13 +97,14 @@ def validate(cfg: ExperimentConfig) -> None:
     check_teachers(cfg)
     needs_teacher = cfg.algorithm == "opd"
     for t in teacher_specs(cfg):
-        k, tc = t.key, t.config
-        if needs_teacher and tc.kind == "none":
-            raise ManifestError(f"{k}.kind: algorithm 'opd' needs a teacher (hf, vllm or self)")
-        if needs_teacher and tc.kind in ("hf", "vllm") and not tc.path:
+        k, tc, kind = t.key, t.config, kind_of(t.config)
+        if needs_teacher and kind is None:
+            raise ManifestError(f"{k}.kind: algorithm 'opd' needs a teacher ({kinds_where()})")
+        if needs_teacher and not kind.student_weights and not tc.path:
             raise ManifestError(f"{k}.path: required for {k}.kind {tc.kind!r}")
-        if tc.live and tc.kind != "self":
-            raise ManifestError(f"{k}.live: only a self-teacher ({k}.kind: self) can follow live weights")
+        if tc.live and not (kind and kind.follows_student):
+            raise ManifestError(f"{k}.live: only a self-teacher ({k}.kind: {kinds_where(follows_student=True)}) "
+                                "can follow live weights")
     if cfg.cluster.mode == "local":
         _check_local_gpus(cfg.cluster.num_gpus)
     _check_cluster(cfg)
@@ -168,10 +170,10 @@ def _check_engines(cfg: ExperimentConfig) -> None:
         raise ManifestError(f"rollout.num_actors: {cfg.rollout.num_actors}, but colocated engines sit one per "
                             f"learner GPU: set it to learner.num_ranks ({cfg.learner.num_ranks})")
     _check_colocation_layout(cfg)
-    sides = [("rollout", cfg.rollout.engine, cfg.rollout.vllm)] + [(t.key, t.config.kind, t.config.vllm)
-                                                                 for t in teacher_specs(cfg)]
-    for side, engine, v in sides:
-        if engine != "vllm":
+    sides = [("rollout", cfg.rollout.engine == "vllm", cfg.rollout.vllm)] + [
+        (t.key, bool(kind_of(t.config) and kind_of(t.config).vllm), t.config.vllm) for t in teacher_specs(cfg)]
+    for side, vllm, v in sides:
+        if not vllm:
             continue
         _positive(f"{side}.vllm.tensor_parallel_size", v.tensor_parallel_size)
         if v.max_model_len is not None:

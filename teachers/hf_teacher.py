@@ -14,6 +14,7 @@ from opd.sampling import generate
 from opd.tokens import special_ids
 from opd.weight_sync.gloo import HFModelReceiver
 from teachers.base import ScoresRollouts, TeacherCapabilities, check_same_tokenizer
+from teachers.kinds import ActorCall, TeacherKind, TeacherStart, register
 
 
 def capabilities() -> TeacherCapabilities:
@@ -150,3 +151,12 @@ def token_stats(z: torch.Tensor, ids: torch.Tensor) -> tuple[torch.Tensor, ...]:
         out.append(torch.stack([(zy - lse).squeeze(-1), 1 + (c > zy).sum(-1).to(c.dtype), entropy, lse.squeeze(-1)]))
     sampled, rank, entropy, lse = torch.cat(out, 1).reshape(4, *z.shape[:-1]) if out else z.new_zeros(4, *z.shape[:-1])
     return sampled, rank.long(), entropy, lse
+
+
+def start(s: TeacherStart) -> ActorCall:
+    return ActorCall(HFTeacher, (s.path, s.dtype), dict(
+        student_path=s.student_path, threads=s.threads, use_gpu=s.use_gpu,
+        max_tokens_per_batch=s.max_tokens_per_batch, trust_remote_code=s.trust_remote_code))
+
+
+register(TeacherKind("hf", lambda max_logprobs, on_gpu: capabilities(), start, hf_model=True))

@@ -24,6 +24,7 @@ import torch
 from opd.contracts import ScoreRequest, TeacherScores
 from opd.vllm_llm import LLMSpec, LLMWeightReceiver, build_llm, parse_positions, student_support_scoring
 from teachers.base import ScoresRollouts, TeacherCapabilities, check_same_tokenizer
+from teachers.kinds import ActorCall, TeacherKind, TeacherStart, register
 
 if TYPE_CHECKING:
     from vllm.outputs import RequestOutput
@@ -151,3 +152,11 @@ class VLLMTeacher(LLMWeightReceiver, ScoresRollouts):
             at_outputs = self.llm.generate(prompts, at_params, use_tqdm=False) if rows else []
             scores.at_student_topk = at_ids_from_outputs(at_outputs, rows, lengths, tuple(student_topk_ids.shape))
         return scores
+
+
+def start(s: TeacherStart) -> ActorCall:
+    return ActorCall(VLLMTeacher, (s.llm,), dict(student_path=s.student_path))
+
+
+register(TeacherKind("vllm", lambda max_logprobs, on_gpu: capabilities(max_logprobs, None if on_gpu else CPU_BUILD_LIMIT),
+                     start, vllm=True))
