@@ -21,6 +21,7 @@ from opd.contracts import (Rollout, SamplingSpec, ScoreRequest, TeacherScores, T
                            concat_scores)
 from opd.batching import spread_by_tokens
 from opd.weight_sync import free_port
+from opd.weight_sync.transports import default_transport
 from teachers.kinds import TeacherStart, teacher_kind
 
 QUIET_ENV = {"TRANSFORMERS_VERBOSITY": "error", "HF_HUB_OFFLINE": "1", "HF_HUB_DISABLE_PROGRESS_BARS": "1",
@@ -116,7 +117,7 @@ def sync_backend(cfg: ExperimentConfig) -> str:
     """sync.backend for vLLM receivers (HF receivers always use gloo)."""
     if cfg.sync.backend != "auto":
         return cfg.sync.backend
-    return "gloo" if cfg.cluster.num_gpus == 0 else "ipc" if cfg.cluster.colocate else "nccl"
+    return default_transport(cfg.cluster.num_gpus > 0, cfg.cluster.colocate).name
 
 
 class RolloutGroup:

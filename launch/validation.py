@@ -11,6 +11,7 @@ from launch.derived import rows_per_step, sampling_spec
 from launch.evaluation import eval_set_specs
 from launch.placement import check_resources
 from launch.routing import check_teachers, teacher_specs
+from opd.weight_sync.transports import TRANSPORTS, default_transport
 from teachers.kinds import TEACHER_KINDS, kind_of, kinds_where
 
 
@@ -157,12 +158,12 @@ def _check_cluster(cfg: ExperimentConfig) -> None:
 
 
 def _check_engines(cfg: ExperimentConfig) -> None:
-    _choice("sync.backend", cfg.sync.backend, ("auto", "gloo", "nccl", "ipc"))
+    _choice("sync.backend", cfg.sync.backend, ("auto", *TRANSPORTS))
     _positive("sync.close_timeout_s", cfg.sync.close_timeout_s)
     on_gpu = cfg.cluster.num_gpus > 0
-    if cfg.sync.backend in ("nccl", "ipc") and not on_gpu:
+    if cfg.sync.backend != "auto" and TRANSPORTS[cfg.sync.backend].gpus and not on_gpu:
         raise ManifestError(f"sync.backend: {cfg.sync.backend!r} moves weights between GPUs; with "
-                            "cluster.num_gpus: 0 use gloo (or auto)")
+                            f"cluster.num_gpus: 0 use {default_transport(False, False).name} (or auto)")
     if cfg.cluster.colocate and not on_gpu:
         raise ManifestError("cluster.colocate: shares the learner's GPUs with the rollout engines; "
                             "it needs cluster.num_gpus > 0")
@@ -198,12 +199,9 @@ def _check_colocation_layout(cfg: ExperimentConfig) -> None:
     """Layouts that pass Ray's arithmetic and fail on the GPUs themselves (only vLLM engines receive
     over nccl / ipc; HF receivers always use gloo)."""
     vllm_rollout = cfg.rollout.engine == "vllm"
-    if cfg.cluster.colocate and cfg.sync.backend == "nccl" and vllm_rollout:
-        raise ManifestError("sync.backend: nccl with cluster.colocate: true puts two NCCL ranks (learner and engine) "
-                            "on one GPU, which NCCL refuses; use ipc (or auto) when colocated")
-    if cfg.sync.backend == "ipc" and not cfg.cluster.colocate and vllm_rollout:
-        raise ManifestError("sync.backend: ipc shares CUDA memory within one GPU, so it needs the engines on the "
-                            "learner's GPUs (cluster.colocate: true); use nccl (or auto) for engines on GPUs of their own")
+    t = TRANSPORTS.get(cfg.sync.backend)  # None: auto, which fits the layout
+    if vllm_rollout and t and t.colocated is not None and t.colocated != cfg.cluster.colocate:
+        raise ManifestError(t.layout_problem)
     if cfg.cluster.colocate and vllm_rollout and cfg.rollout.vllm.tensor_parallel_size > 1:
         raise ManifestError(f"rollout.vllm.tensor_parallel_size: {cfg.rollout.vllm.tensor_parallel_size} with "
                             "cluster.colocate: true, but a colocated engine shares one learner GPU (half of it); "

@@ -15,6 +15,7 @@ import numpy as np
 import torch
 
 from opd.contracts import SamplingSpec
+from opd.weight_sync.transports import transport
 
 if TYPE_CHECKING:
     from vllm.entrypoints.llm import LLM
@@ -22,7 +23,6 @@ if TYPE_CHECKING:
 
 VLLM_VERSION = "0.32.0"
 CPU_KV_CACHE_GB = 0.25  # vLLM's CPU build sizes its KV cache from this, not gpu_memory_utilization
-SYNC_BACKENDS = {"gloo": "opd_gloo", "nccl": "nccl", "ipc": "ipc"}  # manifest name -> vLLM registry name
 
 
 @dataclass(frozen=True)
@@ -61,10 +61,8 @@ def engine_env(spec: LLMSpec, cuda: bool) -> dict[str, str]:
     # start-up is one vLLM import instead of three, and RPCs are plain calls. TP > 1 keeps the engine
     # core in a process of its own, in front of the multiprocess executor's workers (executor_backend).
     env = {"VLLM_ENABLE_V1_MULTIPROCESSING": "0" if _in_process(spec) else "1"}
-    if spec.sync_backend == "ipc":
-        # IPC handles hold Python types that vLLM's msgpack refuses between its own processes
-        # unless told otherwise; the channel is this actor's own engine, so allowing it is safe.
-        env["VLLM_ALLOW_INSECURE_SERIALIZATION"] = "1"
+    if spec.sync_backend:  # what the transport needs of the engine (ipc: opd/weight_sync/transports.py)
+        env.update(transport(spec.sync_backend).engine_env)
     if not cuda:
         env["VLLM_CPU_OMP_THREADS_BIND"] = "nobind"  # actors share the cores; do not pin them
     return env
@@ -112,7 +110,7 @@ def build_llm(spec: LLMSpec, logprobs_mode: str) -> "LLM":
     if kv_cache_gb:
         kwargs["kv_cache_memory_bytes"] = int(kv_cache_gb * (1 << 30))
     if spec.sync_backend:
-        kwargs["weight_transfer_config"] = WeightTransferConfig(backend=SYNC_BACKENDS[spec.sync_backend])
+        kwargs["weight_transfer_config"] = WeightTransferConfig(backend=transport(spec.sync_backend).vllm_backend)
     return LLM(model=spec.model, **kwargs)
 
 

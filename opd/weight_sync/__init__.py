@@ -8,6 +8,7 @@ Pieces, one idea per file:
     client.py       EngineGroupClient: the learner's fan-out to every receiver, all at once
     gloo.py         CPU transport, both ends (HF models receive it; vLLM's CPU build through vllm_native.py)
     vllm_native.py  NCCL / IPC through vLLM's own trainer engines; registers gloo inside vLLM's workers
+    transports.py   the registry: one entry per transport (sync.backend), what it needs and how it opens
 Receivers implement init_weight_transfer / start_weight_update / receive_weights /
 finish_weight_update / close_weight_transfer (+ weight_sync_workers): HFModelReceiver (gloo.py) for
 HF models, LLMWeightReceiver (opd/vllm_llm.py) for vLLM.
@@ -19,8 +20,7 @@ from typing import Any, Optional, Sequence
 
 from opd.weight_sync.client import CLOSE_TIMEOUT_S, EngineGroupClient
 from opd.weight_sync.source import ParamStream
-
-BACKENDS = ("gloo", "nccl", "ipc")
+from opd.weight_sync.transports import transport
 
 
 def free_port() -> int:
@@ -36,13 +36,7 @@ def open_sender(backend: str, stream: ParamStream, targets: Sequence[Any], worke
     receivers; the others join the ZeRO-3 gathers). Rank 0 hosts the group at `address`, on `port`
     or a free one of its own. Has send(version) and shutdown(), which waits at most close_timeout_s
     for the receivers and returns those that did not close."""
+    opener = transport(backend).open  # an unknown backend is refused before any group opens
     client = EngineGroupClient(targets, workers, close_timeout_s)
     port = port or (free_port() if rank == 0 else 0)
-    if backend == "gloo":
-        from opd.weight_sync.gloo import GlooInitInfo, GlooSender
-        info = GlooInitInfo(master_address=address, master_port=port, world_size=1 + client.num_workers)
-        return GlooSender(stream, client, rank=rank, info=info if rank == 0 else None)
-    if backend in ("nccl", "ipc"):
-        from opd.weight_sync.vllm_native import VLLMNativeSender
-        return VLLMNativeSender(stream, client, backend=backend, rank=rank, master_address=address, master_port=port)
-    raise ValueError(f"sync.backend: {backend!r} is not one of {list(BACKENDS)}")
+    return opener(stream, client, rank=rank, address=address, port=port)
