@@ -26,14 +26,16 @@ install: $(STAMP)
 demo: $(STAMP)  # make demo SEED=1: another seed (models' init, data split and order, sampling)
 	$(BIN)/python -m launch.demo $(if $(SEED),--seed $(SEED))
 
-check: $(STAMP)  # the inner loop: lint, the import layers, and the fast tier (no Ray, vLLM or DeepSpeed runs)
+check: $(STAMP)  # the inner loop: lint, the import layers, types, and the fast tier (no Ray, vLLM or DeepSpeed runs)
 	$(BIN)/ruff check .
 	$(BIN)/lint-imports
+	$(BIN)/mypy
 	$(BIN)/python -m pytest -q -m "not slow" tests
 
-test: $(STAMP)  # CI: lint, the import layers, and every tier
+test: $(STAMP)  # CI: lint, the import layers, types, and every tier
 	$(BIN)/ruff check .
 	$(BIN)/lint-imports
+	$(BIN)/mypy
 	$(BIN)/python -m pytest -q tests
 
 bench: $(STAMP)

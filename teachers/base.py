@@ -41,6 +41,12 @@ class ScoresRollouts:
         """What this teacher, as built, can return (a vLLM teacher's depend on its engine's runner)."""
         return self.capabilities
 
+    def score(self, teacher_prompts: list[list[int]], completion_ids: torch.Tensor,
+              completion_mask: torch.Tensor, request: ScoreRequest,
+              student_topk_ids: Optional[torch.Tensor] = None) -> TeacherScores:
+        """Each teacher's own (the Teacher protocol below)."""
+        raise NotImplementedError
+
     def score_rollout(self, teacher_prompts: list[list[int]], request: ScoreRequest, rows: list[int],
                       *parts) -> TeacherScores:
         """`rows` (indices, in the order of teacher_prompts) of the rollout the engines' `parts` make
@@ -54,7 +60,14 @@ class ScoresRollouts:
 
 
 class Teacher(Protocol):
+    """What every teacher actor implements (HFTeacher, VLLMTeacher; a live one is also a
+    opd.weight_sync.receiver.WeightReceiver). tests/test_protocols.py and mypy hold each to it."""
     capabilities: TeacherCapabilities
+
+    def get_capabilities(self) -> TeacherCapabilities: ...
+
+    def score_rollout(self, teacher_prompts: list[list[int]], request: ScoreRequest, rows: list[int],
+                      *parts) -> TeacherScores: ...
 
     def score(self, teacher_prompts: list[list[int]], completion_ids: torch.Tensor,
               completion_mask: torch.Tensor, request: ScoreRequest,
