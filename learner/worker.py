@@ -167,6 +167,7 @@ class LearnerWorker:
         self.frozen_teacher_head = _frozen_teacher_head(cfg, self.device)
         self.senders: list = []
         self.last_step_skipped = False
+        self._step: Optional[dict] = None  # the open step's sums (train_step, or accumulate .. apply_step)
 
     def student_logits(self, b: TrainBatch) -> torch.Tensor:
         """Student logits at completion positions only: [n, T, V]."""
@@ -222,8 +223,7 @@ class LearnerWorker:
         `skipped_nonfinite` is 1 when every update of the step was skipped (the weights did not change);
         with several updates, `skipped_updates` counts them. Loss, diagnostics and grad_norm are means
         over the updates."""
-        t0 = time.perf_counter()
-        self.engine.train()
+        self._begin_step()
         updates = [token_counts] if isinstance(token_counts[0], int) else list(token_counts)
         n = len(updates)
         budget = self.cfg.learner.max_tokens_per_micro_batch
@@ -233,46 +233,104 @@ class LearnerWorker:
                 f"rank {self.rank}: shard of {len(shard)} rows, expected {mb * self.gas * n}"
             update_rows = [len(shard) // n] * n
         bounds = [sum(update_rows[:j]) for j in range(n + 1)]
-        sums: dict[str, torch.Tensor] = {}
-        norms, overflows, padded, real = [], self.engine.skipped_steps, 0, 0
         for j, counts in enumerate(updates):
-            loss_sum, grad_norm = torch.zeros((), dtype=torch.float64, device=self.device), None
-            plan = self._micro_plan(shard, range(bounds[j], bounds[j + 1]))
-            for i, rows in enumerate(plan):  # each micro-batch copied out only when its turn comes
-                if budget is None:
-                    micro = shard.select(rows)
-                else:  # the update's last micro-batch is its boundary, however many there are
-                    self.engine.set_gradient_accumulation_boundary(i == len(plan) - 1)
-                    # nothing left to split (_micro_plan): a row of zero weight keeps the count
-                    micro = trimmed(shard.select(rows) if rows else weightless(shard.select([bounds[j]])))
-                padded += micro.completion_ids.numel()
-                real += micro.loss_tokens
-                loss, diags = self.micro_loss(micro, counts)
-                loss_sum += loss.detach().to(torch.float64)
-                for k, v in {"loss": loss.detach(), **diags}.items():
-                    sums[k] = sums.get(k, 0.0) + torch.as_tensor(v, dtype=torch.float64, device=self.device)
-                # DeepSpeed divides by gas and averages over ranks; our weights already sum to 1 globally.
-                self.engine.backward(loss * self.gas * self.world_size)
-                if self.engine.is_gradient_accumulation_boundary() and self.cfg.learner.zero_stage == 0:
-                    grad_norm = self._grad_norm()  # ZeRO stages report their own; stage 0 does not
-                    if self._all_agree_nonfinite(loss_sum, grad_norm):
-                        self._skip_boundary_step()
-                        continue
+            self._backward_rows(shard, range(bounds[j], bounds[j + 1]), counts, last=True)
+            self._update()
+        return self._end_step(n)
+
+    def accumulate(self, chunk: TrainBatch, token_counts: tuple[int, int], last: bool = False) -> None:
+        """Forward and backward of one chunk of a pipelined step (rollout.pipeline_chunks): this rank's rows
+        of the chunk, with the WHOLE step's global denominators (TrainBatch.denominators over every chunk),
+        so the gradients the chunks accumulate are the one-call step's. The first call of a step opens it;
+        `last`: the step's final chunk, whose last micro-batch is the accumulation boundary (DeepSpeed's
+        reductions run in its backward). apply_step() then takes the one optimizer step. One update per
+        step (learner.updates_per_step 1); chunks of whole micro-batches (launch/validation.py)."""
+        t = time.perf_counter()
+        if self._step is None:
+            self._begin_step()
+        if self.cfg.learner.max_tokens_per_micro_batch is None:
+            assert len(chunk) % self.cfg.learner.micro_batch_size == 0, \
+                f"rank {self.rank}: chunk of {len(chunk)} rows, not whole micro-batches of {self.cfg.learner.micro_batch_size}"
+        self._backward_rows(chunk, range(len(chunk)), token_counts, last)
+        self._step["last_seen"] = last
+        self._step["busy"] += time.perf_counter() - t  # the calls' own time, not the waits between them
+
+    def apply_step(self) -> dict[str, float]:
+        """The optimizer step after a pipelined step's last chunk (accumulate(..., last=True)); answers the
+        step's metrics as train_step does: sums over every chunk's micro-batches."""
+        assert self._step is not None and self._step["last_seen"], "apply_step before the step's last chunk"
+        t = time.perf_counter()
+        self._update()
+        self._step["busy"] += time.perf_counter() - t
+        return self._end_step(1)
+
+    def _begin_step(self) -> None:
+        self.engine.train()
+        self._step = {"t0": time.perf_counter(), "busy": 0.0, "sums": {}, "norms": [], "padded": 0, "real": 0,
+                      "overflows": self.engine.skipped_steps, "last_seen": False,
+                      "loss_sum": torch.zeros((), dtype=torch.float64, device=self.device)}
+
+    def _backward_rows(self, shard: TrainBatch, rows: range, counts: tuple[int, int], last: bool) -> None:
+        """Forward and backward of `rows` of the shard, micro-batch by micro-batch, each followed by DeepSpeed's
+        (non-boundary) engine.step(), except the update's final one when `last`: its backward is at the
+        accumulation boundary and _update() steps."""
+        st, budget = self._step, self.cfg.learner.max_tokens_per_micro_batch
+        plan = self._micro_plan(shard, rows)
+        for i, mrows in enumerate(plan):  # each micro-batch copied out only when its turn comes
+            final = last and i == len(plan) - 1
+            if budget is None:
+                micro = shard.select(mrows)
+            else:  # the update's last micro-batch is its boundary, however many there are
+                self.engine.set_gradient_accumulation_boundary(final)
+                # nothing left to split (_micro_plan): a row of zero weight keeps the count
+                micro = trimmed(shard.select(mrows) if mrows else weightless(shard.select([rows.start])))
+            st["padded"] += micro.completion_ids.numel()
+            st["real"] += micro.loss_tokens
+            loss, diags = self.micro_loss(micro, counts)
+            st["loss_sum"] += loss.detach().to(torch.float64)
+            for k, v in {"loss": loss.detach(), **diags}.items():
+                st["sums"][k] = st["sums"].get(k, 0.0) + torch.as_tensor(v, dtype=torch.float64, device=self.device)
+            # DeepSpeed divides by gas and averages over ranks; our weights already sum to 1 globally.
+            self.engine.backward(loss * self.gas * self.world_size)
+            boundary = self.engine.is_gradient_accumulation_boundary()
+            assert boundary == final, f"rank {self.rank}: micro-batch {i} of {len(plan)}: accumulation boundary " \
+                f"{boundary}, expected {final}"
+            if not final:
+                self.engine.step()  # not a boundary: DeepSpeed only counts the micro-step
+
+    def _update(self) -> None:
+        """The optimizer update at the accumulation boundary (its backward done), or its skip when the loss
+        or the gradient is not finite (ZeRO stage 0 here; stages 1-3 in DeepSpeed's own step)."""
+        st, grad_norm = self._step, None
+        if self.cfg.learner.zero_stage == 0:
+            grad_norm = self._grad_norm()  # ZeRO stages report their own; stage 0 does not
+            if self._all_agree_nonfinite(st["loss_sum"], grad_norm):
+                self._skip_boundary_step()
+            else:
                 self.engine.step()
-            norms.append(self.engine.get_global_grad_norm() if self.cfg.learner.zero_stage > 0 else grad_norm)
-        skipped = self.engine.skipped_steps - overflows
+        else:
+            self.engine.step()
+        st["norms"].append(self.engine.get_global_grad_norm() if self.cfg.learner.zero_stage > 0 else grad_norm)
+        st["loss_sum"] = torch.zeros((), dtype=torch.float64, device=self.device)
+
+    def _end_step(self, n: int) -> dict[str, float]:
+        """The step's metrics (means over its n updates) and its end."""
+        st, self._step = self._step, None
+        skipped = self.engine.skipped_steps - st["overflows"]
         self.last_step_skipped = skipped == n
+        sums = st["sums"]
         keys = sorted(sums)
         vec = self._sum_over_ranks(torch.stack([sums[k] for k in keys]))
         out = {k: float(v) / n for k, v in zip(keys, vec)}
-        norms = [float(g) if g is not None else float("nan") for g in norms]
+        norms = [float(g) if g is not None else float("nan") for g in st["norms"]]
         out["grad_norm"] = sum(norms) / n
         out["lr"] = float(self.engine.get_lr()[0])
         out["skipped_nonfinite"] = float(skipped == n)
         if n > 1:
             out["skipped_updates"] = float(skipped)
-        out["padding_fraction"] = 1.0 - real / max(1, padded)  # this rank's completion columns that are padding
-        out["compute_s"] = time.perf_counter() - t0  # the step itself, without the call's transport
+        out["padding_fraction"] = 1.0 - st["real"] / max(1, st["padded"])  # this rank's completion columns that are padding
+        # the step itself, without the calls' transport (a pipelined step: its calls' time, not the waits between)
+        out["compute_s"] = st["busy"] or time.perf_counter() - st["t0"]
         return out
 
     def _micro_plan(self, shard: TrainBatch, rows: range) -> list[list[int]]:
