@@ -261,6 +261,20 @@ class LearnerGroup:
         return self._submit("train_step", [(batch.select([i for u in spread for i in u[r]]), counts_arg,
                                             [len(u[r]) for u in spread]) for r in range(len(self.ranks))])
 
+    def submit_chunk(self, chunk: TrainBatch, counts: tuple[int, int], last: bool) -> list:
+        """Start accumulate (a pipelined step's chunk, launch/pipeline.py) on every rank, each on its share of
+        the chunk's rows as submit_step splits a step (in order, or by tokens), with the whole step's
+        denominators `counts`; `last`: the step's final chunk. Calls to a rank run in the order sent, so
+        the chunks queue behind each other and apply_step behind the last."""
+        if len(self.ranks) == 1:
+            shards = [chunk]
+        elif not self.by_tokens:
+            shards = [chunk.select(list(range(len(chunk)))[s]) for s in _split(len(chunk), len(self.ranks))]
+        else:
+            tokens = (chunk.completion_mask.sum(-1) + torch.tensor([len(p) for p in chunk.prompt_ids])).tolist()
+            shards = [chunk.select(rows) for rows in spread_by_tokens(tokens, len(self.ranks))]
+        return self._submit("accumulate", [(sh, counts, last) for sh in shards])
+
     def submit(self, method: str, *args) -> list:
         """Start a collective method on every rank and return at once. Calls from the driver to a
         rank run in the order they were sent, so one sent after submit_step runs right behind it."""

@@ -143,6 +143,13 @@ class RolloutConfig:
     # sampled_token_rkl's importance ratio corrects token by token. Ignored by algorithm: sft (no
     # rollouts); refused with cluster.colocate and with a live self-teacher.
     max_lag: int = 0
+    # On-policy pipelining inside a step (launch/pipeline.py): the step's rows split into this many chunks,
+    # sampled as separate engine calls; the teachers score chunk k as soon as its rollout exists and the
+    # learner runs forward and backward on each scored chunk while later ones are scored, all with the
+    # step's weights, and steps once after the last (the whole step's token counts). The same gradient as
+    # 1 chunk (today's loop, same calls). Refused with max_lag 1, updates_per_step > 1, reference rows,
+    # algorithms other than opd and cluster.colocate (launch/validation.py).
+    pipeline_chunks: int = 1
     vllm: VLLMConfig = field(default_factory=VLLMConfig)
 
 

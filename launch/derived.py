@@ -45,3 +45,20 @@ def sampling_spec(cfg: ExperimentConfig, return_topk: int = 0):
     rc = cfg.rollout
     return SamplingSpec(max_new_tokens=rc.max_new_tokens, temperature=rc.temperature, top_p=rc.top_p,
                         return_topk=return_topk)
+
+
+def pipeline_unit(cfg: ExperimentConfig) -> int:
+    """The rows a pipelined step's chunks are made of (rollout.pipeline_chunks): one micro-batch on every
+    learner rank (one row per rank with learner.max_tokens_per_micro_batch), so each chunk is whole
+    micro-batches and the step's accumulation boundary falls at its last chunk's last micro-batch."""
+    lc = cfg.learner
+    return lc.num_ranks * (lc.micro_batch_size if lc.max_tokens_per_micro_batch is None else 1)
+
+
+def chunk_bounds(cfg: ExperimentConfig, rows: int) -> list[slice]:
+    """The step's rows in rollout.pipeline_chunks runs, in order, of near-equal numbers of whole units."""
+    unit, c = pipeline_unit(cfg), cfg.rollout.pipeline_chunks
+    units = rows // unit
+    bounds = [round(k * units / c) * unit for k in range(c + 1)]
+    bounds[-1] = rows
+    return [slice(a, b) for a, b in zip(bounds, bounds[1:])]

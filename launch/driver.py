@@ -9,6 +9,7 @@ from launch.cluster import check_address
 from launch.config import ExperimentConfig
 from launch.inputs import load_inputs
 from launch.overlap import overlapped_loop
+from launch.pipeline import pipelined_step
 from launch.remote import RunStopped
 from launch.run_dir import RunDir
 from launch.session import Setup
@@ -39,13 +40,16 @@ def _loop(cfg: ExperimentConfig, run: RunDir, s: Setup) -> dict:
         timer, t0, faults = StageTimer(), time.time(), s.replaced()
         prompts, rows = draw(cfg, s)
         metrics = {"data/skipped_rows": s.train_data.skipped}
-        if cfg.algorithm == "sft":
-            batch = sft_batch(s.fmt, rows, "target")
+        if cfg.rollout.pipeline_chunks > 1:  # sampled, scored and learned in chunks (launch/pipeline.py)
+            batch = pipelined_step(cfg, s, step, rows, timer, metrics)
         else:
-            with timer("rollout"):  # the seed is a function of the step: a resumed or retried step samples alike
-                rollout = s.rollouts.generate(s.fmt.students(rows), s.sampling_at(step))
-            batch = rollout_batch(cfg, s, step, prompts, rows, rollout, timer, metrics)
-        learn(s, batch, timer, metrics)
+            if cfg.algorithm == "sft":
+                batch = sft_batch(s.fmt, rows, "target")
+            else:
+                with timer("rollout"):  # the seed is a function of the step: a resumed or retried step samples alike
+                    rollout = s.rollouts.generate(s.fmt.students(rows), s.sampling_at(step))
+                batch = rollout_batch(cfg, s, step, prompts, rows, rollout, timer, metrics)
+            learn(s, batch, timer, metrics)
         sync(cfg, s, step, guard, timer, metrics)
         log_step(run, s, step, batch, metrics, timer, t0, faults)
         stopped = between_steps(cfg, run, s, step, guard)

@@ -7,7 +7,7 @@ from pathlib import Path
 
 from launch.capabilities import check_loss
 from launch.config import ExperimentConfig, ManifestError
-from launch.derived import rows_per_step, sampling_spec
+from launch.derived import pipeline_unit, reference_rows, rows_per_step, sampling_spec
 from launch.evaluation import eval_set_specs
 from launch.placement import check_resources
 from launch.routing import check_teachers, teacher_specs
@@ -111,6 +111,7 @@ def validate(cfg: ExperimentConfig) -> None:
     _check_cluster(cfg)
     _check_engines(cfg)
     _check_overlap(cfg)
+    _check_pipeline(cfg)
     check_resources(cfg)
     check_loss(cfg)
 
@@ -226,3 +227,33 @@ def _check_overlap(cfg: ExperimentConfig) -> None:
         raise ManifestError(f"rollout.max_lag: 1 with {live[0]}.live: true is refused: the live self-teacher would "
                             "score a rollout with weights a version newer than the ones that sampled it; "
                             f"set rollout.max_lag: 0 or {live[0]}.live: false")
+
+
+def _check_pipeline(cfg: ExperimentConfig) -> None:
+    """rollout.pipeline_chunks > 1 (launch/pipeline.py) splits one on-policy OPD step of one optimizer update
+    into chunks of whole micro-batches; everything else keeps 1."""
+    c = cfg.rollout.pipeline_chunks
+    _positive("rollout.pipeline_chunks", c)
+    if c == 1:
+        return
+    why = None
+    if cfg.algorithm != "opd":
+        why = (f"algorithm {cfg.algorithm!r} is not pipelined (GRPO's advantages are normalised over the whole "
+               "step's groups; SFT samples nothing); only opd is")
+    elif cfg.rollout.max_lag:
+        why = ("rollout.max_lag: 1 already overlaps the next step's sampling and scoring with the learner; "
+               "the two are not combined")
+    elif cfg.learner.updates_per_step > 1:
+        why = (f"learner.updates_per_step: {cfg.learner.updates_per_step} steps on each mini-batch; a pipelined "
+               "step accumulates every chunk into one update")
+    elif reference_rows(cfg):
+        why = "the loss's SFT mix adds reference rows to the step, which the chunks do not carry"
+    elif cfg.cluster.colocate:
+        why = "cluster.colocate: true puts the engines to sleep during the learner's work, which overlaps them here"
+    if why:
+        raise ManifestError(f"rollout.pipeline_chunks: {c} is refused: {why}; set rollout.pipeline_chunks: 1")
+    units = rows_per_step(cfg) // pipeline_unit(cfg)
+    if units < c:
+        raise ManifestError(f"rollout.pipeline_chunks: {c} chunks of whole micro-batches need at least {c} of them, "
+                            f"but a step has {units} ({rows_per_step(cfg)} rows, {pipeline_unit(cfg)} per micro-batch "
+                            "over the learner's ranks); use fewer chunks")
