@@ -2,6 +2,9 @@
 writes into a validated manifest the canonical forms and the `auto`s that the checks accepted."""
 from __future__ import annotations
 
+import os
+from typing import Optional
+
 from launch.capabilities import auto_transport, build_configured_loss
 from launch.config import ExperimentConfig
 from launch.routing import teacher_specs
@@ -17,6 +20,8 @@ def resolve(cfg: ExperimentConfig) -> None:
     if isinstance(cfg.run.resume, str):
         value = cfg.run.resume.lower()
         cfg.run.resume = {"true": True, "false": False}.get(value, value)
+    if cfg.cluster.threads_per_actor == "auto" and cfg.cluster.mode == "local":  # ray mode: Setup, from the nodes
+        cfg.cluster.threads_per_actor = threads_per_actor(cfg)
     needs = build_configured_loss(cfg).needs
     for spec in teacher_specs(cfg):
         if spec.config.full_vocab_transport == "auto":
@@ -62,3 +67,39 @@ def chunk_bounds(cfg: ExperimentConfig, rows: int) -> list[slice]:
     bounds = [round(k * units / c) * unit for k in range(c + 1)]
     bounds[-1] = rows
     return [slice(a, b) for a, b in zip(bounds, bounds[1:])]
+
+
+def actors_at_once(cfg: ExperimentConfig) -> int:
+    """How many actors compute at the same time. The reference loop's stages run one after another, so
+    the busiest stage's actors (rollout engines, the teachers' actors, learner ranks); with rollout.max_lag 1
+    or rollout.pipeline_chunks > 1 every stage works at once, so all of them. SFT: the learner's ranks."""
+    learner = cfg.learner.num_ranks
+    if cfg.algorithm == "sft":
+        return learner
+    teachers = sum(t.config.num_actors for t in teacher_specs(cfg)) if cfg.algorithm == "opd" else 0
+    stages = (cfg.rollout.num_actors, teachers, learner)
+    overlapped = cfg.rollout.max_lag > 0 or cfg.rollout.pipeline_chunks > 1
+    return sum(stages) if overlapped else max(stages)
+
+
+def auto_threads(cores: int, busy: int) -> int:
+    """cluster.threads_per_actor: auto: the cores shared by the actors working at once, at least one each
+    (more threads than cores only oversubscribe: docs/benchmarks.md)."""
+    return max(1, cores // max(1, busy))
+
+
+def local_cores(cfg: ExperimentConfig) -> int:
+    """The cores this process may run on (its CPU affinity), and in local mode at most cluster.num_cpus."""
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:  # macOS, Windows
+        cores = os.cpu_count() or 1
+    return min(cores, cfg.cluster.num_cpus) if cfg.cluster.mode == "local" else cores
+
+
+def threads_per_actor(cfg: ExperimentConfig, cores: Optional[int] = None) -> int:
+    """cluster.threads_per_actor as a number: as given, or auto from `cores` (default: local_cores)."""
+    t = cfg.cluster.threads_per_actor
+    if t != "auto":
+        return int(t)
+    return auto_threads(local_cores(cfg) if cores is None else cores, actors_at_once(cfg))

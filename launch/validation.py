@@ -36,6 +36,9 @@ def validate(cfg: ExperimentConfig) -> None:
         _positive(f"{t.key}.max_tokens_per_batch", t.config.max_tokens_per_batch)
         _positive(f"{t.key}.max_logprobs_transport_gb", t.config.max_logprobs_transport_gb)
     _choice("rollout.engine", cfg.rollout.engine, ("hf", "vllm"))
+    threads = cfg.cluster.threads_per_actor
+    if threads != "auto" and not (isinstance(threads, int) and not isinstance(threads, bool) and threads > 0):
+        raise ManifestError(f"cluster.threads_per_actor: {threads!r} is not a positive number of threads or auto")
     _choice("learner.zero_stage", cfg.learner.zero_stage, (0, 1, 2, 3))
     _choice("learner.optimizer", cfg.learner.optimizer, ("adamw", "sgd"))
     fused_head = str(cfg.learner.fused_head).lower()  # YAML reads true/false as booleans

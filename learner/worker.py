@@ -122,7 +122,8 @@ class LearnerWorker:
                  rows_per_step: int):
         os.environ.update(RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK="0",
                           MASTER_ADDR=master_addr, MASTER_PORT=str(master_port))
-        torch.set_num_threads(cfg.cluster.threads_per_actor)
+        if isinstance(cfg.cluster.threads_per_actor, int):  # auto: the launcher resolves it before any actor starts
+            torch.set_num_threads(cfg.cluster.threads_per_actor)
         torch.manual_seed(cfg.run.seed)
         self.device = actor_device(cfg.cluster.num_gpus > 0)
         if self.device.type == "cuda":

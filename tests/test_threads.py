@@ -1,0 +1,46 @@
+"""cluster.threads_per_actor: auto (launch/derived.py): the cores over the actors that work at once, at
+least one each; explicit numbers stay as they are; anything else is refused naming the key."""
+import pytest
+
+import launch.derived
+from launch.config import ManifestError
+from launch.derived import actors_at_once, auto_threads, local_cores
+from launch.manifest import load_manifest
+
+
+@pytest.mark.parametrize("cores,busy,threads", [(2, 1, 2), (2, 3, 1), (16, 3, 5), (16, 4, 4), (1, 1, 1), (8, 0, 8)])
+def test_the_rule(cores, busy, threads):
+    assert auto_threads(cores, busy) == threads
+
+
+@pytest.mark.parametrize("over,busy", [
+    ([], 1),  # rollout, then teacher, then learner: one actor computes at a time
+    (["rollout.num_actors=2", "teacher.num_actors=3"], 3),  # the busiest stage
+    (["rollout.max_lag=1"], 3),  # every stage at once
+    (["rollout.pipeline_chunks=2", "learner.micro_batch_size=2"], 3),
+    (["rollout.max_lag=1", "rollout.num_actors=2", "learner.num_ranks=2", "learner.micro_batch_size=2"], 5),
+    (["algorithm=sft", "loss.name=sft", "teacher.kind=none", "learner.micro_batch_size=2"], 1),
+    (["algorithm=grpo", "loss.name=grpo", "teacher.kind=none", "rollout.max_lag=1"], 2),  # no teacher
+])
+def test_actors_at_once(write_manifest, over, busy):
+    assert actors_at_once(load_manifest(write_manifest(), over)) == busy
+
+
+def test_auto_is_resolved_from_the_cores_and_numbers_are_kept(write_manifest, monkeypatch):
+    monkeypatch.setattr(launch.derived.os, "sched_getaffinity", lambda pid: set(range(8)), raising=False)
+    cfg = load_manifest(write_manifest(), ["cluster.threads_per_actor=auto", "cluster.num_cpus=6"])
+    assert local_cores(cfg) == 6  # at most what Ray may use
+    assert cfg.cluster.threads_per_actor == 6  # on-policy: one stage at a time
+    cfg = load_manifest(write_manifest(), ["cluster.threads_per_actor=auto", "cluster.num_cpus=6", "rollout.max_lag=1"])
+    assert cfg.cluster.threads_per_actor == 2
+    cfg = load_manifest(write_manifest(), ["cluster.threads_per_actor=auto", "cluster.num_cpus=16", "rollout.max_lag=1"])
+    assert cfg.cluster.threads_per_actor == 2  # the affinity (8 cores) bounds it too
+    assert load_manifest(write_manifest(), ["cluster.threads_per_actor=3"]).cluster.threads_per_actor == 3
+    cfg = load_manifest(write_manifest(), ["cluster.threads_per_actor=auto", "cluster.mode=ray"])
+    assert cfg.cluster.threads_per_actor == "auto"  # ray mode: resolved by the run from the nodes' CPUs
+
+
+@pytest.mark.parametrize("value", ["0", "-1", "fast", "1.5", "true"])
+def test_bad_values_are_refused(write_manifest, value):
+    with pytest.raises(ManifestError, match=r"^cluster.threads_per_actor: .* is not a positive number of threads or auto"):
+        load_manifest(write_manifest(), [f"cluster.threads_per_actor={value}"])
