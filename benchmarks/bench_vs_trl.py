@@ -1,9 +1,13 @@
 """Step time and memory of our local mode against TRL's DistillationTrainer, same models, same settings,
 at two shapes.
 
-    python benchmarks/bench_vs_trl.py                          # both shapes, threads 1 and 2, 2 interleaved pairs
-    python benchmarks/bench_vs_trl.py --shapes tiny --threads 1 --repeats 3
-    python benchmarks/bench_vs_trl.py --ours teacher.full_vocab_transport=logprobs   # one of our settings changed
+    python benchmarks/bench_vs_trl.py                          # both shapes, every variant, 2 interleaved rounds
+    python benchmarks/bench_vs_trl.py --shapes realistic --repeats 1 --steps 5 --variants defaults,on-policy
+    python benchmarks/bench_vs_trl.py --ours teacher.full_vocab_transport=logprobs   # one setting changed in all
+
+In one run: our defaults (what a user gets without asking), our best on-policy settings and our best
+one-step-off settings (VARIANTS), and TRL at its best thread setting, each ours/TRL ratio side by side;
+then the learner's step FLOP rate against this machine's measured fp32 matmul rate.
 
 Shapes (SHAPES below):
   tiny       the demo's models: student and teacher (hidden 128, 4 layers), a 55-token vocabulary;
@@ -22,7 +26,7 @@ own processes and every actor; TRL: its one process), sampled every 0.2 s:
 
   ours  `python -m launch.cli train <manifest>`: local Ray mode, one HF rollout actor, one HF
         teacher actor, one DeepSpeed (ZeRO-0) learner rank; loss.name=full_reverse_kl; no eval
-        (data.eval: null, eval.interval: 0); our recommended settings OURS_DEFAULTS (one-step-off
+        (data.eval: null, eval.interval: 0); each of VARIANTS in turn (defaults; on-policy; one-step-off
         rollouts overlapping the learner, the teacher ships hidden states, the learner's loss takes the
         output layer chunk by chunk), changed with --ours. Step times come from runs/<name>/metrics.jsonl
         (perf/step_s, which already excludes eval and the final save), stages from time/*_s.
@@ -100,8 +104,16 @@ SHAPES = {
     "realistic": {"sizes": {"student": (256, 3, 4), "teacher": (512, 4, 8)}, "vocab": 32000, "batch": 32,
                   "max_new_tokens": 32, "steps": 8},
 }
-# Our recommended settings for this job (each a manifest override; --ours adds or replaces).
-OURS_DEFAULTS = ["rollout.max_lag=1", "teacher.full_vocab_transport=hidden_states", "learner.fused_head=auto"]
+# Our variants (manifest overrides on the bench's manifest; --ours adds to each). defaults: nothing set;
+# on-policy: the exact settings that overlap work inside a step (pipeline chunks of whole micro-batches,
+# the teacher's hidden states); one-step-off: rollout.max_lag 1 (changes the algorithm: docs/benchmarks.md).
+VARIANTS = {
+    "defaults": [],
+    "on-policy": ["teacher.full_vocab_transport=hidden_states", "learner.fused_head=auto", "rollout.pipeline_chunks=4",
+                  "learner.micro_batch_size=8"],
+    "one-step-off": ["rollout.max_lag=1", "teacher.full_vocab_transport=hidden_states", "learner.fused_head=auto"],
+}
+OURS_DEFAULTS = VARIANTS["one-step-off"]  # the settings earlier versions of this script ran as "ours"
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -190,7 +202,7 @@ def write_manifest(path: Path, a, paths: dict, out_dir: Path, name: str) -> None
 
 
 def run_ours(a, paths, work: Path, logs: Path, rep: int) -> dict:
-    name = f"bench-ours-{a.shape}-t{a.threads}-r{rep}"
+    name = f"bench-ours-{a.variant}-{a.shape}-t{a.threads}-r{rep}"
     manifest = work / f"{name}.yaml"
     write_manifest(manifest, a, paths, work / "runs", name)
     cmd = [sys.executable, "-m", "launch.cli", "train", str(manifest),
@@ -201,8 +213,12 @@ def run_ours(a, paths, work: Path, logs: Path, rep: int) -> dict:
     if len(steps) != a.steps:
         raise RuntimeError(f"ours: {len(steps)} step rows in metrics.jsonl, expected {a.steps}")
     kept = [r for r in steps if r["step"] > a.warmup]
+    import yaml
+    manifest = yaml.safe_load((work / "runs" / name / "manifest.yaml").read_text())
     return {
-        "system": "ours", "repeat": rep, "wall_s": wall, "peak_rss_mb": peak / 2**20,
+        "system": "ours", "repeat": rep, "threads_resolved": manifest["cluster"]["threads_per_actor"],
+        "transport": manifest["teacher"]["full_vocab_transport"],
+        "learner_compute_s": [r.get("time/learner_compute_s", float("nan")) for r in kept], "wall_s": wall, "peak_rss_mb": peak / 2**20,
         "step_s": [r["perf/step_s"] for r in kept],
         # perf/tokens_per_s = batch.loss_tokens / step time, so the product is the step's loss tokens
         "tokens": [r["perf/tokens_per_s"] * r["perf/step_s"] for r in kept],
@@ -360,7 +376,10 @@ def summarise(runs: list[dict]) -> dict:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--shapes", default="tiny,realistic", help="comma list of SHAPES (default tiny,realistic)")
-    p.add_argument("--threads", default="1,2", help="comma list of torch threads per process to try (default 1,2)")
+    p.add_argument("--threads", default="1,2", help="TRL: comma list of torch threads to try (default 1,2)")
+    p.add_argument("--ours-threads", default="auto",
+                   help="ours: comma list of cluster.threads_per_actor values to try (default auto: the rule's pick)")
+    p.add_argument("--variants", default=",".join(VARIANTS), help=f"comma list of our VARIANTS (default all: {list(VARIANTS)})")
     p.add_argument("--steps", type=int, default=None, help="optimizer steps per run (default: the shape's)")
     p.add_argument("--batch", type=int, default=None, help="sequences per optimizer step (default: the shape's)")
     p.add_argument("--micro-batch", type=int, default=None, help="sequences per forward/backward (default: --batch)")
@@ -368,7 +387,7 @@ def main(argv=None) -> int:
     p.add_argument("--repeats", type=int, default=2, help="interleaved (ours, TRL) pairs per setting (default 2)")
     p.add_argument("--warmup", type=int, default=2, help="leading steps of each run not timed (default 2)")
     p.add_argument("--ours", action="append", default=[], metavar="KEY=VALUE",
-                   help=f"a manifest override for our runs, after {OURS_DEFAULTS} (repeatable)")
+                   help="a manifest override for every one of our runs, after the variant's (repeatable)")
     p.add_argument("--num-cpus", type=int, default=2, help="our cluster.num_cpus (default 2)")
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--seed", type=int, default=0)
@@ -389,6 +408,11 @@ def main(argv=None) -> int:
         if name not in SHAPES:
             p.error(f"--shapes: {name!r} is not one of {sorted(SHAPES)}")
     threads = [int(t) for t in a.threads.split(",")]
+    ours_threads = [t if t == "auto" else int(t) for t in a.ours_threads.split(",")]
+    variants = a.variants.split(",")
+    for v in variants:
+        if v not in VARIANTS:
+            p.error(f"--variants: {v!r} is not one of {list(VARIANTS)}")
 
     from trl import DistillationTrainer  # noqa: F401  (fail early if this trl lacks it)
 
@@ -401,23 +425,26 @@ def main(argv=None) -> int:
         print(f"loss check (TRL beta=1.0 vs ours full_reverse_kl, same logits): loss {check['trl_loss']:.6f} vs "
               f"{check['ours_loss']:.6f}, max |grad diff| {check['grad_max_abs_diff']:.1e} "
               f"(max |grad| {check['grad_max_abs']:.1e})")
-    results, ratios = {"loss_check": check, "ours_overrides": OURS_DEFAULTS + a.ours}, {}
+    results, ratios = {"loss_check": check, "variants": {v: VARIANTS[v] + a.ours for v in variants},
+                       "matmul_gflops": matmul_rates(sorted({*threads, 1, 2}))}, {}
     for name in shapes:
         work = Path(tempfile.mkdtemp(prefix=f"bench_vs_trl_{name}_"))
         try:
-            results[name] = _bench_shape(a, name, threads, logs, work)
+            results[name] = _bench_shape(a, name, threads, ours_threads, variants, logs, work, results["matmul_gflops"])
         finally:
             shutil.rmtree(work, ignore_errors=True)
         ratios[name] = results[name]["ratio_ours_over_trl"]
-    print("\n" + " | ".join(f"{k}: ratio ours/TRL = {v:.2f}" for k, v in ratios.items())
-          + " (each at its best thread setting; target <= 0.8)")
+    for k, v in ratios.items():
+        print(f"\n{k}: ours/TRL " + " | ".join(f"{var} {r:.2f}" for var, r in v.items())
+              + " (each at its best thread setting; issue 21's targets: on-policy <= 0.6, one step off <= 0.4)")
     path = out_dir / f"bench_vs_trl-{stamp}.json"
     path.write_text(json.dumps(results, indent=2))
     print(f"results: {path}")
     return 0
 
 
-def _bench_shape(a, shape: str, threads: list[int], logs: Path, work: Path) -> dict:
+def _bench_shape(a, shape: str, threads: list[int], ours_threads: list, variants: list[str], logs: Path, work: Path,
+                 matmul: dict) -> dict:
     import trl
 
     from tasks.arithmetic import write_task
@@ -426,7 +453,7 @@ def _bench_shape(a, shape: str, threads: list[int], logs: Path, work: Path) -> d
 
     from launch.batches import PromptFormatter
     spec = SHAPES[shape]
-    base = argparse.Namespace(**{**vars(a), "shape": shape, "ours": OURS_DEFAULTS + a.ours,
+    base = argparse.Namespace(**{**vars(a), "shape": shape,
                                  **{k: getattr(a, k) if getattr(a, k) is not None else spec[k]
                                     for k in ("steps", "batch", "max_new_tokens")}})
     micro = base.micro_batch or base.batch
@@ -444,22 +471,33 @@ def _bench_shape(a, shape: str, threads: list[int], logs: Path, work: Path) -> d
     print(f"\n=== shape {shape}: vocab {len(tok)} | student {params['student'] / 1e6:.1f}M {sizes['student']} "
           f"teacher {params['teacher'] / 1e6:.1f}M {sizes['teacher']} (hidden, layers, heads) | batch {base.batch} "
           f"(micro {micro}) | prompt {prompt_len} tok | max_new_tokens {base.max_new_tokens} | steps {base.steps} "
-          f"(first {base.warmup} dropped) x {a.repeats} pairs | threads {threads} | trl {trl.__version__} | "
-          f"ours {' '.join(base.ours)}", flush=True)
+          f"(first {base.warmup} dropped) x {a.repeats} rounds | TRL threads {threads}, ours {ours_threads} | "
+          f"trl {trl.__version__}", flush=True)
+    for v in variants:
+        print(f"  ours {v}: {' '.join(VARIANTS[v] + a.ours) or '(nothing set)'}", flush=True)
 
-    runs = {(system, t): [] for t in threads for system in ("ours", "trl")}
-    for rep in range(a.repeats):
-        for t in threads:
-            for system, fn in (("ours", run_ours), ("trl", run_trl)):
-                r = fn(argparse.Namespace(**{**vars(base), "threads": t}), paths, work, logs, rep)
-                runs[system, t].append(r)
-                print(f"  pair {rep + 1}/{a.repeats} threads {t} {system:4s}: median step {median(r['step_s']):.3f}s "
-                      f"(run wall {r['wall_s']:.0f}s, peak RSS {r['peak_rss_mb']:.0f} MB)", flush=True)
+    keys = [("ours", v, t) for v in variants for t in ours_threads] + [("trl", "trl", t) for t in threads]
+    runs: dict = {k: [] for k in keys}
+    for rep in range(a.repeats):  # interleaved: every configuration once per round
+        for system, variant, t in keys:
+            fn = run_ours if system == "ours" else run_trl
+            ours = VARIANTS.get(variant, []) + a.ours
+            r = fn(argparse.Namespace(**{**vars(base), "threads": t, "variant": variant, "ours": ours}), paths, work,
+                   logs, rep)
+            runs[system, variant, t].append(r)
+            print(f"  round {rep + 1}/{a.repeats} {variant:<13} threads {t}"
+                  f"{' (' + str(r['threads_resolved']) + ')' if t == 'auto' else ''}: median step "
+                  f"{median(r['step_s']):.3f}s (run wall {r['wall_s']:.0f}s, peak RSS {r['peak_rss_mb']:.0f} MB)",
+                  flush=True)
 
-    s = {f"{system}-t{t}": summarise(v) for (system, t), v in runs.items()}
-    best = {system: min((k for k in s if k.startswith(system)), key=lambda k: s[k]["median_step_s"])
-            for system in ("ours", "trl")}
-    ratio = s[best["ours"]]["median_step_s"] / s[best["trl"]]["median_step_s"]
+    name = lambda v, t: f"{'ours-' + v if v != 'trl' else 'trl'}-t{t}"  # noqa: E731
+    s = {name(v, t): summarise(runs[sy, v, t]) for sy, v, t in keys}
+    best_key = {v: min((k for k in keys if k[1] == v), key=lambda k: s[name(k[1], k[2])]["median_step_s"])
+                for v in [*variants, "trl"]}
+    best = {v: name(k[1], k[2]) for v, k in best_key.items()}
+    trl_best = s[best["trl"]]["median_step_s"]
+    ratios = {v: s[best[v]]["median_step_s"] / trl_best for v in variants}
+    flops = learner_flops(paths, base.batch, prompt_len, spec["vocab"] or len(tok))
     lines = [
         f"{'system (threads)':<30} {'median step s':>13} {'p90 s':>8} {'tokens/s':>9} {'tok/step':>9} {'peak RSS MB':>12}",
         *(f"{k + (' *' if k in best.values() else ''):<30} {v['median_step_s']:>13.3f} {v['p90_step_s']:>8.3f} "
@@ -472,13 +510,66 @@ def _bench_shape(a, shape: str, threads: list[int], logs: Path, work: Path) -> d
         "(TRL's stages: generate / teacher forward / the rest of the step. Ours may overlap stages, so"
         " their sum can exceed the step and 'other' go negative.)",
         "",
-        f"{shape}: ratio ours/TRL = {ratio:.2f} ({best['ours']} vs {best['trl']}, * = each system's best; target <= 0.8)",
+        f"{shape}: ours/TRL, each at its best thread setting (* above), against {best['trl']} at {trl_best:.3f} s: "
+        + " | ".join(f"{v} {r:.2f}" for v, r in ratios.items()),
     ]
+    for v in variants:  # the learner's own step against the machine's matmul rate at the threads it ran with
+        rs = runs[best_key[v]]
+        compute = median([x for r in rs for x in r["learner_compute_s"]])
+        length = sum(x for r in rs for x in r["completion_len"]) / sum(len(r["completion_len"]) for r in rs)
+        gflop = flops(length, rs[0]["transport"] == "hidden_states") / 1e9
+        t = rs[0]["threads_resolved"]
+        peak = matmul.get(t) or matmul.get(str(t)) or float("nan")
+        lines.append(f"{shape}: learner step ({v}, {t} thread(s)): {gflop:.1f} GFLOP in {compute:.3f} s = "
+                     f"{gflop / compute:.1f} GFLOP/s; this machine's fp32 matmul at {t} thread(s): {peak:.1f} GFLOP/s "
+                     f"({100 * gflop / compute / peak:.0f}%; issue 21's target >= 50%)")
     print("\n".join(lines), flush=True)
     return {"args": {k: v for k, v in vars(base).items() if not k.startswith("child")}, "vocab": len(tok),
             "models": sizes, "params": params, "prompt_tokens": prompt_len, "summary": s, "best": best,
-            "ratio_ours_over_trl": ratio, "runs": {f"{sy}-t{t}": v for (sy, t), v in runs.items()},
+            "ratio_ours_over_trl": ratios, "runs": {name(v, t): runs[sy, v, t] for sy, v, t in keys},
             "logs": str(logs), "table": "\n".join(lines), "trl_version": trl.__version__}
+
+
+def matmul_rates(threads: list[int], n: int = 2048, repeats: int = 5) -> dict:
+    """This machine's fp32 matmul rate (GFLOP/s) at each torch thread count: best of `repeats` [n, n] @ [n, n]."""
+    import torch
+    before = torch.get_num_threads()
+    x, y = torch.randn(n, n), torch.randn(n, n)
+    out = {}
+    for t in threads:
+        torch.set_num_threads(t)
+        x @ y  # warm-up
+        best = min(_timed(lambda: x @ y) for _ in range(repeats))
+        out[t] = 2 * n ** 3 / best / 1e9
+    torch.set_num_threads(before)
+    print("fp32 matmul " + ", ".join(f"{t} thread(s) {g:.1f} GFLOP/s" for t, g in out.items())
+          + f" ([{n}, {n}] @ [{n}, {n}], best of {repeats})", flush=True)
+    return out
+
+
+def _timed(fn) -> float:
+    t = time.perf_counter()
+    fn()
+    return time.perf_counter() - t
+
+
+def learner_flops(paths: dict, rows: int, prompt_len: int, vocab: int):
+    """The learner step's matmul FLOPs as a function of the mean completion length (and whether it applies the
+    teacher's output layer to hidden states): forward + backward (6 per parameter per position) of the student's
+    body over prompt and completion positions and of its output layer over completion positions, and the
+    teacher's head forward (2 per weight) on completion positions. Attention's score matmuls and the loss's
+    elementwise work are left out (small at these lengths)."""
+    from opd.modeling import model_skeleton
+    student, teacher = model_skeleton(str(paths["student"])), model_skeleton(str(paths["teacher"]))
+    head = student.get_output_embeddings().weight.numel()
+    embed = student.get_input_embeddings().weight.numel()
+    body = sum(p.numel() for p in student.parameters()) - embed - (0 if student.config.tie_word_embeddings else head)
+    teacher_head = teacher.get_output_embeddings().weight.numel()
+
+    def f(completion_len: float, teacher_head_here: bool) -> float:
+        return (6 * body * rows * (prompt_len + completion_len) + 6 * head * rows * completion_len
+                + (2 * teacher_head * rows * completion_len if teacher_head_here else 0))
+    return f
 
 
 def _param_count(path) -> int:
