@@ -377,8 +377,9 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--shapes", default="tiny,realistic", help="comma list of SHAPES (default tiny,realistic)")
     p.add_argument("--threads", default="1,2", help="TRL: comma list of torch threads to try (default 1,2)")
-    p.add_argument("--ours-threads", default="auto",
-                   help="ours: comma list of cluster.threads_per_actor values to try (default auto: the rule's pick)")
+    p.add_argument("--ours-threads", default="1,auto",
+                   help="ours: comma list of cluster.threads_per_actor values to try (default 1,auto: the manifest "
+                        "default and the rule's pick)")
     p.add_argument("--variants", default=",".join(VARIANTS), help=f"comma list of our VARIANTS (default all: {list(VARIANTS)})")
     p.add_argument("--steps", type=int, default=None, help="optimizer steps per run (default: the shape's)")
     p.add_argument("--batch", type=int, default=None, help="sequences per optimizer step (default: the shape's)")
