@@ -6,7 +6,9 @@ Reduction rule: every token's loss is weighted by 1 / (completion tokens in the 
 kind of row (on-policy, reference) by its own count, and DeepSpeed's own averaging over micro-steps and
 ranks is undone, so any split of a TrainBatch across ranks x micro-batches x accumulation gives the
 gradient of one big batch. With learner.updates_per_step n, the "global batch" is each of the step's n
-mini-batches, and each is one optimizer update.
+mini-batches, and each is one optimizer update. A pipelined step (rollout.pipeline_chunks) hands the
+rank its rows in chunks (accumulate), each with the whole step's denominators, then steps once
+(apply_step): the same split, arriving in pieces.
 
 KL to a frozen reference (loss.kl_to_reference): each rank holds a frozen copy of the reference model
 and scores the micro-batch's sampled tokens under no_grad right before the student's forward (as slime
