@@ -5,20 +5,22 @@ after the last chunk. The same step as the reference loop's (launch/driver.py: _
 
     1. submit every chunk's rollout (one engine call per chunk, so chunk 1 returns first) and its teacher
        scoring, which Ray starts when that chunk's replies exist (TeacherSet.submit_score)
-    2. collect the rollouts in order; once all are in, the step's global denominators (TrainBatch.denominators
-       over every row: the completion lengths of every chunk)
+    2. the step's global denominators (TrainBatch.denominators over every row): under loss.reduction
+       token_mean the completion lengths of every chunk, so every rollout is collected first; under
+       sample_mean row counts, known before sampling, so the learner starts on chunk 1 at once
     3. per chunk, in order: collect its scores, build its batch and submit LearnerWorker.accumulate with
        the step's denominators; the learner's calls queue, so chunk k trains while k+1 is being scored
     4. apply_step: the one optimizer update (gradient accumulation over the chunks)
 
-Why wait for every rollout before the first backward (2): a token's weight is 1 / (on-policy tokens of the
-whole step) under token_mean, which needs every chunk's lengths. Weighting each chunk by a provisional
-count and rescaling the gradient afterwards would equal it only up to rounding, and not under ZeRO's
-partitioned gradient buffers without more surgery; the wait is cheap, because a chunk's rollout is done
-before its scoring, so by the time chunk 1 is scored the engines are at most a few chunks from the end
-and the learner would queue behind the teachers anyway. So the weights each token gets are exactly the
-reference loop's, and so is the gradient (the same rows in the same micro-batches, each chunk padded only
-to its own longest completion: equal up to float rounding, tests/test_learner_pipeline.py).
+Why wait for every rollout before the first backward under token_mean (2): a token's weight is
+1 / (on-policy tokens of the whole step), which needs every chunk's lengths. Weighting each chunk by a
+provisional count and rescaling the gradient afterwards would equal it only up to rounding, and not under
+ZeRO's partitioned gradient buffers without more surgery. The wait costs the overlap of the learner with
+sampling (it still overlaps the teachers' scoring); with an engine whose decoding costs the same per step
+at few rows as at many (the HF engine on a CPU), chunked sampling is itself slower, and pipelining does not
+pay there (docs/benchmarks.md). So the weights each token gets are exactly the reference loop's, and so is
+the gradient (the same rows in the same micro-batches, each chunk padded only to its own longest
+completion: equal up to float rounding, tests/test_learner_pipeline.py).
 
 Sampling: chunk k samples with a seed derived from (the step's seed, k), a function of the step as
 always, so a retried or resumed step samples the same tokens; the tokens differ from the same step at
@@ -35,6 +37,7 @@ again by the driver; the scoring submitted ahead was waiting on the lost reply a
 from __future__ import annotations
 
 from dataclasses import replace
+from typing import Optional
 
 import torch
 
@@ -61,27 +64,37 @@ def pipelined_step(cfg: ExperimentConfig, s: Setup, step: int, rows: list[dict],
         p = s.rollouts.submit(s.fmt.students(chunk), replace(spec, seed=derived_seed(spec.seed, "chunk", k)))
         pending.append(p)
         scoring.append(s.teachers.submit_score(chunk, p))
-    rollouts: list[Rollout] = []
-    for k, p in enumerate(pending):
-        replaced = s.replaced()
-        with timer("rollout"):
-            rollouts.append(s.rollouts.collect(p))
-        if s.replaced() != replaced:  # its scoring waited on a lost engine's reply: scored again below
-            scoring[k] = None
-    whole = concat_rollouts(rollouts)
-    batch = TrainBatch(prompt_ids=whole.prompt_ids, completion_ids=whole.completion_ids,
-                       completion_mask=whole.completion_mask, weight_version=whole.weight_version)
-    counts = batch.denominators(cfg.loss.reduction)  # the whole step's, before the first backward
-    rewards = s.rewards(whole, rows)
-    metrics.update(rollout_stats(whole), **{"rollout/reward_mean": sum(rewards) / len(rewards)})
+    rollouts: list[Optional[Rollout]] = [None] * len(parts)
+
+    def collect(k: int) -> Rollout:
+        if rollouts[k] is None:
+            replaced = s.replaced()
+            with timer("rollout"):
+                rollouts[k] = s.rollouts.collect(pending[k])
+            if s.replaced() != replaced:  # its scoring waited on a lost engine's reply: scored again below
+                scoring[k] = None
+        return rollouts[k]
+
+    if cfg.loss.reduction == "sample_mean":  # row counts: known before sampling, the learner starts at once
+        counts = (len(rows), 0)
+    else:  # token counts: every chunk's lengths before the first backward
+        for k in range(len(parts)):
+            collect(k)
+        counts = _batch(concat_rollouts(rollouts)).denominators(cfg.loss.reduction)
     routed, learning = [], []
-    for k, (chunk, rollout) in enumerate(zip(parts, rollouts)):
+    for k, chunk in enumerate(parts):
+        rollout = collect(k)
         with timer("teacher"):  # the wait for this chunk's scores; the learner trains the chunks before
             r = (s.teachers.collect_score(scoring[k], rollout.completion_ids.shape[1]) if scoring[k] is not None
                  else s.teachers.score(chunk, rollout))
         routed.append(r)
         part = replace(distill_batch(rollout, r.scores), row_weights=s.teachers.row_weights(chunk))
         learning.append(s.learner.submit_chunk(part, counts, last=k == len(parts) - 1))
+    whole = concat_rollouts(rollouts)  # the step's statistics, while the learner trains
+    batch = _batch(whole)
+    assert counts == batch.denominators(cfg.loss.reduction)
+    rewards = s.rewards(whole, rows)
+    metrics.update(rollout_stats(whole), **{"rollout/reward_mean": sum(rewards) / len(rewards)})
     metrics.update(s.teachers.stats(whole, merge_routed(routed, [len(r) for r in rollouts],
                                                         whole.completion_ids.shape[1])))
     with timer("learner"):
@@ -89,6 +102,12 @@ def pipelined_step(cfg: ExperimentConfig, s: Setup, step: int, rows: list[dict],
             s.learner.collect(calls)
         metrics.update(learner_metrics(s.learner.call("apply_step")))
     return batch
+
+
+def _batch(rollout: Rollout) -> TrainBatch:
+    """The rollout's rows as a TrainBatch of prompts and completions (denominators, log_step's token count)."""
+    return TrainBatch(prompt_ids=rollout.prompt_ids, completion_ids=rollout.completion_ids,
+                      completion_mask=rollout.completion_mask, weight_version=rollout.weight_version)
 
 
 def merge_routed(chunks: list[RoutedScores], sizes: list[int], width: int) -> RoutedScores:

@@ -70,16 +70,17 @@ def test_merged_teacher_statistics_are_the_whole_steps():
     assert torch.equal(s1.sampled_logprobs, torch.tensor([[3., 4., 0.], [5., 6., 7.]]))
 
 
-@pytest.mark.parametrize("loss", ["sampled_token_rkl", "full_reverse_kl"])
+@pytest.mark.parametrize("loss,reduction", [("sampled_token_rkl", "token_mean"), ("full_reverse_kl", "sample_mean")])
 def test_a_run_in_chunks_trains_on_the_whole_steps_denominators(ray_session, write_manifest, tmp_path,
-                                                                monkeypatch, loss):
+                                                                monkeypatch, loss, reduction):
     seen, original = [], LearnerGroup.submit_chunk
 
     def wrapped(self, chunk, counts, last):
         seen.append((chunk, counts, last))
         return original(self, chunk, counts, last)
     monkeypatch.setattr(LearnerGroup, "submit_chunk", wrapped)
-    over = dict(run={"name": "piped", "output_dir": str(tmp_path / "runs"), "steps": 2}, loss={"name": loss},
+    over = dict(run={"name": "piped", "output_dir": str(tmp_path / "runs"), "steps": 2},
+                loss={"name": loss, "reduction": reduction},
                 learner={"micro_batch_size": 2, "lr": 1e-3}, eval={"interval": 0, "size": 8})
     assert main(["train", str(write_manifest(**over)), "rollout.pipeline_chunks=3"]) == 0
     assert main(["train", str(write_manifest(**{**over, "run": {**over["run"], "name": "one"}}))]) == 0
@@ -91,7 +92,8 @@ def test_a_run_in_chunks_trains_on_the_whole_steps_denominators(ray_session, wri
         chunks = seen[3 * step: 3 * step + 3]
         assert [len(c) for c, _, _ in chunks] == [2, 4, 2]
         tokens = sum(int(c.completion_mask.sum()) for c, _, _ in chunks)
-        assert all(counts == (tokens, 0) for _, counts, _ in chunks)  # the whole step's, in every chunk
+        whole = (tokens, 0) if reduction == "token_mean" else (8, 0)  # the step's tokens, or its rows
+        assert all(counts == whole for _, counts, _ in chunks)  # the whole step's, in every chunk
         lengths = [int(n) for c, _, _ in chunks for n in c.completion_mask.sum(-1)]
         assert row["rollout/response_length"] == pytest.approx(sum(lengths) / len(lengths))
         assert row["train/skipped_nonfinite"] == 0 and torch.isfinite(torch.tensor(row["train/loss"]))
