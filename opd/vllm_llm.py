@@ -111,7 +111,23 @@ def build_llm(spec: LLMSpec, logprobs_mode: str) -> "LLM":
         kwargs["kv_cache_memory_bytes"] = int(kv_cache_gb * (1 << 30))
     if spec.sync_backend:
         kwargs["weight_transfer_config"] = WeightTransferConfig(backend=transport(spec.sync_backend).vllm_backend)
+    _forget_stale_vllm_groups()
     return LLM(model=spec.model, **kwargs)
+
+
+def _forget_stale_vllm_groups() -> None:
+    """vLLM keeps its process groups (GroupCoordinators) in module globals of
+    vllm.distributed.parallel_state. An engine built in a process whose torch.distributed group was torn
+    down and made again since an earlier in-process engine (that engine's shutdown, then a DeepSpeed
+    learner in the same process: unit tests, local debugging) would find the old coordinators over
+    groups torch no longer knows ("... is not initialized in the world group map"). Drop those; vLLM
+    makes fresh ones. Engines in their own actor processes never meet this."""
+    import torch.distributed.distributed_c10d as c10d
+    from vllm.distributed import parallel_state
+    live = c10d._world.pg_group_ranks
+    for name, value in list(vars(parallel_state).items()):
+        if isinstance(value, parallel_state.GroupCoordinator) and value.cpu_group not in live:
+            setattr(parallel_state, name, None)
 
 
 def split_position(entries: dict[int, "Logprob"], token: int, k: int) -> tuple[float, list[int], list[float]]:

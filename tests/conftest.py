@@ -78,7 +78,7 @@ def ray_session():
 SLOW_FIXTURES = {"ray_session", "chat_student", "engines", "vllm_teacher"}
 SLOW_MODULES = {"test_vllm", "test_faults", "test_overlap", "test_resume", "test_end_to_end", "test_experiment",
                 "test_ray_job", "test_paper_keys_end_to_end", "test_learner_paper_keys", "test_learner_sync",
-                "test_weight_sync", "test_colocation", "test_gpu_smoke", "test_paper_cpu"}
+                "test_weight_sync", "test_colocation", "test_gpu_smoke", "test_paper_cpu", "test_in_process"}
 
 
 def pytest_collection_modifyitems(config, items):
