@@ -8,20 +8,11 @@ import torch
 
 from launch.manifest import load_manifest
 from learner.worker import LearnerWorker
-from opd.contracts import TeacherScores, TrainBatch, trimmed
+from opd.contracts import trimmed
 from opd.weight_sync import free_port
+from tests.test_learner_paper_keys import make_batch
 
-LR = 0.5
-
-
-def make_batch(vocab: int, n: int = 8) -> TrainBatch:
-    g = torch.Generator().manual_seed(0)
-    lengths = [5, 1, 3, 4, 2, 5, 1, 3][:n]
-    mask = torch.tensor([[j < L for j in range(5)] for L in lengths])
-    prompts = [[1] + torch.randint(4, vocab, (1 + i % 3,), generator=g).tolist() for i in range(n)]
-    full = torch.log_softmax(torch.randn(n, 5, vocab, generator=g), -1)
-    return TrainBatch(prompt_ids=prompts, completion_ids=torch.randint(4, vocab, (n, 5), generator=g),
-                      completion_mask=mask, teacher=TeacherScores(sampled_logprobs=torch.zeros(n, 5), full_logprobs=full))
+LR = 0.5  # plain SGD: an update is LR x the gradient
 
 
 def worker(write_manifest, *extra):
