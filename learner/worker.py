@@ -525,7 +525,7 @@ def _forget_stale_deepspeed_groups() -> None:
     import torch.distributed.distributed_c10d as c10d
     from deepspeed.utils import groups
     live = c10d._world.pg_group_ranks
-    for name, value in vars(groups).items():
+    for name, value in list(vars(groups).items()):
         if isinstance(value, c10d.ProcessGroup) and value not in live:
             setattr(groups, name, None)
         elif isinstance(value, dict) and any(isinstance(v, c10d.ProcessGroup) and v not in live for v in value.values()):
