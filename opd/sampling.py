@@ -20,8 +20,34 @@ def sample(logits: torch.Tensor, spec: SamplingSpec, gen: torch.Generator) -> tu
             sorted_p, order = probs.sort(-1, descending=True)
             drop = sorted_p.cumsum(-1) - sorted_p > spec.top_p  # keep the smallest set reaching top_p
             probs = probs.scatter(-1, order, sorted_p.masked_fill(drop, 0.0))
-        tok = torch.multinomial(probs, 1, generator=gen).squeeze(-1)
+        tok = draw(probs, gen)
     return tok, logp.gather(-1, tok[:, None]).squeeze(-1)
+
+
+def draw(probs: torch.Tensor, gen: torch.Generator, block: int = 256) -> torch.Tensor:
+    """One token per row of `probs` [N, V] (rows need not sum to 1), by inverse CDF: one uniform per row,
+    found first among blocks of `block` tokens, then inside its block. Exact in distribution, as
+    torch.multinomial is, and ~20x cheaper on CPU at V = 32k, where multinomial draws V exponentials per
+    row (60% of a decode step at 32 rows). Running sums are float64: a float32 one over a 150k vocabulary
+    drifts by about the probability of a tail token."""
+    n, v = probs.shape
+    blocks = (torch.nn.functional.pad(probs, (0, -v % block)) if v % block else probs).view(n, -1, block)
+    rows = torch.arange(n, device=probs.device)
+    sums = blocks.sum(-1).double()  # [N, V / block]; a float32 sum of 256 terms is pairwise, exact to ~1e-7
+    u = torch.rand(n, 1, generator=gen, device=probs.device, dtype=torch.float64) * sums.sum(-1, keepdim=True)
+    b, rest = _first_above(sums.cumsum(-1), u)
+    inside, _ = _first_above(blocks[rows, b].double().cumsum(-1), rest[:, None])
+    return b * block + inside
+
+
+def _first_above(cdf: torch.Tensor, u: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per row, the first index whose running sum `cdf` [N, K] exceeds u [N, 1], and what is left of u
+    inside that index [N]. A zero-probability index never raises the sum, so it is never first; where
+    rounding puts u at or past the row's total, the answer is the last index that raised it."""
+    last = (cdf < cdf[:, -1:]).sum(-1)
+    i = torch.minimum(torch.searchsorted(cdf, u, right=True).squeeze(-1), last)
+    before = torch.where(i > 0, cdf.gather(-1, (i - 1).clamp(min=0)[:, None]).squeeze(-1), 0.0)
+    return i, u.squeeze(-1) - before
 
 
 @torch.no_grad()
