@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from actors.kinds import engine_kind
 from launch.config import ManifestError
 from launch.routing import teacher_specs
 from teachers.kinds import capabilities_for, kind_of, kinds_where
@@ -47,7 +48,8 @@ def check_loss(cfg) -> None:
                                 f"{specs[0].config.kind!r} (use source: dataset, or {specs[0].key}.kind: hf)")
         if ref.temperature < 0:
             raise ManifestError(f"loss.reference.temperature: must be >= 0, got {ref.temperature}")
-    if cfg.rollout.engine == "vllm" and needs.student_topk > cfg.rollout.vllm.max_logprobs:
+    max_topk = engine_kind(cfg.rollout.engine).max_topk(cfg.rollout)  # None: no limit (an HF engine)
+    if max_topk is not None and needs.student_topk > max_topk:
         raise ManifestError(f"rollout.vllm.max_logprobs: {cfg.rollout.vllm.max_logprobs}, but {cfg.loss.name!r} "
                             f"needs the student's top-{needs.student_topk}; raise it")
     for spec in specs:  # each teacher's transport checked, `auto` as it resolves (launch/derived.py:resolve)

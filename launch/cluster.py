@@ -14,6 +14,7 @@ from typing import Optional
 import ray
 import torch
 
+from actors.kinds import EngineStart, engine_kind
 from launch.config import ExperimentConfig, ManifestError, VLLMConfig
 from launch.placement import Placement
 from launch.remote import ActorPool, Pending, first_line, gather
@@ -113,6 +114,15 @@ def teacher_start(cfg: ExperimentConfig, tc, seed: int) -> TeacherStart:
                         llm=llm_spec(cfg, "teacher", path, seed, teacher=tc) if kind.vllm else None)
 
 
+def engine_start(cfg: ExperimentConfig, seed: int, sampling: SamplingSpec, pad_id: int) -> EngineStart:
+    """What one rollout engine starts from (actors/kinds.py: its kind's `start` builds it)."""
+    kind = engine_kind(cfg.rollout.engine)
+    return EngineStart(path=cfg.model.path, dtype=cfg.model.dtype, seed=seed, threads=cfg.cluster.threads_per_actor,
+                       use_gpu=cfg.cluster.num_gpus > 0, trust_remote_code=cfg.model.trust_remote_code,
+                       sampling=sampling, pad_id=pad_id,
+                       llm=llm_spec(cfg, "rollout", cfg.model.path, seed, sync_backend(cfg)) if kind.vllm else None)
+
+
 def sync_backend(cfg: ExperimentConfig) -> str:
     """sync.backend for vLLM receivers (HF receivers always use gloo)."""
     if cfg.sync.backend != "auto":
@@ -132,19 +142,11 @@ class RolloutGroup:
 
     @classmethod
     def start(cls, cfg: ExperimentConfig, placement: Placement, sampling: SamplingSpec, pad_id: int):
-        gpu = cfg.cluster.num_gpus > 0
         slots = placement.layout.rollout
 
         def make(i: int):
-            opts = placement.options(slots[i])
-            if cfg.rollout.engine == "vllm":
-                from actors.vllm_engine import VLLMEngine
-                spec = llm_spec(cfg, "rollout", cfg.model.path, cfg.run.seed + i, sync_backend(cfg))
-                return ray.remote(VLLMEngine).options(**opts).remote(spec, sampling, pad_id)
-            from actors.hf_engine import HFEngine
-            return ray.remote(HFEngine).options(**opts).remote(
-                cfg.model.path, cfg.model.dtype, seed=cfg.run.seed + i, threads=cfg.cluster.threads_per_actor,
-                use_gpu=gpu, trust_remote_code=cfg.model.trust_remote_code)
+            call = engine_kind(cfg.rollout.engine).start(engine_start(cfg, cfg.run.seed + i, sampling, pad_id))
+            return ray.remote(call.cls).options(**placement.options(slots[i])).remote(*call.args, **call.kwargs)
         return cls(ActorPool("rollout engine", make, len(slots), cfg.cluster.call_timeout_s))
 
     def generate(self, prompts: list[list[int]], spec: SamplingSpec) -> Rollout:
@@ -303,7 +305,8 @@ class LearnerGroup:
 
 def connect_weight_sync(cfg: ExperimentConfig, learner: LearnerGroup, targets: list, kinds: list[str]) -> None:
     """Open the learner's transfer groups to every receiver: HF receivers over gloo, vLLM receivers
-    over sync.backend, each in the dtype it holds its weights in."""
+    over sync.backend, each in the dtype it holds its weights in (`kinds`: each target's receiver,
+    actors/kinds.py:RECEIVERS)."""
     workers = gather([(f"sync receiver {i}.weight_sync_workers", t.weight_sync_workers.remote())
                       for i, t in enumerate(targets)], cfg.cluster.call_timeout_s)
     groups = []
