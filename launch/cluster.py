@@ -9,15 +9,16 @@ from __future__ import annotations
 import random
 import socket
 from dataclasses import replace
-from typing import Optional
+from typing import Callable, Optional
 
 import ray
 import torch
 
 from actors.kinds import EngineStart, engine_kind
 from launch.config import ExperimentConfig, ManifestError, VLLMConfig
-from launch.placement import Placement
+from launch.placement import Placement, Slot
 from launch.remote import ActorPool, Pending, first_line, gather
+from opd.actor_call import ActorCall
 from opd.contracts import (Rollout, SamplingSpec, ScoreRequest, TeacherScores, TrainBatch, concat_rollouts,
                            concat_scores)
 from opd.batching import spread_by_tokens
@@ -130,8 +131,9 @@ def sync_backend(cfg: ExperimentConfig) -> str:
     return default_transport(cfg.cluster.num_gpus > 0, cfg.cluster.colocate).name
 
 
-class RolloutGroup:
-    """Rollout engines, one per placement slot; a lost engine is replaced and its prompts retried."""
+class EngineGroup:
+    """The actors of one role that sample or score (rollout engines, one teacher's actors), one per
+    placement slot, in an ActorPool: a lost actor is replaced and its share of the call sent again."""
 
     def __init__(self, pool: ActorPool):
         self.pool = pool
@@ -141,13 +143,31 @@ class RolloutGroup:
         return self.pool.actors
 
     @classmethod
-    def start(cls, cfg: ExperimentConfig, placement: Placement, sampling: SamplingSpec, pad_id: int):
-        slots = placement.layout.rollout
-
+    def _start(cls, cfg: ExperimentConfig, role: str, placement: Placement, slots: list[Slot],
+               call: Callable[[int], ActorCall]):
+        """Actor i in slots[i], as its kind's registry entry says it starts (`call(i)`)."""
         def make(i: int):
-            call = engine_kind(cfg.rollout.engine).start(engine_start(cfg, cfg.run.seed + i, sampling, pad_id))
-            return ray.remote(call.cls).options(**placement.options(slots[i])).remote(*call.args, **call.kwargs)
-        return cls(ActorPool("rollout engine", make, len(slots), cfg.cluster.call_timeout_s))
+            c = call(i)
+            return ray.remote(c.cls).options(**placement.options(slots[i])).remote(*c.args, **c.kwargs)
+        return cls(ActorPool(role, make, len(slots), cfg.cluster.call_timeout_s))
+
+    def _fan_out(self, method: str, items: list, spec: SamplingSpec) -> Pending:
+        """Start `method(items[part], spec)` on every actor and return at once: actor i takes the i-th of
+        near-equal runs of `items` in order, with a seed derived from (spec.seed, i), so what each row
+        samples does not depend on which actor ran before or was replaced."""
+        parts = _split(len(items), len(self.actors))
+        specs = [spec if spec.seed is None else replace(spec, seed=derived_seed(spec.seed, i)) for i in range(len(parts))]
+        return self.pool.submit(method, [(items[s], sp) for s, sp in zip(parts, specs)])
+
+
+class RolloutGroup(EngineGroup):
+    """Rollout engines, one per placement slot; a lost engine is replaced and its prompts retried."""
+
+    @classmethod
+    def start(cls, cfg: ExperimentConfig, placement: Placement, sampling: SamplingSpec, pad_id: int):
+        kind = engine_kind(cfg.rollout.engine)
+        return cls._start(cfg, "rollout engine", placement, placement.layout.rollout,
+                          lambda i: kind.start(engine_start(cfg, cfg.run.seed + i, sampling, pad_id)))
 
     def generate(self, prompts: list[list[int]], spec: SamplingSpec) -> Rollout:
         """Engine i samples its slice with a seed derived from (spec.seed, i)."""
@@ -156,9 +176,7 @@ class RolloutGroup:
     def submit(self, prompts: list[list[int]], spec: SamplingSpec) -> Pending:
         """Start generate() on every engine and return at once. Each engine is a Ray actor running one
         method at a time, so a weight sync sent to it later waits until this generation is done."""
-        parts = _split(len(prompts), len(self.actors))
-        specs = [spec if spec.seed is None else replace(spec, seed=derived_seed(spec.seed, i)) for i in range(len(parts))]
-        return self.pool.submit("generate", [(prompts[s], sp) for s, sp in zip(parts, specs)])
+        return self._fan_out("generate", prompts, spec)
 
     def collect(self, pending: Pending, retry: bool = True) -> Optional[Rollout]:
         """The submitted rollout. A lost engine is replaced; with retry its slice is sampled again (same
@@ -173,33 +191,21 @@ class RolloutGroup:
         self.pool.call("wake_up", [()] * len(self.actors))
 
 
-class TeacherGroup:
+class TeacherGroup(EngineGroup):
     """Teachers, one per placement slot; a lost teacher is replaced and its rows scored again."""
-
-    def __init__(self, pool: ActorPool):
-        self.pool = pool
-
-    @property
-    def actors(self) -> list:
-        return self.pool.actors
 
     @classmethod
     def start(cls, cfg: ExperimentConfig, placement: Placement, index: int = 0, tc=None, role: str = "teacher"):
         """The teachers of one TeacherConfig (`tc`, default `teacher:`), in layout.teacher_groups[index]."""
         tc = tc or cfg.teacher
-        slots = placement.layout.teacher_groups[index]
+        kind = teacher_kind(tc.kind)
         first = sum(len(g) for g in placement.layout.teacher_groups[:index])  # seeds differ across teachers
-
-        def make(i: int):
-            call = teacher_kind(tc.kind).start(teacher_start(cfg, tc, cfg.run.seed + first + i))
-            return ray.remote(call.cls).options(**placement.options(slots[i])).remote(*call.args, **call.kwargs)
-        return cls(ActorPool(role, make, len(slots), cfg.cluster.call_timeout_s))
+        return cls._start(cfg, role, placement, placement.layout.teacher_groups[index],
+                          lambda i: kind.start(teacher_start(cfg, tc, cfg.run.seed + first + i)))
 
     def generate(self, teacher_prompts: list[list[int]], spec: SamplingSpec) -> Rollout:
         """Completions the teachers write from their own prompts (reference rows for an SFT mix)."""
-        parts = _split(len(teacher_prompts), len(self.actors))
-        specs = [spec if spec.seed is None else replace(spec, seed=derived_seed(spec.seed, i)) for i in range(len(parts))]
-        return concat_rollouts(self.pool.call("generate", [(teacher_prompts[s], sp) for s, sp in zip(parts, specs)]))
+        return concat_rollouts(self.pool.collect(self._fan_out("generate", teacher_prompts, spec)))
 
     def score(self, teacher_prompts, rollout: Rollout, request: ScoreRequest) -> TeacherScores:
         def args(s):
