@@ -1,6 +1,6 @@
 """Does the configured loss fit the algorithm, and can the configured teacher supply what it needs?
-Checked before any work, beside launch/validation.py (which calls check_loss last); nothing here changes the
-manifest."""
+Checked before any work, beside launch/validation.py (which builds the loss before it counts a step's rows,
+and calls check_loss last); nothing here changes the manifest."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -19,12 +19,17 @@ def build_configured_loss(cfg):
                       kl_coef=kl.coef, kl_estimator=kl.estimator)
 
 
-def check_loss(cfg) -> None:
+def configured_loss(cfg):
+    """The configured loss, built; a ManifestError saying why where it does not build (loss.name,
+    loss.params, loss.kl_to_reference)."""
     try:
-        loss = build_configured_loss(cfg)
+        return build_configured_loss(cfg)
     except ValueError as e:
         raise ManifestError(str(e)) from None
-    needs = loss.needs
+
+
+def check_loss(cfg) -> None:
+    needs = configured_loss(cfg).needs
     if cfg.algorithm == "sft" and (needs.needs_teacher or not needs.reference_rows):
         raise ManifestError(f"loss.name: algorithm 'sft' trains on reference tokens; {cfg.loss.name!r} "
                             "is not an SFT loss (use loss.name: sft)")

@@ -6,7 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from actors.kinds import ENGINE_KINDS, engine_kind
-from launch.capabilities import check_loss
+from launch.capabilities import check_loss, configured_loss
 from launch.config import ExperimentConfig, ManifestError
 from launch.derived import pipeline_unit, reference_rows, rows_per_step, sampling_spec
 from launch.evaluation import eval_set_specs
@@ -77,6 +77,7 @@ def validate(cfg: ExperimentConfig) -> None:
 
     _positive("learner.updates_per_step", cfg.learner.updates_per_step)
     _choice("loss.reduction", cfg.loss.reduction, ("token_mean", "sample_mean"))
+    configured_loss(cfg)  # it must build before a step's rows are counted: an SFT mix adds reference rows
     rows, updates = rows_per_step(cfg), cfg.learner.updates_per_step
     if rows % updates:
         raise ManifestError(f"learner.updates_per_step: {rows} rows per step do not split into {updates} equal "
