@@ -19,6 +19,7 @@ from launch.config import ExperimentConfig, ManifestError, VLLMConfig
 from launch.placement import Placement, Slot
 from launch.remote import ActorPool, Pending, first_line, gather
 from opd.actor_call import ActorCall
+from opd.env import CHILD_ENV
 from opd.contracts import (Rollout, SamplingSpec, ScoreRequest, TeacherScores, TrainBatch, concat_rollouts,
                            concat_scores)
 from opd.batching import spread_by_tokens
@@ -26,16 +27,12 @@ from opd.weight_sync import free_port
 from opd.weight_sync.transports import default_transport
 from teachers.kinds import TeacherStart, teacher_kind
 
-QUIET_ENV = {"TRANSFORMERS_VERBOSITY": "error", "HF_HUB_OFFLINE": "1", "HF_HUB_DISABLE_PROGRESS_BARS": "1",
-             "TOKENIZERS_PARALLELISM": "false", "PYTHONWARNINGS": "ignore"}
-
-
 def start_ray(cfg) -> None:
     """Local mode: a private Ray on loopback (nothing listens on the machine's network address) with
     no dashboard unless cluster.dashboard. Ray mode: join the cluster at cluster.address."""
     if ray.is_initialized():
         return
-    env = dict(QUIET_ENV, **({"DS_ACCELERATOR": "cpu"} if cfg.cluster.num_gpus == 0 else {}))
+    env = dict(CHILD_ENV, **({"DS_ACCELERATOR": "cpu"} if cfg.cluster.num_gpus == 0 else {}))
     if cfg.cluster.mode == "local":
         # Ray maps a 127.0.0.1 node address back to the machine's network address unless clusters are
         # off, which is its own default on macOS and Windows; with it off every Ray server listens on
