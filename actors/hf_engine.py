@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import torch
 
+from actors.kinds import ActorCall, EngineKind, EngineStart, register
 from opd.contracts import Rollout, SamplingSpec
 from opd.modeling import actor_device, load_model
 from opd.sampling import generate
@@ -37,3 +38,11 @@ class HFEngine(HFModelReceiver):
 
     def wake_up(self, tags=None) -> None:
         pass
+
+
+def start(s: EngineStart) -> ActorCall:
+    return ActorCall(HFEngine, (s.path, s.dtype), dict(seed=s.seed, threads=s.threads, use_gpu=s.use_gpu,
+                                                      trust_remote_code=s.trust_remote_code))
+
+
+register(EngineKind("hf", start, receiver="hf"))

@@ -5,6 +5,7 @@ from typing import TYPE_CHECKING, Sequence
 
 import torch
 
+from actors.kinds import ActorCall, EngineKind, EngineStart, register
 from opd.contracts import Rollout, SamplingSpec, pad_rows
 from opd.vllm_llm import LLMSpec, LLMWeightReceiver, build_llm, logprobs_mode_for, parse_positions
 
@@ -86,3 +87,10 @@ def _stacked(rows: list[torch.Tensor], width: int, dtype: torch.dtype, tail: tup
     for i, r in enumerate(rows):
         out[i, :len(r)] = r
     return out
+
+
+def start(s: EngineStart) -> ActorCall:
+    return ActorCall(VLLMEngine, (s.llm, s.sampling, s.pad_id))
+
+
+register(EngineKind("vllm", start, receiver="vllm", vllm=True))

@@ -129,8 +129,9 @@ def learner_child(a) -> dict:
 
 
 def run_child(args: list[str], env_threads: int) -> dict:
-    env = dict(os.environ, OMP_NUM_THREADS=str(env_threads), DS_ACCELERATOR=os.environ.get("DS_ACCELERATOR", "cpu"),
-               TRANSFORMERS_VERBOSITY="error", HF_HUB_OFFLINE="1", PYTHONWARNINGS="ignore")
+    from opd.env import CHILD_ENV
+    env = dict(os.environ, **CHILD_ENV, OMP_NUM_THREADS=str(env_threads),
+               DS_ACCELERATOR=os.environ.get("DS_ACCELERATOR", "cpu"))
     p = subprocess.run([sys.executable, __file__, *args], capture_output=True, text=True, env=env)
     if p.returncode:
         raise RuntimeError(f"child {args[:4]} failed:\n{p.stderr[-3000:]}")

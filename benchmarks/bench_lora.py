@@ -137,7 +137,8 @@ def main() -> int:
         print(json.dumps(measure_arm(args.model, args.arm, targets)))
         return 0
     model = args.model or default_model()
-    env = {**os.environ, "DS_ACCELERATOR": "cpu", "TRANSFORMERS_VERBOSITY": "error", "HF_HUB_OFFLINE": "1"}
+    from opd.env import QUIET_ENV
+    env = {**os.environ, **QUIET_ENV, "DS_ACCELERATOR": "cpu"}
     measured = []
     for rank in (0, args.r):
         out = subprocess.run([sys.executable, __file__, "--arm", str(rank), "--model", model, "--targets", args.targets],

@@ -38,6 +38,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 from benchmarks.bench_losses import _status_kb  # noqa: E402  (the same high-water-mark reading)
+from opd.env import QUIET_ENV  # noqa: E402
 
 VARIANTS = {  # name -> (teacher.full_vocab_transport, learner.fused_head)
     "logits + log-probs": ("logprobs", False),
@@ -151,7 +152,7 @@ def main(argv=None) -> int:
             out = subprocess.run([sys.executable, __file__, "--child", name, "--work", str(work), "--rows", str(a.rows),
                                   "--vocab", str(a.vocab), "--student-hidden", str(a.student_hidden),
                                   "--teacher-hidden", str(a.teacher_hidden)],
-                                 capture_output=True, text=True, env=dict(os.environ, TRANSFORMERS_VERBOSITY="error"))
+                                 capture_output=True, text=True, env=dict(os.environ, **QUIET_ENV))
             if out.returncode:
                 raise SystemExit(f"{name}: exited {out.returncode}\n{out.stderr[-3000:]}")
             rows.append(json.loads(out.stdout.strip().splitlines()[-1]))

@@ -95,8 +95,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-ENV = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_VERBOSITY": "error", "TOKENIZERS_PARALLELISM": "false",
-       "HF_HUB_DISABLE_PROGRESS_BARS": "1", "PYTHONWARNINGS": "ignore", "HF_DATASETS_OFFLINE": "1"}
+from opd.env import CHILD_ENV  # noqa: E402  (after the path above)
+
+ENV = {**CHILD_ENV, "HF_DATASETS_OFFLINE": "1"}  # and TRL's datasets offline
 STAGES = ("rollout", "teacher", "learner", "sync")
 
 SHAPES = {

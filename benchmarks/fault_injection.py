@@ -25,8 +25,9 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+from opd.env import set_quiet_env  # noqa: E402  (after the path above)
+
+set_quiet_env()
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
 
 

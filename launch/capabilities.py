@@ -1,10 +1,11 @@
 """Does the configured loss fit the algorithm, and can the configured teacher supply what it needs?
-Checked before any work, beside launch/validation.py (which calls check_loss last); nothing here changes the
-manifest."""
+Checked before any work, beside launch/validation.py (which builds the loss before it counts a step's rows,
+and calls check_loss last); nothing here changes the manifest."""
 from __future__ import annotations
 
 from pathlib import Path
 
+from actors.kinds import engine_kind
 from launch.config import ManifestError
 from launch.routing import teacher_specs
 from teachers.kinds import capabilities_for, kind_of, kinds_where
@@ -18,12 +19,17 @@ def build_configured_loss(cfg):
                       kl_coef=kl.coef, kl_estimator=kl.estimator)
 
 
-def check_loss(cfg) -> None:
+def configured_loss(cfg):
+    """The configured loss, built; a ManifestError saying why where it does not build (loss.name,
+    loss.params, loss.kl_to_reference)."""
     try:
-        loss = build_configured_loss(cfg)
+        return build_configured_loss(cfg)
     except ValueError as e:
         raise ManifestError(str(e)) from None
-    needs = loss.needs
+
+
+def check_loss(cfg) -> None:
+    needs = configured_loss(cfg).needs
     if cfg.algorithm == "sft" and (needs.needs_teacher or not needs.reference_rows):
         raise ManifestError(f"loss.name: algorithm 'sft' trains on reference tokens; {cfg.loss.name!r} "
                             "is not an SFT loss (use loss.name: sft)")
@@ -47,7 +53,8 @@ def check_loss(cfg) -> None:
                                 f"{specs[0].config.kind!r} (use source: dataset, or {specs[0].key}.kind: hf)")
         if ref.temperature < 0:
             raise ManifestError(f"loss.reference.temperature: must be >= 0, got {ref.temperature}")
-    if cfg.rollout.engine == "vllm" and needs.student_topk > cfg.rollout.vllm.max_logprobs:
+    max_topk = engine_kind(cfg.rollout.engine).max_topk(cfg.rollout)  # None: no limit (an HF engine)
+    if max_topk is not None and needs.student_topk > max_topk:
         raise ManifestError(f"rollout.vllm.max_logprobs: {cfg.rollout.vllm.max_logprobs}, but {cfg.loss.name!r} "
                             f"needs the student's top-{needs.student_topk}; raise it")
     for spec in specs:  # each teacher's transport checked, `auto` as it resolves (launch/derived.py:resolve)

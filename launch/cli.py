@@ -7,12 +7,11 @@ import os
 import sys
 import warnings
 
+from opd.env import set_quiet_env
+
 
 def _quiet() -> None:
-    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    set_quiet_env()
     warnings.filterwarnings("ignore")
     import transformers
     transformers.utils.logging.disable_progress_bar()

@@ -9,14 +9,17 @@ from __future__ import annotations
 import random
 import socket
 from dataclasses import replace
-from typing import Optional
+from typing import Callable, Optional
 
 import ray
 import torch
 
+from actors.kinds import EngineStart, engine_kind
 from launch.config import ExperimentConfig, ManifestError, VLLMConfig
-from launch.placement import Placement
+from launch.placement import Placement, Slot
 from launch.remote import ActorPool, Pending, first_line, gather
+from opd.actor_call import ActorCall
+from opd.env import CHILD_ENV
 from opd.contracts import (Rollout, SamplingSpec, ScoreRequest, TeacherScores, TrainBatch, concat_rollouts,
                            concat_scores)
 from opd.batching import spread_by_tokens
@@ -24,16 +27,12 @@ from opd.weight_sync import free_port
 from opd.weight_sync.transports import default_transport
 from teachers.kinds import TeacherStart, teacher_kind
 
-QUIET_ENV = {"TRANSFORMERS_VERBOSITY": "error", "HF_HUB_OFFLINE": "1", "HF_HUB_DISABLE_PROGRESS_BARS": "1",
-             "TOKENIZERS_PARALLELISM": "false", "PYTHONWARNINGS": "ignore"}
-
-
 def start_ray(cfg) -> None:
     """Local mode: a private Ray on loopback (nothing listens on the machine's network address) with
     no dashboard unless cluster.dashboard. Ray mode: join the cluster at cluster.address."""
     if ray.is_initialized():
         return
-    env = dict(QUIET_ENV, **({"DS_ACCELERATOR": "cpu"} if cfg.cluster.num_gpus == 0 else {}))
+    env = dict(CHILD_ENV, **({"DS_ACCELERATOR": "cpu"} if cfg.cluster.num_gpus == 0 else {}))
     if cfg.cluster.mode == "local":
         # Ray maps a 127.0.0.1 node address back to the machine's network address unless clusters are
         # off, which is its own default on macOS and Windows; with it off every Ray server listens on
@@ -113,6 +112,15 @@ def teacher_start(cfg: ExperimentConfig, tc, seed: int) -> TeacherStart:
                         llm=llm_spec(cfg, "teacher", path, seed, teacher=tc) if kind.vllm else None)
 
 
+def engine_start(cfg: ExperimentConfig, seed: int, sampling: SamplingSpec, pad_id: int) -> EngineStart:
+    """What one rollout engine starts from (actors/kinds.py: its kind's `start` builds it)."""
+    kind = engine_kind(cfg.rollout.engine)
+    return EngineStart(path=cfg.model.path, dtype=cfg.model.dtype, seed=seed, threads=cfg.cluster.threads_per_actor,
+                       use_gpu=cfg.cluster.num_gpus > 0, trust_remote_code=cfg.model.trust_remote_code,
+                       sampling=sampling, pad_id=pad_id,
+                       llm=llm_spec(cfg, "rollout", cfg.model.path, seed, sync_backend(cfg)) if kind.vllm else None)
+
+
 def sync_backend(cfg: ExperimentConfig) -> str:
     """sync.backend for vLLM receivers (HF receivers always use gloo)."""
     if cfg.sync.backend != "auto":
@@ -120,8 +128,9 @@ def sync_backend(cfg: ExperimentConfig) -> str:
     return default_transport(cfg.cluster.num_gpus > 0, cfg.cluster.colocate).name
 
 
-class RolloutGroup:
-    """Rollout engines, one per placement slot; a lost engine is replaced and its prompts retried."""
+class EngineGroup:
+    """The actors of one role that sample or score (rollout engines, one teacher's actors), one per
+    placement slot, in an ActorPool: a lost actor is replaced and its share of the call sent again."""
 
     def __init__(self, pool: ActorPool):
         self.pool = pool
@@ -131,21 +140,31 @@ class RolloutGroup:
         return self.pool.actors
 
     @classmethod
-    def start(cls, cfg: ExperimentConfig, placement: Placement, sampling: SamplingSpec, pad_id: int):
-        gpu = cfg.cluster.num_gpus > 0
-        slots = placement.layout.rollout
-
+    def _start(cls, cfg: ExperimentConfig, role: str, placement: Placement, slots: list[Slot],
+               call: Callable[[int], ActorCall]):
+        """Actor i in slots[i], as its kind's registry entry says it starts (`call(i)`)."""
         def make(i: int):
-            opts = placement.options(slots[i])
-            if cfg.rollout.engine == "vllm":
-                from actors.vllm_engine import VLLMEngine
-                spec = llm_spec(cfg, "rollout", cfg.model.path, cfg.run.seed + i, sync_backend(cfg))
-                return ray.remote(VLLMEngine).options(**opts).remote(spec, sampling, pad_id)
-            from actors.hf_engine import HFEngine
-            return ray.remote(HFEngine).options(**opts).remote(
-                cfg.model.path, cfg.model.dtype, seed=cfg.run.seed + i, threads=cfg.cluster.threads_per_actor,
-                use_gpu=gpu, trust_remote_code=cfg.model.trust_remote_code)
-        return cls(ActorPool("rollout engine", make, len(slots), cfg.cluster.call_timeout_s))
+            c = call(i)
+            return ray.remote(c.cls).options(**placement.options(slots[i])).remote(*c.args, **c.kwargs)
+        return cls(ActorPool(role, make, len(slots), cfg.cluster.call_timeout_s))
+
+    def _fan_out(self, method: str, items: list, spec: SamplingSpec) -> Pending:
+        """Start `method(items[part], spec)` on every actor and return at once: actor i takes the i-th of
+        near-equal runs of `items` in order, with a seed derived from (spec.seed, i), so what each row
+        samples does not depend on which actor ran before or was replaced."""
+        parts = _split(len(items), len(self.actors))
+        specs = [spec if spec.seed is None else replace(spec, seed=derived_seed(spec.seed, i)) for i in range(len(parts))]
+        return self.pool.submit(method, [(items[s], sp) for s, sp in zip(parts, specs)])
+
+
+class RolloutGroup(EngineGroup):
+    """Rollout engines, one per placement slot; a lost engine is replaced and its prompts retried."""
+
+    @classmethod
+    def start(cls, cfg: ExperimentConfig, placement: Placement, sampling: SamplingSpec, pad_id: int):
+        kind = engine_kind(cfg.rollout.engine)
+        return cls._start(cfg, "rollout engine", placement, placement.layout.rollout,
+                          lambda i: kind.start(engine_start(cfg, cfg.run.seed + i, sampling, pad_id)))
 
     def generate(self, prompts: list[list[int]], spec: SamplingSpec) -> Rollout:
         """Engine i samples its slice with a seed derived from (spec.seed, i)."""
@@ -154,9 +173,7 @@ class RolloutGroup:
     def submit(self, prompts: list[list[int]], spec: SamplingSpec) -> Pending:
         """Start generate() on every engine and return at once. Each engine is a Ray actor running one
         method at a time, so a weight sync sent to it later waits until this generation is done."""
-        parts = _split(len(prompts), len(self.actors))
-        specs = [spec if spec.seed is None else replace(spec, seed=derived_seed(spec.seed, i)) for i in range(len(parts))]
-        return self.pool.submit("generate", [(prompts[s], sp) for s, sp in zip(parts, specs)])
+        return self._fan_out("generate", prompts, spec)
 
     def collect(self, pending: Pending, retry: bool = True) -> Optional[Rollout]:
         """The submitted rollout. A lost engine is replaced; with retry its slice is sampled again (same
@@ -171,33 +188,21 @@ class RolloutGroup:
         self.pool.call("wake_up", [()] * len(self.actors))
 
 
-class TeacherGroup:
+class TeacherGroup(EngineGroup):
     """Teachers, one per placement slot; a lost teacher is replaced and its rows scored again."""
-
-    def __init__(self, pool: ActorPool):
-        self.pool = pool
-
-    @property
-    def actors(self) -> list:
-        return self.pool.actors
 
     @classmethod
     def start(cls, cfg: ExperimentConfig, placement: Placement, index: int = 0, tc=None, role: str = "teacher"):
         """The teachers of one TeacherConfig (`tc`, default `teacher:`), in layout.teacher_groups[index]."""
         tc = tc or cfg.teacher
-        slots = placement.layout.teacher_groups[index]
+        kind = teacher_kind(tc.kind)
         first = sum(len(g) for g in placement.layout.teacher_groups[:index])  # seeds differ across teachers
-
-        def make(i: int):
-            call = teacher_kind(tc.kind).start(teacher_start(cfg, tc, cfg.run.seed + first + i))
-            return ray.remote(call.cls).options(**placement.options(slots[i])).remote(*call.args, **call.kwargs)
-        return cls(ActorPool(role, make, len(slots), cfg.cluster.call_timeout_s))
+        return cls._start(cfg, role, placement, placement.layout.teacher_groups[index],
+                          lambda i: kind.start(teacher_start(cfg, tc, cfg.run.seed + first + i)))
 
     def generate(self, teacher_prompts: list[list[int]], spec: SamplingSpec) -> Rollout:
         """Completions the teachers write from their own prompts (reference rows for an SFT mix)."""
-        parts = _split(len(teacher_prompts), len(self.actors))
-        specs = [spec if spec.seed is None else replace(spec, seed=derived_seed(spec.seed, i)) for i in range(len(parts))]
-        return concat_rollouts(self.pool.call("generate", [(teacher_prompts[s], sp) for s, sp in zip(parts, specs)]))
+        return concat_rollouts(self.pool.collect(self._fan_out("generate", teacher_prompts, spec)))
 
     def score(self, teacher_prompts, rollout: Rollout, request: ScoreRequest) -> TeacherScores:
         def args(s):
@@ -303,7 +308,8 @@ class LearnerGroup:
 
 def connect_weight_sync(cfg: ExperimentConfig, learner: LearnerGroup, targets: list, kinds: list[str]) -> None:
     """Open the learner's transfer groups to every receiver: HF receivers over gloo, vLLM receivers
-    over sync.backend, each in the dtype it holds its weights in."""
+    over sync.backend, each in the dtype it holds its weights in (`kinds`: each target's receiver,
+    actors/kinds.py:RECEIVERS)."""
     workers = gather([(f"sync receiver {i}.weight_sync_workers", t.weight_sync_workers.remote())
                       for i, t in enumerate(targets)], cfg.cluster.call_timeout_s)
     groups = []

@@ -130,7 +130,7 @@ class TeacherRoutingConfig:
 
 @dataclass
 class RolloutConfig:
-    engine: str = "hf"            # hf | vllm
+    engine: str = "hf"            # hf | vllm; actors/kinds.py registers them
     num_actors: int = 1
     prompts_per_step: int = 16
     samples_per_prompt: int = 4

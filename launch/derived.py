@@ -29,13 +29,11 @@ def resolve(cfg: ExperimentConfig) -> None:
 
 
 def reference_rows(cfg: ExperimentConfig) -> int:
-    """Reference rows an OPD step adds for an SFT component of its loss (one per prompt), else 0."""
+    """Reference rows an OPD step adds for an SFT component of its loss (one per prompt), else 0. The loss
+    must build: launch/validation.py checks that before it first counts rows (a ValueError otherwise)."""
     if cfg.algorithm != "opd":
         return 0
-    try:
-        return cfg.rollout.prompts_per_step if build_configured_loss(cfg).needs.reference_rows else 0
-    except ValueError:  # a bad loss is check_loss's to report
-        return 0
+    return cfg.rollout.prompts_per_step if build_configured_loss(cfg).needs.reference_rows else 0
 
 
 def rows_per_step(cfg: ExperimentConfig) -> int:

@@ -35,24 +35,24 @@ def train(cfg: ExperimentConfig) -> dict:
 
 def _loop(cfg: ExperimentConfig, run: RunDir, s: Setup) -> dict:
     """The reference loop: each step samples with the newest weights, then scores, learns and syncs."""
-    first, start_acc, guard = begin(cfg, run, s)
-    for step in range(first + 1, cfg.run.steps + 1):
+    r = begin(cfg, run, s)
+    for step in range(r.first + 1, cfg.run.steps + 1):
         timer, t0, faults = StageTimer(), time.time(), s.replaced()
-        prompts, rows = draw(cfg, s)
+        prompts, rows = draw(r)
         metrics = {"data/skipped_rows": s.train_data.skipped}
         if cfg.rollout.pipeline_chunks > 1:  # sampled, scored and learned in chunks (launch/pipeline.py)
-            batch = pipelined_step(cfg, s, step, rows, timer, metrics)
+            batch = pipelined_step(r, step, rows, timer, metrics)
         else:
             if cfg.algorithm == "sft":
                 batch = sft_batch(s.fmt, rows, "target")
             else:
                 with timer("rollout"):  # the seed is a function of the step: a resumed or retried step samples alike
                     rollout = s.rollouts.generate(s.fmt.students(rows), s.sampling_at(step))
-                batch = rollout_batch(cfg, s, step, prompts, rows, rollout, timer, metrics)
+                batch = rollout_batch(r, step, prompts, rows, rollout, timer, metrics)
             learn(s, batch, timer, metrics)
-        sync(cfg, s, step, guard, timer, metrics)
-        log_step(run, s, step, batch, metrics, timer, t0, faults)
-        stopped = between_steps(cfg, run, s, step, guard)
+        sync(r, step, timer, metrics)
+        log_step(r, step, batch, metrics, timer, t0, faults)
+        stopped = between_steps(r, step)
         if stopped:
-            return finish(cfg, run, s, start_acc, guard, stopped)
-    return finish(cfg, run, s, start_acc, guard)
+            return finish(r, stopped)
+    return finish(r)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import string
 from dataclasses import dataclass, field
 
+from actors.kinds import engine_kind
 from launch.batches import ChatSettings, PromptFormatter
 from launch.config import ExperimentConfig, ManifestError
 from opd.tokens import SpecialIds, special_ids
@@ -200,7 +201,7 @@ def _context(cfg: ExperimentConfig, side: str, config, teacher: TeacherSpec | No
     """Tokens a prompt plus its completion may take on one side (rollout, or `teacher`)."""
     limit = getattr(config, "max_position_embeddings", None) or 1 << 62
     if teacher is None:
-        engine_is_vllm, vllm = cfg.rollout.engine == "vllm", cfg.rollout.vllm
+        engine_is_vllm, vllm = engine_kind(cfg.rollout.engine).vllm, cfg.rollout.vllm
     else:
         engine_is_vllm, vllm = bool(kind_of(teacher.config) and kind_of(teacher.config).vllm), teacher.config.vllm
     if engine_is_vllm and vllm.max_model_len:

@@ -59,8 +59,8 @@ from launch.config import ExperimentConfig
 from launch.remote import Pending
 from launch.run_dir import RunDir
 from launch.session import Setup
-from launch.step import (StageTimer, begin, between_steps, checkpoint_due, draw, finish, learner_metrics, log_step,
-                         rollout_batch, sync)
+from launch.step import (Run, StageTimer, begin, between_steps, checkpoint_due, draw, finish, learner_metrics,
+                         log_step, rollout_batch, sync)
 from launch.teacher_set import PendingScores
 from opd.contracts import Rollout, TrainBatch
 
@@ -81,48 +81,46 @@ class Ahead:
 
 
 def overlapped_loop(cfg: ExperimentConfig, run: RunDir, s: Setup) -> dict:
-    first, start_acc, guard = begin(cfg, run, s)
+    r = begin(cfg, run, s)
     ahead: Optional[Ahead] = None
-    for step in range(first + 1, cfg.run.steps + 1):
+    for step in range(r.first + 1, cfg.run.steps + 1):
         timer, t0, faults = StageTimer(), time.time(), s.replaced()
-        this = ahead or Ahead(*draw(cfg, s))
+        this = ahead or Ahead(*draw(r))
         metrics = {"data/skipped_rows": s.train_data.skipped, **this.metrics}
         if this.batch is None:  # not readied during the previous step: sample, score and build it now
             if this.rollout is None:
                 with timer("rollout"):
                     this.rollout = s.rollouts.generate(s.fmt.students(this.rows), s.sampling_at(step))
-            this.batch = rollout_batch(cfg, s, step, this.prompts, this.rows, this.rollout, timer, metrics,
-                                       this.scores)
-        ahead = submit(cfg, s, step + 1) if runs_ahead(cfg, step) else None
+            this.batch = rollout_batch(r, step, this.prompts, this.rows, this.rollout, timer, metrics, this.scores)
+        ahead = submit(r, step + 1) if runs_ahead(cfg, step) else None
         metrics["rollout/lag"] = s.version - this.batch.weight_version  # the learner holds s.version now
         with timer("learner"):
             learning = s.learner.submit_step(this.batch)
             if ahead:  # the learner sends version `step` once step+1's generation is done
                 syncing = s.learner.submit("sync_after_step", step, [ref for _, ref in ahead.pending.calls])
-                ready(cfg, s, step + 1, ahead, timer)
+                ready(r, step + 1, ahead, timer)
             metrics.update(learner_metrics(s.learner.collect(learning)))
             sync_s = s.learner.collect(syncing) if ahead else None
         if sync_s is not None:
             metrics["time/sync_s"] = sync_s
-        sync(cfg, s, step, guard, timer, metrics, sent=sync_s is not None)
-        log_step(run, s, step, this.batch, metrics, timer, t0, faults)
-        stopped = between_steps(cfg, run, s, step, guard)
+        sync(r, step, timer, metrics, sent=sync_s is not None)
+        log_step(r, step, this.batch, metrics, timer, t0, faults)
+        stopped = between_steps(r, step)
         if stopped:  # a rollout still in flight finishes on its engine before the final save; nothing reads it
-            return finish(cfg, run, s, start_acc, guard, stopped)
-    return finish(cfg, run, s, start_acc, guard)
+            return finish(r, stopped)
+    return finish(r)
 
 
-def ready(cfg: ExperimentConfig, s: Setup, step: int, ahead: Ahead, timer: StageTimer) -> None:
+def ready(r: Run, step: int, ahead: Ahead, timer: StageTimer) -> None:
     """Collect `step`'s rollout and scores, submitted ahead, and build its batch, while the learner
     trains the step before. A rollout lost with an engine leaves ahead.rollout None: the step samples
     again when it comes (the learner, whose sync waited for the same replies, sent nothing)."""
     with timer("rollout_wait"):  # generation time the teacher and learner did not hide
-        ahead.rollout = s.rollouts.collect(ahead.pending, retry=False)
+        ahead.rollout = r.s.rollouts.collect(ahead.pending, retry=False)
     if ahead.rollout is None:
         ahead.scores = None  # it waited on a lost engine's reply: the step scores again
         return
-    ahead.batch = rollout_batch(cfg, s, step, ahead.prompts, ahead.rows, ahead.rollout, timer, ahead.metrics,
-                                ahead.scores)
+    ahead.batch = rollout_batch(r, step, ahead.prompts, ahead.rows, ahead.rollout, timer, ahead.metrics, ahead.scores)
 
 
 def runs_ahead(cfg: ExperimentConfig, step: int) -> bool:
@@ -131,10 +129,11 @@ def runs_ahead(cfg: ExperimentConfig, step: int) -> bool:
     return cfg.rollout.max_lag > 0 and step < cfg.run.steps and not checkpoint_due(cfg, step)
 
 
-def submit(cfg: ExperimentConfig, s: Setup, step: int) -> Ahead:
+def submit(r: Run, step: int) -> Ahead:
     """Draw `step`'s prompts and start sampling them with the weights the engines hold now, and
     (OPD) scoring them as soon as they exist."""
-    prompts, rows = draw(cfg, s)
+    s = r.s
+    prompts, rows = draw(r)
     pending = s.rollouts.submit(s.fmt.students(rows), s.sampling_at(step))
-    scores = s.teachers.submit_score(rows, pending) if cfg.algorithm == "opd" else None
+    scores = s.teachers.submit_score(rows, pending) if r.cfg.algorithm == "opd" else None
     return Ahead(prompts, rows, pending=pending, scores=scores)

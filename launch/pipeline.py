@@ -43,20 +43,18 @@ import torch
 
 from launch.batches import distill_batch, rollout_stats
 from launch.cluster import derived_seed
-from launch.config import ExperimentConfig
 from launch.derived import chunk_bounds
-from launch.session import Setup
-from launch.step import StageTimer, learner_metrics
+from launch.step import Run, StageTimer, learner_metrics
 from launch.teacher_set import RoutedScores, merge_scores
 from opd.contracts import Rollout, TeacherScores, TrainBatch, concat_rollouts
 
 STATS_FIELDS = ("sampled_logprobs", "sampled_rank", "entropy")  # what the teacher statistics read
 
 
-def pipelined_step(cfg: ExperimentConfig, s: Setup, step: int, rows: list[dict], timer: StageTimer,
-                   metrics: dict) -> TrainBatch:
+def pipelined_step(r: Run, step: int, rows: list[dict], timer: StageTimer, metrics: dict) -> TrainBatch:
     """Sample, score and learn one OPD step in chunks (the module docstring). Returns the step's rows as a
     TrainBatch of prompts and completions only (what log_step reads); the learner has stepped."""
+    cfg, s = r.cfg, r.s
     spec = s.sampling_at(step)
     parts = [rows[b] for b in chunk_bounds(cfg, len(rows))]
     pending, scoring = [], []

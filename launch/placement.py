@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from actors.kinds import engine_kind
 from launch.config import ExperimentConfig, ManifestError
 from launch.routing import teacher_specs
 from teachers.kinds import kind_of
@@ -47,7 +48,7 @@ class Layout:
 def engine_gpus(cfg: ExperimentConfig, side: str, teacher=None) -> int:
     """GPUs one rollout engine / teacher occupies (`teacher`: which TeacherConfig; default `teacher:`)."""
     if side == "rollout":
-        return cfg.rollout.vllm.tensor_parallel_size if cfg.rollout.engine == "vllm" else 1
+        return engine_kind(cfg.rollout.engine).gpus(cfg.rollout)
     tc = teacher or cfg.teacher
     kind = kind_of(tc)
     return kind.gpus(tc) if kind else 1

@@ -10,6 +10,8 @@ from typing import Optional
 
 import ray
 import torch
+
+from actors.kinds import engine_kind
 from launch.batches import score_request, sft_batch
 from launch.capabilities import build_configured_loss, check_built_teacher, check_loss
 from launch.cluster import LearnerGroup, RolloutGroup, connect_weight_sync, derived_seed, start_ray
@@ -100,7 +102,7 @@ class Setup:
 
     def _connect(self) -> None:
         targets = list(self.rollouts.actors)
-        kinds = [self.cfg.rollout.engine] * len(targets)
+        kinds = [engine_kind(self.cfg.rollout.engine).receiver] * len(targets)
         for group in self._live_teachers():  # a live self-teacher follows the student
             targets += group.actors
             kinds += ["hf"] * len(group.actors)

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import time
 from contextlib import contextmanager
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from typing import Optional
 
 from launch.batches import distill_batch, reward_batch, rollout_stats
@@ -17,23 +17,39 @@ from launch.teacher_set import PendingScores
 from opd.contracts import TrainBatch, concat_batches
 
 
-def begin(cfg: ExperimentConfig, run: RunDir, s: Setup) -> tuple[int, float | None, NonfiniteGuard]:
-    """(last step done, start-of-run eval accuracy, the non-finite guard), fresh or resumed."""
+@dataclass
+class Run:
+    """What every step of a run works with and no step changes: the manifest, the run's folder, its
+    session (actors and weight state, launch/session.py), the non-finite guard across steps, and where
+    the run starts. begin() makes it."""
+    cfg: ExperimentConfig
+    dir: RunDir
+    s: Setup
+    guard: NonfiniteGuard
+    first: int                    # the last step done: 0, or the step a resumed run's checkpoint holds
+    start_acc: Optional[float]    # the start-of-run eval accuracy (a resumed run's, from its folder)
+
+
+def begin(cfg: ExperimentConfig, run: RunDir, s: Setup) -> Run:
+    """The run, fresh or resumed."""
     step = s.resume(run)
     start_acc = run.start_eval if step else s.evaluate(run, step)
-    return step, start_acc, NonfiniteGuard(cfg.learner.max_nonfinite_steps, run.resume_state.get("nonfinite_in_row", 0))
+    guard = NonfiniteGuard(cfg.learner.max_nonfinite_steps, run.resume_state.get("nonfinite_in_row", 0))
+    return Run(cfg, run, s, guard, step, start_acc)
 
 
-def draw(cfg: ExperimentConfig, s: Setup) -> tuple[list[dict], list[dict]]:
+def draw(r: Run) -> tuple[list[dict], list[dict]]:
     """The step's prompts, and its rows: each prompt repeated samples_per_prompt times (once for SFT)."""
-    prompts = s.train.next_batch(cfg.rollout.prompts_per_step)
-    return prompts, [r for r in prompts for _ in range(1 if cfg.algorithm == "sft" else cfg.rollout.samples_per_prompt)]
+    rc = r.cfg.rollout
+    prompts = r.s.train.next_batch(rc.prompts_per_step)
+    return prompts, [p for p in prompts for _ in range(1 if r.cfg.algorithm == "sft" else rc.samples_per_prompt)]
 
 
-def rollout_batch(cfg: ExperimentConfig, s: Setup, step: int, prompts: list[dict], rows: list[dict], rollout,
-                  timer: StageTimer, metrics: dict, scores: Optional[PendingScores] = None) -> TrainBatch:
+def rollout_batch(r: Run, step: int, prompts: list[dict], rows: list[dict], rollout, timer: StageTimer,
+                  metrics: dict, scores: Optional[PendingScores] = None) -> TrainBatch:
     """Rewards, teacher scores (OPD) or advantages (GRPO) for a sampled rollout: the step's TrainBatch.
     `scores`: teacher scoring already submitted (launch/overlap.py); else the teachers score it now."""
+    cfg, s = r.cfg, r.s
     rewards = s.rewards(rollout, rows)
     metrics.update(rollout_stats(rollout), **{"rollout/reward_mean": sum(rewards) / len(rewards)})
     if cfg.algorithm != "opd":
@@ -62,34 +78,33 @@ def learner_metrics(out: dict[str, float]) -> dict[str, float]:
             for k, v in out.items()}
 
 
-def sync(cfg: ExperimentConfig, s: Setup, step: int, guard: NonfiniteGuard, timer: StageTimer, metrics: dict,
-         sent: bool = False) -> None:
+def sync(r: Run, step: int, timer: StageTimer, metrics: dict, sent: bool = False) -> None:
     """Send the engines the step's weights, tagged with the step. A skipped step changed nothing. An SFT
     run reads its engines only to evaluate, so it sends only before an evaluation. `sent`: the learner
     sent them itself, right after its step (launch/overlap.py)."""
-    if not guard.skipped(step, metrics):
+    s = r.s
+    if not r.guard.skipped(step, metrics):
         s.trained(step)
     if sent:
         s.synced(step)
-    elif s.unsent is not None and engines_read_after(cfg, step):
+    elif s.unsent is not None and engines_read_after(r.cfg, step):
         with timer("sync"):
             s.sync_weights(s.unsent)
 
 
-def log_step(run: RunDir, s: Setup, step: int, batch: TrainBatch, metrics: dict, timer: StageTimer, t0: float,
-             faults: int) -> None:
-    metrics.update(timer.metrics(), **{"perf/step_s": time.time() - t0, "faults/restarts": s.replaced() - faults,
+def log_step(r: Run, step: int, batch: TrainBatch, metrics: dict, timer: StageTimer, t0: float, faults: int) -> None:
+    metrics.update(timer.metrics(), **{"perf/step_s": time.time() - t0, "faults/restarts": r.s.replaced() - faults,
                                        "perf/tokens_per_s": batch.loss_tokens / (time.time() - t0)})
-    run.log(step, metrics)
+    r.dir.log(step, metrics)
 
 
-def between_steps(cfg: ExperimentConfig, run: RunDir, s: Setup, step: int,
-                  guard: NonfiniteGuard) -> Optional[tuple[int, float]]:
+def between_steps(r: Run, step: int) -> Optional[tuple[int, float]]:
     """Eval and checkpoint when due. (step, accuracy) when the eval reached eval.stop_at_accuracy: the
     run ends here; else None."""
-    acc = s.evaluate(run, step) if eval_due(cfg, step) else None
+    cfg, s = r.cfg, r.s
+    acc = s.evaluate(r.dir, step) if eval_due(cfg, step) else None
     if checkpoint_due(cfg, step):
-        s.checkpoint(run, step, guard.in_row)
+        s.checkpoint(r.dir, step, r.guard.in_row)
     stop = cfg.eval.stop_at_accuracy
     if stop is not None and acc is not None and acc >= stop:
         print(f"opd: eval accuracy {acc:.3f} >= eval.stop_at_accuracy {stop} at step {step}: the run ends here",
@@ -113,16 +128,16 @@ def checkpoint_due(cfg: ExperimentConfig, step: int) -> bool:
     return bool(cfg.checkpoint.interval and step % cfg.checkpoint.interval == 0)
 
 
-def finish(cfg: ExperimentConfig, run: RunDir, s: Setup, start_acc: float | None, guard: NonfiniteGuard,
-           stopped: Optional[tuple[int, float]] = None) -> dict:
+def finish(r: Run, stopped: Optional[tuple[int, float]] = None) -> dict:
     """The final eval (or, `stopped`, the step and accuracy of the one that ended the run early) and
     model, the skipped-rows line, and the run's summary."""
+    cfg, run, s = r.cfg, r.dir, r.s
     steps, end_acc = stopped or (cfg.run.steps, s.evaluate(run, cfg.run.steps))
     s.learner.call("save_hf", str(run.final), cfg.model.path)
     print(f"opd: skipped rows: {s.skipped_rows_line()}", flush=True)
     summary = {"run": cfg.run.name, "algorithm": cfg.algorithm, "loss": cfg.loss.name, "steps": steps,
-               "start_eval_accuracy": start_acc, "end_eval_accuracy": end_acc, "final_model": str(run.final),
-               "skipped_rows": s.skipped_rows, "skipped_nonfinite_steps": guard.total, "actor_restarts": s.replaced()}
+               "start_eval_accuracy": r.start_acc, "end_eval_accuracy": end_acc, "final_model": str(run.final),
+               "skipped_rows": s.skipped_rows, "skipped_nonfinite_steps": r.guard.total, "actor_restarts": s.replaced()}
     run.close(summary)
     return summary
 

@@ -5,7 +5,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from launch.capabilities import check_loss
+from actors.kinds import ENGINE_KINDS, engine_kind
+from launch.capabilities import check_loss, configured_loss
 from launch.config import ExperimentConfig, ManifestError
 from launch.derived import pipeline_unit, reference_rows, rows_per_step, sampling_spec
 from launch.evaluation import eval_set_specs
@@ -35,7 +36,7 @@ def validate(cfg: ExperimentConfig) -> None:
         _positive(f"{t.key}.num_actors", t.config.num_actors)
         _positive(f"{t.key}.max_tokens_per_batch", t.config.max_tokens_per_batch)
         _positive(f"{t.key}.max_logprobs_transport_gb", t.config.max_logprobs_transport_gb)
-    _choice("rollout.engine", cfg.rollout.engine, ("hf", "vllm"))
+    _choice("rollout.engine", cfg.rollout.engine, ENGINE_KINDS)
     threads = cfg.cluster.threads_per_actor
     if threads != "auto" and not (isinstance(threads, int) and not isinstance(threads, bool) and threads > 0):
         raise ManifestError(f"cluster.threads_per_actor: {threads!r} is not a positive number of threads or auto")
@@ -76,6 +77,7 @@ def validate(cfg: ExperimentConfig) -> None:
 
     _positive("learner.updates_per_step", cfg.learner.updates_per_step)
     _choice("loss.reduction", cfg.loss.reduction, ("token_mean", "sample_mean"))
+    configured_loss(cfg)  # it must build before a step's rows are counted: an SFT mix adds reference rows
     rows, updates = rows_per_step(cfg), cfg.learner.updates_per_step
     if rows % updates:
         raise ManifestError(f"learner.updates_per_step: {rows} rows per step do not split into {updates} equal "
@@ -175,7 +177,8 @@ def _check_engines(cfg: ExperimentConfig) -> None:
         raise ManifestError(f"rollout.num_actors: {cfg.rollout.num_actors}, but colocated engines sit one per "
                             f"learner GPU: set it to learner.num_ranks ({cfg.learner.num_ranks})")
     _check_colocation_layout(cfg)
-    sides = [("rollout", cfg.rollout.engine == "vllm", cfg.rollout.vllm)] + [
+    engine = engine_kind(cfg.rollout.engine)
+    sides = [("rollout", engine.vllm, cfg.rollout.vllm)] + [
         (t.key, bool(kind_of(t.config) and kind_of(t.config).vllm), t.config.vllm) for t in teacher_specs(cfg)]
     for side, vllm, v in sides:
         if not vllm:
@@ -188,7 +191,7 @@ def _check_engines(cfg: ExperimentConfig) -> None:
             _choice(f"{side}.vllm.dtype", v.dtype, ("float32", "bfloat16", "float16"))
         if v.gpu_memory_utilization is not None and not 0 < v.gpu_memory_utilization <= 1:
             raise ManifestError(f"{side}.vllm.gpu_memory_utilization: must be in (0, 1], got {v.gpu_memory_utilization}")
-    if cfg.rollout.engine == "vllm":
+    if engine.vllm:
         from opd.vllm_llm import logprobs_mode_for
         try:
             logprobs_mode_for(sampling_spec(cfg))
@@ -202,11 +205,11 @@ def _check_engines(cfg: ExperimentConfig) -> None:
 def _check_colocation_layout(cfg: ExperimentConfig) -> None:
     """Layouts that pass Ray's arithmetic and fail on the GPUs themselves (only vLLM engines receive
     over nccl / ipc; HF receivers always use gloo)."""
-    vllm_rollout = cfg.rollout.engine == "vllm"
+    engine = engine_kind(cfg.rollout.engine)
     t = TRANSPORTS.get(cfg.sync.backend)  # None: auto, which fits the layout
-    if vllm_rollout and t and t.colocated is not None and t.colocated != cfg.cluster.colocate:
+    if engine.receiver == "vllm" and t and t.colocated is not None and t.colocated != cfg.cluster.colocate:
         raise ManifestError(t.layout_problem)
-    if cfg.cluster.colocate and vllm_rollout and cfg.rollout.vllm.tensor_parallel_size > 1:
+    if cfg.cluster.colocate and engine.gpus(cfg.rollout) > 1:
         raise ManifestError(f"rollout.vllm.tensor_parallel_size: {cfg.rollout.vllm.tensor_parallel_size} with "
                             "cluster.colocate: true, but a colocated engine shares one learner GPU (half of it); "
                             "use tensor_parallel_size 1 or cluster.colocate: false")

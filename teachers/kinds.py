@@ -7,14 +7,16 @@ learner's choice of the folder a hidden-states teacher head comes from (learner/
 The project's kinds register themselves where their classes are: hf and self in teachers/hf_teacher.py,
 vllm in teachers/vllm_teacher.py; `teachers/__init__.py` imports both, so the registry is full whenever
 any teacher module is imported. Adding a kind is one file (the teacher class, whose `score` returns
-TeacherScores, and a `register(TeacherKind(...))` call) and one line in that import (docs/design.md,
-"Adding a teacher kind"; tests/test_teacher_kinds.py registers a throwaway kind).
+TeacherScores, and a `register(TeacherKind(...))` call) and one line in that import (docs/design.md §7;
+tests/test_teacher_kinds.py registers a throwaway kind). Rollout engines have a registry of the same
+shape, actors/kinds.py.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Callable, Optional
 
+from opd.actor_call import ActorCall  # a kind's module imports it from here, with the rest it registers with
 from teachers.base import TeacherCapabilities
 
 
@@ -30,18 +32,6 @@ class TeacherStart:
     trust_remote_code: bool
     max_tokens_per_batch: int     # teacher.max_tokens_per_batch
     llm: Any = None               # the vLLM engine's opd.vllm_llm.LLMSpec, for a kind with `vllm: True`
-
-
-@dataclass(frozen=True)
-class ActorCall:
-    """A teacher actor to build: `cls(*args, **kwargs)` in-process, or under Ray as
-    `ray.remote(cls).options(...).remote(*args, **kwargs)`."""
-    cls: type
-    args: tuple = ()
-    kwargs: dict = field(default_factory=dict)
-
-    def build(self):
-        return self.cls(*self.args, **self.kwargs)
 
 
 @dataclass(frozen=True)

@@ -7,9 +7,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
-os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+from opd.env import QUIET_ENV, set_quiet_env
+
+set_quiet_env()
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
 
 
@@ -64,8 +64,7 @@ def write_manifest(tmp_path, assets):
 def ray_session():
     import ray
     ray.init(num_cpus=2, include_dashboard=False, configure_logging=False,
-             runtime_env={"env_vars": {"DS_ACCELERATOR": "cpu", "HF_HUB_OFFLINE": "1",
-                                       "HF_HUB_DISABLE_PROGRESS_BARS": "1", "TRANSFORMERS_VERBOSITY": "error"}})
+             runtime_env={"env_vars": {**QUIET_ENV, "DS_ACCELERATOR": "cpu"}})
     yield ray
     ray.shutdown()
 

@@ -19,7 +19,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -30,15 +29,11 @@ from pathlib import Path
 
 import pytest
 
+from opd.weight_sync import free_port
+
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent          # the venv's bin: ray, python
 RAY = str(BIN / "ray")
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _clean_env(**extra) -> dict[str, str]:
@@ -59,14 +54,14 @@ def head(tmp_path_factory):
     token_file = tmp / "home" / ".ray" / "auth_token"
     assert gen.returncode == 0 and token_file.read_text() == gen.stdout, gen.stderr
     auth = _clean_env(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN_PATH=str(token_file))
-    port, dash = _free_port(), _free_port()
+    port, dash = free_port(), free_port()
     # Ray's session sockets live under --temp-dir, and an AF_UNIX path may not exceed 107 bytes: pytest's
     # tmp path grows with its run counter (pytest-of-root/pytest-122/...) and once pushed the dashboard's
     # socket path past that, so Ray gets a short directory of its own.
     ray_tmp = tempfile.mkdtemp(prefix="opd-ray-", dir="/tmp")
     cmd = [RAY, "start", "--head", "--node-ip-address=127.0.0.1", f"--port={port}", "--dashboard-host=127.0.0.1",
-           f"--dashboard-port={dash}", "--include-dashboard=true", f"--ray-client-server-port={_free_port()}",
-           f"--dashboard-agent-listen-port={_free_port()}", "--num-cpus=4", "--num-gpus=0",
+           f"--dashboard-port={dash}", "--include-dashboard=true", f"--ray-client-server-port={free_port()}",
+           f"--dashboard-agent-listen-port={free_port()}", "--num-cpus=4", "--num-gpus=0",
            f"--temp-dir={ray_tmp}", "--disable-usage-stats", "--block"]
     log = open(tmp / "head.log", "w")
     proc = subprocess.Popen(cmd, env=auth, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)

@@ -4,7 +4,6 @@ runs the rollout engine, the teacher and the native weight-transfer API on tiny 
 In-process engines (TP 1 runs vLLM inside the calling process) check numbers against the HF
 engine and teacher; Ray actors check the multi-engine sync from a two-rank ZeRO-3 learner.
 """
-import socket
 
 import pytest
 import ray
@@ -16,7 +15,7 @@ from actors.vllm_engine import VLLMEngine
 from opd.contracts import SamplingSpec, ScoreRequest
 from opd.modeling import completion_logits
 from opd.vllm_llm import LLMSpec, engine_env
-from opd.weight_sync import open_sender
+from opd.weight_sync import free_port, open_sender
 from opd.weight_sync.source import ParamStream
 from teachers.hf_teacher import HFTeacher
 from teachers.vllm_teacher import VLLMTeacher
@@ -26,12 +25,6 @@ PROMPTS = [[1, 5, 6, 41, 7, 8, 44], [1, 9, 41, 4, 44], [1, 44], [1, 7, 41, 7, 44
 
 def spec(path, **over) -> LLMSpec:
     return LLMSpec(model=str(path), dtype="float32", kv_cache_memory_gb=0.0625, enforce_eager=True, **over)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")

@@ -1,6 +1,5 @@
 """Weight sync over the gloo transport, in-process: HF receivers, several at once, wire dtypes,
 buckets, errors, shutdown, and the ZeRO-3 gather every transport shares."""
-import socket
 import subprocess
 import sys
 import threading
@@ -13,18 +12,12 @@ from transformers import AutoModelForCausalLM
 
 from actors.hf_engine import HFEngine
 from opd.contracts import SamplingSpec
-from opd.weight_sync import open_sender
+from opd.weight_sync import free_port, open_sender
 from opd.weight_sync.gloo import GlooInitInfo, GlooSender, UpdateInfo, bucket_plan
 from opd.weight_sync.client import EngineGroupClient
 from opd.weight_sync.source import ParamMeta, ParamStream
 
 REPO = Path(__file__).resolve().parents[1]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def within(seconds: float, fn, *args):
