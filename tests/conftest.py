@@ -32,32 +32,57 @@ def qwen3_assets(tmp_path_factory) -> dict[str, Path]:
     return write_family(tmp_path_factory.mktemp("tiny-qwen3"), n_train=512, n_eval=32)
 
 
+def tiny_manifest(assets: dict[str, Path], folder: Path, **over) -> Path:
+    """folder/manifest.yaml: a runnable tiny OPD manifest (runs under folder/runs) with `over`'s sections
+    merged in."""
+    doc = {
+        "algorithm": "opd",
+        "run": {"name": "t", "output_dir": str(folder / "runs"), "steps": 2},
+        "cluster": {"mode": "local", "num_cpus": 2},
+        "model": {"path": str(assets["tiny"])},
+        "teacher": {"kind": "hf", "path": str(assets["tiny"])},
+        "rollout": {"prompts_per_step": 4, "samples_per_prompt": 2, "max_new_tokens": 4},
+        "learner": {"micro_batch_size": 4, "lr": 1e-3},
+        "loss": {"name": "sampled_token_rkl"},
+        "data": {"train": str(assets["train"]), "eval": str(assets["eval"])},
+        "eval": {"interval": 1, "size": 8},
+        "logging": {"tensorboard": True},
+    }
+    for section, value in over.items():
+        if isinstance(value, dict) and isinstance(doc.get(section), dict):
+            doc[section].update(value)
+        else:
+            doc[section] = value
+    path = folder / "manifest.yaml"
+    path.write_text(yaml.safe_dump(doc))
+    return path
+
+
 @pytest.fixture
 def write_manifest(tmp_path, assets):
     """write_manifest(**sections) -> path of a runnable tiny OPD manifest with those overrides."""
-    def make(**over):
-        doc = {
-            "algorithm": "opd",
-            "run": {"name": "t", "output_dir": str(tmp_path / "runs"), "steps": 2},
-            "cluster": {"mode": "local", "num_cpus": 2},
-            "model": {"path": str(assets["tiny"])},
-            "teacher": {"kind": "hf", "path": str(assets["tiny"])},
-            "rollout": {"prompts_per_step": 4, "samples_per_prompt": 2, "max_new_tokens": 4},
-            "learner": {"micro_batch_size": 4, "lr": 1e-3},
-            "loss": {"name": "sampled_token_rkl"},
-            "data": {"train": str(assets["train"]), "eval": str(assets["eval"])},
-            "eval": {"interval": 1, "size": 8},
-            "logging": {"tensorboard": True},
-        }
-        for section, value in over.items():
-            if isinstance(value, dict) and isinstance(doc.get(section), dict):
-                doc[section].update(value)
-            else:
-                doc[section] = value
-        path = tmp_path / "manifest.yaml"
-        path.write_text(yaml.safe_dump(doc))
-        return path
-    return make
+    return lambda **over: tiny_manifest(assets, tmp_path, **over)
+
+
+# The reference run that the fault and overlap tests compare theirs against: 4 steps on 2 rollout engines,
+# evaluations at 0, 2 and 4, checkpoints at 2 and 4 (no metric depends on either).
+REFERENCE = dict(run={"name": "reference", "steps": 4}, rollout={"num_actors": 2}, eval={"interval": 2, "size": 8},
+                 checkpoint={"interval": 2})
+
+
+def reference_sections(name: str, runs: Path) -> dict:
+    """REFERENCE's sections with another run name, writing under `runs`."""
+    return {**REFERENCE, "run": {**REFERENCE["run"], "name": name, "output_dir": str(runs)}}
+
+
+@pytest.fixture(scope="session")
+def reference_run(ray_session, assets, tmp_path_factory) -> Path:
+    """The run folder of REFERENCE, trained once per session (the tests that compare against it would
+    otherwise each train it again)."""
+    from launch.cli import main
+    folder = tmp_path_factory.mktemp("reference")
+    assert main(["train", str(tiny_manifest(assets, folder, **reference_sections("reference", folder / "runs")))]) == 0
+    return folder / "runs" / "reference"
 
 
 @pytest.fixture(scope="session")
@@ -74,7 +99,7 @@ def ray_session():
 # models. A test is slow when it starts Ray (the ray_session fixture), builds a vLLM engine or a DeepSpeed
 # learner, or runs whole experiments: those fixtures and modules mark it here, so a new test lands in the
 # right tier by what it uses. `make test` (CI) runs both tiers.
-SLOW_FIXTURES = {"ray_session", "chat_student", "engines", "vllm_teacher"}
+SLOW_FIXTURES = {"ray_session", "reference_run", "chat_student", "engines", "vllm_teacher"}
 SLOW_MODULES = {"test_vllm", "test_faults", "test_overlap", "test_resume", "test_end_to_end", "test_experiment",
                 "test_ray_job", "test_paper_keys_end_to_end", "test_learner_paper_keys", "test_learner_sync",
                 "test_weight_sync", "test_colocation", "test_gpu_smoke", "test_paper_cpu", "test_in_process"}

@@ -20,6 +20,7 @@ from launch.cluster import LearnerGroup, RolloutGroup, TeacherGroup, check_addre
 from launch.config import ManifestError
 from launch.manifest import load_manifest
 from launch.remote import ActorPool, RunStopped, gather
+from conftest import reference_sections
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -41,24 +42,20 @@ def kill_before(monkeypatch, cls, method, at_calls, actor_index=0):
     monkeypatch.setattr(cls, method, wrapped)
 
 
-def test_killed_rollout_engine_and_teacher_are_replaced_and_change_nothing(ray_session, write_manifest, tmp_path,
+def test_killed_rollout_engine_and_teacher_are_replaced_and_change_nothing(reference_run, write_manifest, tmp_path,
                                                                           monkeypatch, capsys):
-    over = dict(run={"name": "clean", "output_dir": str(tmp_path / "runs"), "steps": 4},
-                rollout={"num_actors": 2}, eval={"interval": 2, "size": 8})
-    assert main(["train", str(write_manifest(**over))]) == 0
     # Calls to generate: eval at step 0, then one per step (and evals). Kill engine 1 as step 2 samples,
     # and the teacher as step 3 scores.
     kill_before(monkeypatch, RolloutGroup, "generate", at_calls={3}, actor_index=1)
     kill_before(monkeypatch, TeacherGroup, "score", at_calls={3})
-    over["run"]["name"] = "faulty"
-    assert main(["train", str(write_manifest(**over))]) == 0
+    assert main(["train", str(write_manifest(**reference_sections("faulty", tmp_path / "runs")))]) == 0
     out = capsys.readouterr().out
     assert "rollout engine 1.generate: the actor died" in out and "teacher 0.score: the actor died" in out
-    runs = tmp_path / "runs"
-    assert metrics(runs / "faulty") == metrics(runs / "clean")
-    restarts = {r["step"]: r["faults/restarts"] for r in metrics(runs / "faulty", drop=()) if "faults/restarts" in r}
+    faulty = tmp_path / "runs" / "faulty"
+    assert metrics(faulty) == metrics(reference_run)
+    restarts = {r["step"]: r["faults/restarts"] for r in metrics(faulty, drop=()) if "faults/restarts" in r}
     assert restarts == {1: 0, 2: 1, 3: 1, 4: 0}
-    assert json.loads((runs / "faulty" / "summary.json").read_text())["actor_restarts"] == 2
+    assert json.loads((faulty / "summary.json").read_text())["actor_restarts"] == 2
 
 
 def test_learner_rank_failure_stops_the_run_by_name_and_the_checkpoint_resumes(ray_session, write_manifest,

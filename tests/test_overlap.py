@@ -21,6 +21,7 @@ from launch.placement import Placement
 from launch.remote import ActorPool, gather
 from opd.contracts import SamplingSpec
 from opd.modeling import completion_logits, load_model
+from conftest import reference_sections
 
 PROMPTS = [[1, 5, 6, 41, 7, 8, 44], [1, 9, 41, 4, 44], [1, 44], [1, 7, 41, 7, 44]]
 
@@ -44,18 +45,14 @@ def record_batches(monkeypatch) -> list:
     return seen
 
 
-def test_max_lag_0_through_the_overlapped_loop_logs_what_the_reference_loop_logs(ray_session, write_manifest,
+def test_max_lag_0_through_the_overlapped_loop_logs_what_the_reference_loop_logs(reference_run, write_manifest,
                                                                                  tmp_path, monkeypatch):
-    over = dict(run={"name": "reference", "output_dir": str(tmp_path / "runs"), "steps": 3},
-                eval={"interval": 2, "size": 8}, checkpoint={"interval": 2})
-    assert main(["train", str(write_manifest(**over))]) == 0
     monkeypatch.setattr(launch.driver, "_loop", overlapped_loop)  # train() calls _loop for max_lag 0
-    over["run"]["name"] = "overlapped"
-    assert main(["train", str(write_manifest(**over)), "rollout.max_lag=0"]) == 0
-    runs = tmp_path / "runs"
-    got, want = metrics(runs / "overlapped"), metrics(runs / "reference")
-    assert [r["rollout/lag"] for r in got if "train/loss" in r] == [0, 0, 0]
-    assert [r["step"] for r in got if "eval/accuracy" in r] == [0, 2, 3]
+    manifest = write_manifest(**reference_sections("overlapped", tmp_path / "runs"))
+    assert main(["train", str(manifest), "rollout.max_lag=0"]) == 0
+    got, want = metrics(tmp_path / "runs" / "overlapped"), metrics(reference_run)
+    assert [r["rollout/lag"] for r in got if "train/loss" in r] == [0, 0, 0, 0]
+    assert [r["step"] for r in got if "eval/accuracy" in r] == [0, 2, 4]
     assert without(got) == without(want)
 
 

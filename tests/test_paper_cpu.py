@@ -2,7 +2,8 @@
 steps on this CPU: the tiny Qwen3 family at Qwen3's 151,936 embedding rows, written once (`opd make-tiny
 --family qwen3`'s write_family), with the arm's own algorithm, loss, teacher kind and engines (vLLM's CPU build
 for rollouts and the vLLM teachers, an HF self-teacher for OPSD), chat template, eval sets and verifiers, all in
-one Ray session; and one arm again through `ray job submit` to a token-authenticated head.
+one Ray session. The arm JOB_ARM runs through `ray job submit` to a token-authenticated head instead
+(tests/test_ray_job.py), so every arm trains once.
 
 2 steps: the first runs the arm's loss and an update (several for the 8B and GRPO arms) and syncs the weights
 into the engines; the second samples with the synced weights and steps again. What the shrink leaves alone is
@@ -17,12 +18,11 @@ from pathlib import Path
 import pytest
 
 from launch.cli import main
-from launch.manifest import load_manifest, to_yaml
-from test_ray_job import _submit, head  # noqa: F401  (the token-auth head fixture and its submitter)
+from launch.manifest import load_manifest
 
 PAPER = Path(__file__).resolve().parents[1] / "configs" / "paper"
-ARMS = sorted(p for p in PAPER.glob("*.yaml") if p.stem != "base" and not p.stem.startswith("cpu"))
-JOB_ARM = PAPER / "topk_t2_k1.yaml"  # the ray job: T2 with the masked student support from a vLLM teacher
+JOB_ARM = PAPER / "topk_t2_k1.yaml"  # the ray job's arm: T2 with the masked student support from a vLLM teacher
+ARMS = sorted(p for p in PAPER.glob("*.yaml") if p.stem != "base" and not p.stem.startswith("cpu") and p != JOB_ARM)
 
 
 def layers(arm: Path) -> list[str]:
@@ -74,18 +74,3 @@ def test_paper_arm_trains_two_steps_on_cpu(ray_session, workdir, monkeypatch, ar
     assert cfg.model.path.endswith("student-151936") and cfg.rollout.engine == "vllm"
     assert main(["train", *layers(arm)]) == 0
     check_run(workdir / "runs" / "paper-cpu" / cfg.run.name, cfg)
-
-
-def test_a_paper_arm_as_a_ray_job(head, workdir, monkeypatch, tmp_path):  # noqa: F811
-    """The same shrunk arm through `ray job submit`: the merged manifest, its paths made absolute by the
-    loader, is what the job trains (the job's working directory is the uploaded repository)."""
-    url, auth = head
-    monkeypatch.chdir(workdir)
-    cfg = load_manifest(layers(JOB_ARM) , ["run.name=paper-ray-job", f"run.output_dir={tmp_path}"])
-    job = tmp_path / "job.yaml"
-    job.write_text(to_yaml(cfg))
-    res = _submit(url, auth, "python", "-m", "launch.cli", "train", str(job), "cluster.mode=ray",
-                  working_dir=True, timeout=780)
-    out = res.stdout + res.stderr
-    assert res.returncode == 0 and "succeeded" in out, out[-6000:]
-    check_run(tmp_path / "paper-ray-job", cfg)

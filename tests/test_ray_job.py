@@ -1,4 +1,5 @@
-"""`ray job submit` of a tiny OPD run to a token-authenticated Ray head (docs/cluster.md, for real).
+"""`ray job submit` of a paper arm, shrunk to the tiny Qwen3 family, to a token-authenticated Ray head
+(docs/cluster.md, for real).
 
 What it proves, with Ray's own CLI on one machine:
 - a head started by `ray start --head ... --block` with RAY_AUTH_MODE=token and the token made by
@@ -7,15 +8,16 @@ What it proves, with Ray's own CLI on one machine:
   wrong one (HTTP 403);
 - `ray job submit --working-dir <repo> -- python -m launch.cli train <manifest> cluster.mode=ray`
   runs the project from the uploaded working dir, joins the cluster (ray.init(address="auto")
-  inside the job, authenticated by the env the job inherits from the head), trains 2 steps and
-  writes <run.output_dir>/<run.name>/summary.json.
+  inside the job, authenticated by the env the job inherits from the head), trains 2 steps of
+  configs/paper/topk_t2_k1.yaml under configs/paper/cpu.yaml (vLLM's CPU build for the rollouts and the
+  teacher; tests/test_paper_cpu.py runs every other arm locally) and writes its run folder.
+One head serves both tests (module scope).
 Ray 2.60: the head and the job inherit the environment of `ray start` (PATH included, so `python`
 in the entrypoint is the one of the env where `ray start` ran); the submitter sends the token
 only when its own RAY_AUTH_MODE is `token` (ray/_private/authentication/http_token_authentication.py).
 """
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import signal
@@ -29,7 +31,9 @@ from pathlib import Path
 
 import pytest
 
+from launch.manifest import load_manifest, to_yaml
 from opd.weight_sync import free_port
+from test_paper_cpu import JOB_ARM, check_run, layers, workdir  # noqa: F401  (workdir: the arms' fixture)
 
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent          # the venv's bin: ray, python
@@ -109,15 +113,16 @@ def test_submitter_without_the_token_is_refused(head, tmp_path):
     assert res.returncode != 0 and "Invalid authentication token" in out, out[-3000:]
 
 
-def test_opd_train_as_a_ray_job(head, write_manifest, tmp_path):
+def test_a_paper_arm_trains_as_a_ray_job(head, workdir, monkeypatch, tmp_path):  # noqa: F811
+    """The merged manifest, its paths made absolute by the loader, is what the job trains (the job's working
+    directory is the uploaded repository)."""
     url, auth = head
-    # absolute paths (assets and run.output_dir live under pytest's tmp dirs): the job runs elsewhere
-    manifest = write_manifest(run={"name": "rayjob", "output_dir": str(tmp_path / "runs"), "steps": 2},
-                              rollout={"engine": "hf"}, eval={"interval": 0, "size": 8})
-    res = _submit(url, auth, "python", "-m", "launch.cli", "train", str(manifest), "cluster.mode=ray",
+    monkeypatch.chdir(workdir)
+    cfg = load_manifest(layers(JOB_ARM), ["run.name=paper-ray-job", f"run.output_dir={tmp_path}"])
+    job = tmp_path / "job.yaml"
+    job.write_text(to_yaml(cfg))
+    res = _submit(url, auth, "python", "-m", "launch.cli", "train", str(job), "cluster.mode=ray",
                   working_dir=True, timeout=780)
     out = res.stdout + res.stderr
     assert res.returncode == 0 and "succeeded" in out, out[-6000:]
-    summary = json.loads((tmp_path / "runs" / "rayjob" / "summary.json").read_text())
-    assert summary["steps"] == 2 and summary["run"] == "rayjob"
-    assert (tmp_path / "runs" / "rayjob" / "final").is_dir()
+    check_run(tmp_path / "paper-ray-job", cfg)
