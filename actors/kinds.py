@@ -16,6 +16,7 @@ from typing import Any, Callable, Optional
 
 from opd.actor_call import ActorCall  # a kind's module imports it from here, with the rest it registers with
 from opd.contracts import SamplingSpec
+from opd.registry import Registry
 
 # The weight-sync receivers the learner knows (launch/cluster.py:connect_weight_sync): an HF model in the
 # engine's process, which takes gloo in model.dtype (opd/weight_sync/gloo.py: HFModelReceiver), or a vLLM
@@ -58,17 +59,6 @@ class EngineKind:
         return rc.vllm.max_logprobs if self.vllm else None
 
 
-ENGINE_KINDS: dict[str, EngineKind] = {}
-
-
-def register(kind: EngineKind) -> EngineKind:
-    if kind.name in ENGINE_KINDS:
-        raise ValueError(f"rollout engine kind {kind.name!r} is registered already")
-    ENGINE_KINDS[kind.name] = kind
-    return kind
-
-
-def engine_kind(name: str) -> EngineKind:
-    if name not in ENGINE_KINDS:
-        raise ValueError(f"rollout.engine: {name!r} is not one of {list(ENGINE_KINDS)}")
-    return ENGINE_KINDS[name]
+ENGINE_KINDS: Registry[EngineKind] = Registry("rollout.engine", "rollout engine kind")
+register = ENGINE_KINDS.add
+engine_kind = ENGINE_KINDS.lookup

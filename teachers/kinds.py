@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from typing import Any, Callable, Optional
 
 from opd.actor_call import ActorCall  # a kind's module imports it from here, with the rest it registers with
+from opd.registry import Registry
 from teachers.base import TeacherCapabilities
 
 
@@ -55,20 +56,9 @@ class TeacherKind:
         return cfg.model.path if self.student_weights else tc.path
 
 
-TEACHER_KINDS: dict[str, TeacherKind] = {}
-
-
-def register(kind: TeacherKind) -> TeacherKind:
-    if kind.name in TEACHER_KINDS or kind.name == "none":
-        raise ValueError(f"teacher kind {kind.name!r} is registered already")
-    TEACHER_KINDS[kind.name] = kind
-    return kind
-
-
-def teacher_kind(name: str) -> TeacherKind:
-    if name not in TEACHER_KINDS:
-        raise ValueError(f"teacher.kind: {name!r} is not one of {list(TEACHER_KINDS)}")
-    return TEACHER_KINDS[name]
+TEACHER_KINDS: Registry[TeacherKind] = Registry("teacher.kind", "teacher kind", reserved=("none",))
+register = TEACHER_KINDS.add
+teacher_kind = TEACHER_KINDS.lookup
 
 
 def capabilities_for(kind: str, max_logprobs: int = 20, on_gpu: bool = False) -> TeacherCapabilities:

@@ -13,6 +13,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Callable, Optional
 
+from opd.registry import Registry
+
 # (stream, client, *, rank, address, port) -> a sender with send(version) and shutdown()
 Opener = Callable[..., Any]
 
@@ -28,20 +30,9 @@ class Transport:
     engine_env: dict = field(default_factory=dict)  # environment a vLLM engine receiving it needs
 
 
-TRANSPORTS: dict[str, Transport] = {}
-
-
-def register_transport(t: Transport) -> Transport:
-    if t.name in TRANSPORTS or t.name == "auto":
-        raise ValueError(f"sync.backend {t.name!r} is registered already")
-    TRANSPORTS[t.name] = t
-    return t
-
-
-def transport(name: str) -> Transport:
-    if name not in TRANSPORTS:
-        raise ValueError(f"sync.backend: {name!r} is not one of {list(TRANSPORTS)}")
-    return TRANSPORTS[name]
+TRANSPORTS: Registry[Transport] = Registry("sync.backend", "sync.backend", reserved=("auto",))
+register_transport = TRANSPORTS.add
+transport = TRANSPORTS.lookup
 
 
 def default_transport(on_gpu: bool, colocate: bool) -> Transport:
