@@ -31,6 +31,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from bench_vs_trl import matmul_rates  # noqa: E402  (this folder is on the path: the script's own)
+from opd.env import CHILD_ENV  # noqa: E402  (after the path above)
+
 ROWS, PROMPT, NEW = 32, 7, 32
 
 
@@ -90,19 +93,6 @@ def sampler_ab(eng, spec, calls: int) -> dict:
     return {"sampler": times, "matmul_share": mm / total}
 
 
-def matmul_rate(threads: int) -> float:
-    import torch
-    torch.set_num_threads(threads)
-    a, b = torch.randn(1024, 1024), torch.randn(1024, 1024)
-    best = float("inf")
-    for _ in range(5):
-        t = time.perf_counter()
-        for _ in range(10):
-            a @ b
-        best = min(best, time.perf_counter() - t)
-    return 2 * 1024 ** 3 * 10 / best / 1e9
-
-
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--engines", default="hf,vllm")
@@ -117,8 +107,7 @@ def main() -> int:
     from tasks.tiny import write_tiny_models
     work = Path(tempfile.mkdtemp(prefix="bench-rollout-"))
     path = write_tiny_models(work, sizes={"student": (256, 3, 4)}, vocab_size=32000)["student"]
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_VERBOSITY": "error", "VLLM_CPU_OMP_THREADS_BIND": "nobind",
-           "PYTHONWARNINGS": "ignore"}
+    env = {**os.environ, **CHILD_ENV, "VLLM_CPU_OMP_THREADS_BIND": "nobind"}
     engines = a.engines.split(",")
     results: dict[str, list] = {e: [] for e in engines}
     extra = {}
@@ -142,7 +131,7 @@ def main() -> int:
     model = AutoModelForCausalLM.from_pretrained(path)
     params = sum(x.numel() for x in model.parameters()) - model.get_input_embeddings().weight.numel()
     gflop = 2 * params * ROWS * NEW / 1e9
-    rate = matmul_rate(a.threads)
+    rate = matmul_rates([a.threads])[a.threads]
     base = statistics.median(results["hf"]) if "hf" in results else None
     print(f"\n{ROWS} prompts x {NEW} new tokens, V = 32000, student 18.4M, {a.threads} thread(s), torch {torch.__version__}; "
           f"load average at the end {os.getloadavg()[0]:.1f}")

@@ -19,13 +19,14 @@ from launch.config import ExperimentConfig, ManifestError, VLLMConfig
 from launch.placement import Placement, Slot
 from launch.remote import ActorPool, Pending, first_line, gather
 from opd.actor_call import ActorCall
-from opd.env import CHILD_ENV
+from opd.batching import spread_by_tokens
 from opd.contracts import (Rollout, SamplingSpec, ScoreRequest, TeacherScores, TrainBatch, concat_rollouts,
                            concat_scores)
-from opd.batching import spread_by_tokens
+from opd.env import CHILD_ENV
 from opd.weight_sync import free_port
 from opd.weight_sync.transports import default_transport
 from teachers.kinds import TeacherStart, teacher_kind
+
 
 def start_ray(cfg) -> None:
     """Local mode: a private Ray on loopback (nothing listens on the machine's network address) with

@@ -34,8 +34,9 @@ def draw(probs: torch.Tensor, gen: torch.Generator, block: int = 256) -> torch.T
     blocks = (torch.nn.functional.pad(probs, (0, -v % block)) if v % block else probs).view(n, -1, block)
     rows = torch.arange(n, device=probs.device)
     sums = blocks.sum(-1).double()  # [N, V / block]; a float32 sum of 256 terms is pairwise, exact to ~1e-7
-    u = torch.rand(n, 1, generator=gen, device=probs.device, dtype=torch.float64) * sums.sum(-1, keepdim=True)
-    b, rest = _first_above(sums.cumsum(-1), u)
+    cdf = sums.cumsum(-1)
+    u = torch.rand(n, 1, generator=gen, device=probs.device, dtype=torch.float64) * cdf[:, -1:]
+    b, rest = _first_above(cdf, u)
     inside, _ = _first_above(blocks[rows, b].double().cumsum(-1), rest[:, None])
     return b * block + inside
 
