@@ -234,9 +234,11 @@ class LearnerGroup:
         from learner.worker import LearnerWorker
         opts = [placement.options(slot) for slot in placement.layout.learner]
         n = len(opts)
-        host = _Host.options(num_cpus=0, scheduling_strategy=opts[0]["scheduling_strategy"]).remote()
-        (addr, port), = gather([("learner host probe.address", host.address.remote())], cfg.cluster.call_timeout_s)
-        ray.kill(host)
+        addr, port = None, None  # one rank: it rendezvouses with itself, on a loopback port of its own
+        if n > 1:  # the ranks meet at rank 0's node: ask a throwaway actor there for its address and a port
+            host = _Host.options(num_cpus=0, scheduling_strategy=opts[0]["scheduling_strategy"]).remote()
+            (addr, port), = gather([("learner host probe.address", host.address.remote())], cfg.cluster.call_timeout_s)
+            ray.kill(host)
         remote = ray.remote(LearnerWorker)
         self.ranks = [remote.options(**o).remote(cfg, r, n, addr, port, rows_per_step) for r, o in enumerate(opts)]
         self.timeout_s = cfg.cluster.call_timeout_s

@@ -32,7 +32,7 @@ from opd.batching import split_to, token_batches, weightless
 from opd.contracts import TrainBatch, trimmed
 from opd.modeling import (DTYPES, actor_device, completion_hidden, completion_logits, load_named_tensors,
                           load_output_head, output_head, plain_head_problem)
-from opd.weight_sync import open_sender
+from opd.weight_sync import free_port, open_sender
 from opd.weight_sync.source import ParamStream
 
 
@@ -120,8 +120,10 @@ def _row_denominators(b: TrainBatch, counts: tuple[int, int], reduction: str = "
 
 
 class LearnerWorker:
-    def __init__(self, cfg, rank: int, world_size: int, master_addr: str, master_port: int,
+    def __init__(self, cfg, rank: int, world_size: int, master_addr: Optional[str], master_port: Optional[int],
                  rows_per_step: int):
+        if master_addr is None:  # a single rank: the rendezvous is this process alone
+            master_addr, master_port = "127.0.0.1", free_port()
         os.environ.update(RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK="0",
                           MASTER_ADDR=master_addr, MASTER_PORT=str(master_port))
         if isinstance(cfg.cluster.threads_per_actor, int):  # auto: the launcher resolves it before any actor starts
@@ -130,6 +132,8 @@ class LearnerWorker:
         self.device = actor_device(cfg.cluster.num_gpus > 0)
         if self.device.type == "cuda":
             torch.cuda.set_device(self.device)
+        if self.device.type == "cpu":  # nothing here compiles; DeepSpeed's initialize imports its Muon
+            os.environ.setdefault("TORCHDYNAMO_DISABLE", "1")  # module, whose torch.compile loads inductor (~1 s)
         import deepspeed
         from transformers import AutoModelForCausalLM
         deepspeed.init_distributed(dist_backend="nccl" if self.device.type == "cuda" else "gloo")

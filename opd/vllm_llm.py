@@ -65,6 +65,10 @@ def engine_env(spec: LLMSpec, cuda: bool) -> dict[str, str]:
         env.update(transport(spec.sync_backend).engine_env)
     if not cuda:
         env["VLLM_CPU_OMP_THREADS_BIND"] = "nobind"  # actors share the cores; do not pin them
+        # Eager on CPU (enforce_eager) still leaves two sampler helpers under torch.compile (the log-prob
+        # ranks, vllm/v1/sample/ops/logprobs.py): their first call compiled for 2.2-3.4 s in every engine
+        # process, every run. Eager gives the same tokens and log-probs, bit for bit (docs/benchmarks.md).
+        env["TORCHDYNAMO_DISABLE"] = "1"
     return env
 
 
