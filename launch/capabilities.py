@@ -4,6 +4,7 @@ and calls check_loss last); nothing here changes the manifest."""
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Optional
 
 from actors.kinds import engine_kind
 from launch.config import ManifestError
@@ -123,6 +124,16 @@ def auto_transport(cfg, needs, tc=None) -> str:
     if not Path(_teacher_path(cfg, tc), "config.json").exists():
         return "auto"
     return "logprobs" if plain_head_problem(model_skeleton(_teacher_path(cfg, tc))) else "hidden_states"
+
+
+def teacher_head_path(cfg) -> Optional[str]:
+    """The folder whose output layer the learner applies to the hidden states a frozen teacher sends
+    (teacher.full_vocab_transport: hidden_states), or None: another transport, a live self-teacher (its head
+    is the student's own), another algorithm. The run's first teacher: with several, hidden states are refused."""
+    if cfg.algorithm != "opd":
+        return None
+    tc = cfg.teachers[0] if cfg.teachers else cfg.teacher
+    return _teacher_path(cfg, tc) if tc.full_vocab_transport == "hidden_states" and not tc.live else None
 
 
 def _teacher_path(cfg, tc=None) -> str:

@@ -15,6 +15,7 @@ import ray
 import torch
 
 from actors.kinds import EngineStart, engine_kind
+from launch.capabilities import teacher_head_path
 from launch.config import ExperimentConfig, ManifestError, VLLMConfig
 from launch.placement import Placement, Slot
 from launch.remote import ActorPool, Pending, first_line, gather
@@ -240,7 +241,8 @@ class LearnerGroup:
             (addr, port), = gather([("learner host probe.address", host.address.remote())], cfg.cluster.call_timeout_s)
             ray.kill(host)
         remote = ray.remote(LearnerWorker)
-        self.ranks = [remote.options(**o).remote(cfg, r, n, addr, port, rows_per_step) for r, o in enumerate(opts)]
+        head = teacher_head_path(cfg)
+        self.ranks = [remote.options(**o).remote(cfg, r, n, addr, port, rows_per_step, head) for r, o in enumerate(opts)]
         self.timeout_s = cfg.cluster.call_timeout_s
         self.updates, self.reduction = cfg.learner.updates_per_step, cfg.loss.reduction
         self.by_tokens = cfg.learner.max_tokens_per_micro_batch is not None

@@ -121,7 +121,10 @@ def _row_denominators(b: TrainBatch, counts: tuple[int, int], reduction: str = "
 
 class LearnerWorker:
     def __init__(self, cfg, rank: int, world_size: int, master_addr: Optional[str], master_port: Optional[int],
-                 rows_per_step: int):
+                 rows_per_step: int, teacher_head: Optional[str] = None):
+        """teacher_head: the folder of the frozen teacher whose output layer turns the hidden states it sends
+        into logits (teacher.full_vocab_transport: hidden_states); the launcher resolves it from the teacher's
+        kind (launch/capabilities.py: teacher_head_path)."""
         if master_addr is None:  # a single rank: the rendezvous is this process alone
             master_addr, master_port = "127.0.0.1", free_port()
         os.environ.update(RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK="0",
@@ -171,7 +174,10 @@ class LearnerWorker:
         self.reference = _frozen_reference(cfg, self.device) if self.loss.needs.frozen_reference_logprobs else None
         self.pad_id = model.config.pad_token_id or 0
         self.fused_head = _use_fused_head(lc.fused_head, lc.zero_stage, model)
-        self.frozen_teacher_head = _frozen_teacher_head(cfg, self.device)
+        self.frozen_teacher_head = (None if teacher_head is None
+                                    else load_output_head(teacher_head, cfg.model.dtype).to(self.device))
+        first = cfg.teachers[0] if cfg.teachers else cfg.teacher  # hidden states come from one teacher (launch/routing.py)
+        self.live_teacher = first.live
         self.senders: list = []
         self.last_step_skipped = False
         self._step: Optional[dict] = None  # the open step's sums (train_step, or accumulate .. apply_step)
@@ -211,6 +217,9 @@ class LearnerWorker:
         of the last sync, which are the learner's until this step's optimizer update)."""
         if self.frozen_teacher_head is not None:
             return self.frozen_teacher_head
+        if not self.live_teacher:  # the student's head on a frozen teacher's states would be a quiet error
+            raise ValueError("a frozen teacher sent hidden states and this learner holds no teacher head: build "
+                             "LearnerWorker(teacher_head=<the teacher's folder>) (launch/capabilities.py: teacher_head_path)")
         return output_head(self.engine.module).detach()
 
     def train_step(self, shard: TrainBatch, token_counts, update_rows: Optional[list[int]] = None) -> dict[str, float]:
@@ -551,19 +560,6 @@ def _frozen_reference(cfg, device: torch.device):
     model = AutoModelForCausalLM.from_pretrained(path, dtype=DTYPES[cfg.model.dtype]).to(device).eval()
     model.requires_grad_(False)
     return model
-
-
-def _frozen_teacher_head(cfg, device: torch.device):
-    """The teacher's output layer for teacher.full_vocab_transport: hidden_states (None for a live
-    self-teacher, whose head is the student's own, and for every other transport)."""
-    if cfg.algorithm != "opd":
-        return None
-    # the run's first teacher (launch/routing.py:teacher_specs); hidden states are refused with several: one head
-    tc = cfg.teachers[0] if cfg.teachers else cfg.teacher
-    if tc.full_vocab_transport != "hidden_states" or tc.live:
-        return None
-    path = cfg.model.path if tc.kind == "self" else tc.path
-    return load_output_head(path, cfg.model.dtype).to(device)
 
 
 def _rng_state() -> dict:

@@ -5,6 +5,7 @@ import json
 import pytest
 import torch
 
+from launch.capabilities import teacher_head_path
 from launch.config import ManifestError
 
 from launch.manifest import load_manifest
@@ -207,7 +208,8 @@ def test_learner_steps_agree_across_head_paths_and_teacher_transports(write_mani
             request = ScoreRequest(full_vocab=transport == "logprobs", hidden_states=transport == "hidden_states")
             scores = teacher.score(prompts, ids, mask, request)
             batch = TrainBatch(prompt_ids=prompts, completion_ids=ids, completion_mask=mask, teacher=scores)
-            worker = LearnerWorker(cfg, 0, 1, "127.0.0.1", free_port(), rows_per_step=8)
+            worker = LearnerWorker(cfg, 0, 1, "127.0.0.1", free_port(), rows_per_step=8,
+                                   teacher_head=teacher_head_path(cfg))
             assert worker.fused_head == (fused == "true")
             metrics = worker.train_step(batch, batch.token_counts)
             weights = {k: v.clone() for k, v in worker.engine.module.state_dict().items()}
@@ -253,3 +255,34 @@ def test_training_run_with_hidden_state_teacher_matches_log_prob_teacher(ray_ses
         for key in ("train/loss", "train/grad_norm", "train/reverse_kl", "teacher/logprob_sampled",
                     "teacher/rank_sampled", "teacher/entropy", "rollout/response_length"):
             assert b[key] == pytest.approx(a[key], rel=1e-4), key
+
+
+def test_the_teacher_head_is_the_teachers_folder_by_its_kind(write_manifest, assets):
+    """The launcher gives the learner the folder of the head it applies to hidden states, from the teacher's
+    kind (teachers/kinds.py: weights_path): an HF teacher's own, a frozen self-teacher's the student's; none
+    for a live self-teacher (the student's current head) or when the teacher sends log-probs."""
+    full = {"loss": {"name": "full_reverse_kl"}}
+    hf = load_manifest(write_manifest(teacher={"kind": "hf", "path": str(assets["teacher"])}, **full))
+    assert (hf.teacher.full_vocab_transport, teacher_head_path(hf)) == ("hidden_states", hf.teacher.path)
+    own = load_manifest(write_manifest(model={"path": str(assets["student"])}, teacher={"kind": "self"}, **full))
+    assert (own.teacher.full_vocab_transport, teacher_head_path(own)) == ("hidden_states", own.model.path)
+    live = load_manifest(write_manifest(teacher={"kind": "self", "live": True}, **full))
+    sent = load_manifest(write_manifest(teacher={"kind": "hf", "path": str(assets["teacher"]),
+                                                 "full_vocab_transport": "logprobs"}, **full))
+    assert teacher_head_path(live) is None and teacher_head_path(sent) is None
+
+
+def test_a_learner_without_the_frozen_teachers_head_refuses_its_hidden_states(write_manifest, assets):
+    """Without the launcher's teacher_head, a frozen teacher's hidden states stop the step by name instead of
+    going through the student's own head."""
+    from learner.worker import LearnerWorker
+    from opd.contracts import TeacherScores, TrainBatch
+    cfg = load_manifest(write_manifest(model={"path": str(assets["student"])},
+                                       teacher={"kind": "hf", "path": str(assets["teacher"])},
+                                       loss={"name": "full_reverse_kl"}, learner={"micro_batch_size": 2}))
+    worker = LearnerWorker(cfg, 0, 1, None, None, rows_per_step=2)
+    ids, mask = torch.randint(3, 50, (2, 3)), torch.ones(2, 3, dtype=torch.bool)
+    batch = TrainBatch(prompt_ids=[[1, 5], [1, 6]], completion_ids=ids, completion_mask=mask,
+                       teacher=TeacherScores(sampled_logprobs=torch.zeros(2, 3), hidden_states=torch.zeros(2, 3, 128)))
+    with pytest.raises(ValueError, match="no teacher head: build LearnerWorker\\(teacher_head="):
+        worker.train_step(batch, batch.token_counts)
