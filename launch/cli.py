@@ -98,6 +98,10 @@ def _check_experiment(args) -> int:
 
 
 def cmd_eval(args) -> int:
+    from actors.kinds import ENGINE_KINDS, EngineStart
+    if args.engine not in ENGINE_KINDS:
+        print(f"opd eval: --engine {args.engine!r} is not one of {list(ENGINE_KINDS)}", file=sys.stderr)
+        return 2
     import torch
     from launch.batches import ChatSettings, PromptFormatter
     from opd.contracts import SamplingSpec
@@ -120,13 +124,14 @@ def cmd_eval(args) -> int:
     spec = SamplingSpec(max_new_tokens=args.max_new_tokens, temperature=0, behaviour_logprobs=False,
                         stop_ids=special.stop)
     gpu = torch.cuda.is_available()
-    if args.engine == "vllm":
-        from actors.vllm_engine import VLLMEngine
+    kind = ENGINE_KINDS[args.engine]  # built in this process, outside any run: the kind says how
+    dtype = "bfloat16" if gpu and kind.vllm else "float32"
+    llm = None
+    if kind.vllm:
         from opd.vllm_llm import LLMSpec
-        engine = VLLMEngine(LLMSpec(model=args.model, dtype="bfloat16" if gpu else "float32"), spec, special.pad)
-    else:
-        from actors.hf_engine import HFEngine
-        engine = HFEngine(args.model, use_gpu=gpu)
+        llm = LLMSpec(model=args.model, dtype=dtype)
+    engine = kind.start(EngineStart(path=args.model, dtype=dtype, seed=0, threads=0, use_gpu=gpu,
+                                    trust_remote_code=False, sampling=spec, pad_id=special.pad, llm=llm)).build()
     out = engine.generate(fmt.students(rows), spec)
     verify = get_verifier(args.verifier)
     acc = sum(verify(fmt.text(c), r["answer"]) for c, r in zip(out.completions(), rows)) / len(rows)
@@ -209,7 +214,7 @@ def main(argv=None) -> int:
     e.add_argument("--answer-field", default="answer")
     e.add_argument("--prompt-template", default="{prompt}")
     e.add_argument("--max-new-tokens", type=int, default=16)
-    e.add_argument("--engine", choices=["hf", "vllm"], default="hf")
+    e.add_argument("--engine", default="hf", help="a rollout engine kind (rollout.engine): hf or vllm")
     e.add_argument("--chat-template-kwargs", default=None, metavar="JSON",
                    help="render prompts with the tokenizer's chat template, e.g. '{\"enable_thinking\": false}'")
     e.add_argument("--system-prompt", default=None, help="a system message (implies the chat template)")

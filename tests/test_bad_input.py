@@ -82,3 +82,11 @@ def test_manifest_that_is_not_a_yaml_mapping_is_one_line(tmp_path, capsys, text,
 def test_impossible_reliability_values_are_refused(write_manifest, override, key):
     with pytest.raises(ManifestError, match=f"^{key}: "):
         load_manifest(write_manifest(), [override])
+
+
+def test_opd_eval_refuses_an_engine_kind_nobody_registered_before_loading_anything(tmp_path, capsys):
+    """--engine names a rollout engine kind (actors/kinds.py); an unknown one stops before the model or the
+    data are read (neither exists here)."""
+    assert main(["eval", "--model", str(tmp_path / "none"), "--data", str(tmp_path / "none.jsonl"),
+                 "--engine", "sglang"]) == 2
+    assert one_line_error(capsys) == "opd eval: --engine 'sglang' is not one of ['hf', 'vllm']"

@@ -193,3 +193,8 @@ def test_opd_eval_renders_chat_prompts_and_stops_at_the_end_of_turn(chat_student
                  "--max-new-tokens", "48", "--chat-template-kwargs", '{"enable_thinking": false}']) == 0
     got = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert got["size"] == 8 and got["accuracy"] == want
+    # the vLLM kind, built in-process through the engine registry (actors/kinds.py), greedy on the same prompts
+    assert main(["eval", "--model", str(path), "--data", str(rows_file), "--verifier", "boxed_match", "--engine",
+                 "vllm", "--max-new-tokens", "48", "--chat-template-kwargs", '{"enable_thinking": false}']) == 0
+    got = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert (got["engine"], got["size"], got["accuracy"]) == ("vllm", 8, want)
