@@ -1,6 +1,6 @@
 """Exact resume: a real `opd train` killed with SIGKILL mid-run and resumed logs the same per-step
-metrics as a run never stopped; unfinished checkpoints are skipped; a run folder holding another run
-is refused unless the user asks to resume or overwrite."""
+metrics as a run never stopped (the shared reference run); unfinished checkpoints are skipped; a run folder
+holding another run is refused unless the user asks to resume or overwrite."""
 import json
 import os
 import signal
@@ -18,6 +18,8 @@ from launch.manifest import load_manifest
 from launch.run_dir import RunDir
 from learner import checkpoint
 
+from conftest import reference_sections, tiny_manifest
+
 REPO = Path(__file__).resolve().parents[1]
 TIMING = ("time/", "perf/")
 
@@ -31,41 +33,38 @@ def comparable(rows):
     return [{k: v for k, v in r.items() if not k.startswith(TIMING)} for r in rows]
 
 
-def test_sigkill_mid_run_then_resume_gives_the_same_metrics(ray_session, write_manifest, tmp_path, capsys):
-    manifest = write_manifest(run={"name": "killed", "output_dir": str(tmp_path / "runs"), "steps": 9},
-                              checkpoint={"interval": 3, "keep": 2}, eval={"interval": 4, "size": 8},
-                              loss={"name": "topk_reverse_kl_sg", "params": {"k": 4}})
+def test_sigkill_mid_run_then_resume_gives_the_same_metrics(reference_run, assets, tmp_path, capsys):
+    """The shared reference run's manifest (tests/conftest.py: REFERENCE), checkpointed every step, killed with
+    its Ray as a preempted node just after step 1's checkpoint, then resumed: it logs what the reference run
+    logged, step for step (no metric depends on the checkpoint interval)."""
+    sections = reference_sections("killed", tmp_path / "runs")
+    manifest = tiny_manifest(assets, tmp_path, **{**sections, "checkpoint": {"interval": 1, "keep": 2}})
     run = tmp_path / "runs" / "killed"
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     proc = subprocess.Popen([sys.executable, "-m", "launch.cli", "train", str(manifest)], cwd=REPO, env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-    sealed = run / "checkpoints" / "step3" / checkpoint.MARKER
+    sealed = run / "checkpoints" / "step1" / checkpoint.MARKER
     deadline = time.time() + 400
     while not sealed.exists() and proc.poll() is None and time.time() < deadline:
         time.sleep(0.05)
     os.killpg(proc.pid, signal.SIGKILL)  # the driver, its Ray and every actor, as a preempted node
     proc.wait()
-    assert sealed.exists(), "the run never wrote its step-3 checkpoint"
+    assert sealed.exists(), "the run never wrote its step-1 checkpoint"
     assert not (run / "summary.json").exists()
     # What a kill during a save leaves behind, newer than the last complete checkpoint:
-    (run / "checkpoints" / "step8.tmp").mkdir()
-    (run / "checkpoints" / "step7").mkdir()  # no marker: cut short before it was sealed
-    (run / "checkpoints" / "step7" / "mp_rank_00_model_states.pt").write_bytes(b"half a file")
+    (run / "checkpoints" / "step4.tmp").mkdir()
+    (run / "checkpoints" / "step3").mkdir()  # no marker: cut short before it was sealed
+    (run / "checkpoints" / "step3" / "mp_rank_00_model_states.pt").write_bytes(b"half a file")
 
     assert main(["train", str(manifest), "run.resume=true"]) == 0
     out = capsys.readouterr().out
-    assert "skipping incomplete checkpoint" in out and "step7" in out and "step8.tmp" in out
+    assert "skipping incomplete checkpoint" in out and "step3" in out and "step4.tmp" in out
     resumed_from = int(out.split("resuming from ")[1].split("(step ")[1].split(" ")[0])
-    assert resumed_from in (3, 6)
-
-    clean = write_manifest(run={"name": "clean", "output_dir": str(tmp_path / "runs"), "steps": 9},
-                           checkpoint={"interval": 3, "keep": 2}, eval={"interval": 4, "size": 8},
-                           loss={"name": "topk_reverse_kl_sg", "params": {"k": 4}})
-    assert main(["train", str(clean)]) == 0
-    got, want = read_metrics(run), read_metrics(tmp_path / "runs" / "clean")
-    assert [r["step"] for r in got if "train/loss" in r] == list(range(1, 10))  # no step logged twice
+    assert resumed_from in (1, 2)
+    got, want = read_metrics(run), read_metrics(reference_run)
+    assert [r["step"] for r in got if "train/loss" in r] == [1, 2, 3, 4]  # no step logged twice
     assert comparable(got) == comparable(want)
-    assert [p.name for p in checkpoint.complete(run / "checkpoints")] == ["step6", "step9"]
+    assert [p.name for p in checkpoint.complete(run / "checkpoints")] == ["step3", "step4"]
     assert not checkpoint.incomplete(run / "checkpoints")
 
 
