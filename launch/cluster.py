@@ -6,6 +6,8 @@ file is the only place that knows they run under Ray. Where they run is launch/p
 """
 from __future__ import annotations
 
+import os
+
 import random
 import socket
 from dataclasses import replace
@@ -41,9 +43,12 @@ def start_ray(cfg) -> None:
         # loopback only (tests/test_faults.py checks the sockets).
         from ray._private import ray_constants
         ray_constants.ENABLE_RAY_CLUSTER = False
+        # The actors inherit this process's environment through the raylet it starts. A runtime_env would
+        # start every worker through Ray's setup_worker.py, a second Python start: 1.2 s against 0.75 s
+        # an actor here (docs/benchmarks.md, "A run's start-up").
+        os.environ.update(env)
         ray.init(num_cpus=cfg.cluster.num_cpus, num_gpus=cfg.cluster.num_gpus, include_dashboard=cfg.cluster.dashboard,
-                 _node_ip_address="127.0.0.1", log_to_driver=True, configure_logging=False,
-                 runtime_env={"env_vars": env})
+                 _node_ip_address="127.0.0.1", log_to_driver=True, configure_logging=False)
         return
     try:  # check_address(cfg) has answered an unreachable host:port already (launch/driver.py)
         ray.init(address=cfg.cluster.address or "auto", runtime_env={"env_vars": env})

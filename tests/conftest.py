@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from opd.env import QUIET_ENV, set_quiet_env
+from opd.env import set_quiet_env
 
 set_quiet_env()
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
@@ -88,8 +88,9 @@ def reference_run(ray_session, assets, tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def ray_session():
     import ray
-    ray.init(num_cpus=2, include_dashboard=False, configure_logging=False,
-             runtime_env={"env_vars": {**QUIET_ENV, "DS_ACCELERATOR": "cpu"}})
+    # the workers inherit QUIET_ENV and DS_ACCELERATOR (set above) from this process, as a local run's do
+    # (launch/cluster.py: start_ray); a runtime_env would cost every actor a second Python start
+    ray.init(num_cpus=2, include_dashboard=False, configure_logging=False)
     yield ray
     ray.shutdown()
 
