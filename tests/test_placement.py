@@ -6,6 +6,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 
 from launch.cli import main
 from launch.manifest import load_manifest
@@ -97,6 +98,7 @@ cluster.shutdown()
 """
 
 
+@pytest.mark.slow  # starts a Ray cluster of its own (in a subprocess, which the tier rules in conftest.py cannot see)
 def test_two_node_cluster_places_pinned_roles_and_fails_fast(write_manifest):
     """In a subprocess: a simulated cluster needs a Ray session of its own."""
     proc = subprocess.run([sys.executable, "-c", TWO_NODES, str(write_manifest())], cwd=REPO,
