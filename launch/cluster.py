@@ -7,7 +7,6 @@ file is the only place that knows they run under Ray. Where they run is launch/p
 from __future__ import annotations
 
 import os
-
 import random
 import socket
 from dataclasses import replace
