@@ -24,7 +24,7 @@ from opd.actor_call import ActorCall
 from opd.batching import spread_by_tokens
 from opd.contracts import (Rollout, SamplingSpec, ScoreRequest, TeacherScores, TrainBatch, concat_rollouts,
                            concat_scores)
-from opd.env import CHILD_ENV
+from opd.env import CHILD_ENV, openmp_env
 from opd.weight_sync import free_port
 from opd.weight_sync.transports import default_transport
 from teachers.kinds import TeacherStart, teacher_kind
@@ -35,7 +35,7 @@ def start_ray(cfg) -> None:
     no dashboard unless cluster.dashboard. Ray mode: join the cluster at cluster.address."""
     if ray.is_initialized():
         return
-    env = dict(CHILD_ENV, **({"DS_ACCELERATOR": "cpu"} if cfg.cluster.num_gpus == 0 else {}))
+    env = dict(CHILD_ENV, **openmp_env(), **({"DS_ACCELERATOR": "cpu"} if cfg.cluster.num_gpus == 0 else {}))
     if cfg.cluster.mode == "local":
         # Ray maps a 127.0.0.1 node address back to the machine's network address unless clusters are
         # off, which is its own default on macOS and Windows; with it off every Ray server listens on

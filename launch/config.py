@@ -40,8 +40,8 @@ class ClusterConfig:
     node_resources: dict[str, str] = field(default_factory=dict)
     # torch intra-op threads inside each actor, or auto: the cores (this process's CPU affinity, at most
     # num_cpus in local mode; the smallest node's CPUs in ray mode) over the actors that work at the same
-    # time (launch/derived.py:auto_threads), at least 1
-    threads_per_actor: Any = 1
+    # time (launch/derived.py:auto_threads), at least 1. A number gives the same float sums on any machine.
+    threads_per_actor: Any = "auto"
     # Deadline for every remote call (a step's rollouts, scores, learner step, sync): a rollout engine or
     # teacher that misses it (or dies) is replaced in its slot and its work retried; a learner rank stops the run.
     call_timeout_s: float = 600.0

@@ -16,6 +16,18 @@ QUIET_ENV = {"TRANSFORMERS_VERBOSITY": "error", "HF_HUB_OFFLINE": "1", "HF_HUB_D
 CHILD_ENV = {**QUIET_ENV, "PYTHONWARNINGS": "ignore"}
 
 
+def openmp_env() -> dict[str, str]:
+    """How a run's actors' OpenMP threads wait between parallel regions: spin 10,000 rounds, then sleep
+    (libgomp's default spins 300,000, the CPU torch wheels' OpenMP). Two busy processes beside a run on 2
+    cores made 2-thread actors 1.4-1.6x slower than 1-thread ones with the default spin; with this
+    setting they were as fast as 1 thread, and idle as fast as the default (docs/benchmarks.md, "Threads
+    per actor"). That is what lets cluster.threads_per_actor default to auto. Nothing is set where the
+    user has chosen (OMP_WAIT_POLICY or GOMP_SPINCOUNT in the environment)."""
+    if "OMP_WAIT_POLICY" in os.environ or "GOMP_SPINCOUNT" in os.environ:
+        return {}
+    return {"GOMP_SPINCOUNT": "10000"}
+
+
 def set_quiet_env() -> None:
     """QUIET_ENV into this process's environment, each variable only where it is not set (a user's own
     value wins)."""

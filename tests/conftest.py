@@ -7,10 +7,11 @@ from pathlib import Path
 import pytest
 import yaml
 
-from opd.env import set_quiet_env
+from opd.env import openmp_env, set_quiet_env
 
 set_quiet_env()
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
+os.environ.update(openmp_env())  # as a local run's actors get it (launch/cluster.py: start_ray)
 
 
 @pytest.fixture(scope="session")
@@ -38,7 +39,9 @@ def tiny_manifest(assets: dict[str, Path], folder: Path, **over) -> Path:
     doc = {
         "algorithm": "opd",
         "run": {"name": "t", "output_dir": str(folder / "runs"), "steps": 2},
-        "cluster": {"mode": "local", "num_cpus": 2},
+        # 1 thread, not the default auto: tests compare runs whose stages overlap or not (auto gives them
+        # 1 and 2 threads here, so different float sums) and actors' sums against in-process ones
+        "cluster": {"mode": "local", "num_cpus": 2, "threads_per_actor": 1},
         "model": {"path": str(assets["tiny"])},
         "teacher": {"kind": "hf", "path": str(assets["tiny"])},
         "rollout": {"prompts_per_step": 4, "samples_per_prompt": 2, "max_new_tokens": 4},
@@ -88,7 +91,7 @@ def reference_run(ray_session, assets, tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def ray_session():
     import ray
-    # the workers inherit QUIET_ENV and DS_ACCELERATOR (set above) from this process, as a local run's do
+    # the workers inherit QUIET_ENV, DS_ACCELERATOR and GOMP_SPINCOUNT (set above) from this process, as a local run's do
     # (launch/cluster.py: start_ray); a runtime_env would cost every actor a second Python start
     ray.init(num_cpus=2, include_dashboard=False, configure_logging=False)
     yield ray

@@ -1,11 +1,16 @@
-"""cluster.threads_per_actor: auto (launch/derived.py): the cores over the actors that work at once, at
-least one each; explicit numbers stay as they are; anything else is refused naming the key."""
+"""cluster.threads_per_actor: auto (launch/derived.py), the default: the cores over the actors that work at
+once, at least one each; explicit numbers stay as they are; anything else is refused naming the key. The
+actors' OpenMP threads spin briefly, then sleep, when out of work (opd/env.py: openmp_env)."""
+from pathlib import Path
+
 import pytest
+import yaml
 
 import launch.derived
 from launch.config import ManifestError
 from launch.derived import actors_at_once, auto_threads, local_cores
 from launch.manifest import load_manifest
+from opd.env import openmp_env
 
 
 @pytest.mark.parametrize("cores,busy,threads", [(2, 1, 2), (2, 3, 1), (16, 3, 5), (16, 4, 4), (1, 1, 1), (8, 0, 8)])
@@ -44,3 +49,27 @@ def test_auto_is_resolved_from_the_cores_and_numbers_are_kept(write_manifest, mo
 def test_bad_values_are_refused(write_manifest, value):
     with pytest.raises(ManifestError, match=r"^cluster.threads_per_actor: .* is not a positive number of threads or auto"):
         load_manifest(write_manifest(), [f"cluster.threads_per_actor={value}"])
+
+
+def test_auto_is_the_default(write_manifest, monkeypatch):
+    monkeypatch.setattr(launch.derived.os, "sched_getaffinity", lambda pid: set(range(4)), raising=False)
+    path = write_manifest()
+    doc = yaml.safe_load(path.read_text())
+    del doc["cluster"]["threads_per_actor"]  # the tests' manifests pin 1 (tests/conftest.py)
+    path.write_text(yaml.safe_dump(doc))
+    assert load_manifest(path).cluster.threads_per_actor == 2  # num_cpus 2, one stage at a time
+    assert load_manifest(path, ["rollout.max_lag=1"]).cluster.threads_per_actor == 1  # three actors at once
+    doc["extends"] = str(Path(__file__).resolve().parent.parent / "configs" / "base.yaml")
+    path.write_text(yaml.safe_dump(doc))
+    assert load_manifest(path).cluster.threads_per_actor == 2  # configs/base.yaml says auto too
+
+
+def test_actors_threads_spin_briefly_unless_the_user_has_chosen(monkeypatch):
+    monkeypatch.delenv("OMP_WAIT_POLICY", raising=False)
+    monkeypatch.delenv("GOMP_SPINCOUNT", raising=False)
+    assert openmp_env() == {"GOMP_SPINCOUNT": "10000"}
+    monkeypatch.setenv("OMP_WAIT_POLICY", "ACTIVE")
+    assert openmp_env() == {}
+    monkeypatch.delenv("OMP_WAIT_POLICY")
+    monkeypatch.setenv("GOMP_SPINCOUNT", "INFINITY")
+    assert openmp_env() == {}
