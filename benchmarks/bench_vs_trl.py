@@ -62,6 +62,8 @@ Settings matched (both sides get the same numbers):
     TRL is one process; ours gives each actor that many threads (cluster.threads_per_actor). Both get
     the same 2 cores (ours cluster.num_cpus=2). With 2 threads on a 2-core box that another job is also
     using, OpenMP oversubscription once made TRL ~40x slower (11 s/step vs 0.27): run it on a quiet box.
+    Our actors' OpenMP threads spin briefly before they sleep (opd/env.py: openmp_env), which spares
+    ours most of that; TRL runs with libgomp's default unless GOMP_SPINCOUNT is set for both.
 
 Differences that remain (by design of the two systems, not settings):
   * TRL runs everything in one process on one copy of the weights: no weight sync, no IPC. Ours
@@ -378,9 +380,9 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--shapes", default="tiny,realistic", help="comma list of SHAPES (default tiny,realistic)")
     p.add_argument("--threads", default="1,2", help="TRL: comma list of torch threads to try (default 1,2)")
-    p.add_argument("--ours-threads", default="1,auto",
-                   help="ours: comma list of cluster.threads_per_actor values to try (default 1,auto: the manifest "
-                        "default and the rule's pick)")
+    p.add_argument("--ours-threads", default="auto,1",
+                   help="ours: comma list of cluster.threads_per_actor values to try (default auto,1: the manifest "
+                        "default and one thread an actor)")
     p.add_argument("--variants", default=",".join(VARIANTS), help=f"comma list of our VARIANTS (default all: {list(VARIANTS)})")
     p.add_argument("--steps", type=int, default=None, help="optimizer steps per run (default: the shape's)")
     p.add_argument("--batch", type=int, default=None, help="sequences per optimizer step (default: the shape's)")
