@@ -17,8 +17,10 @@ $(STAMP): pyproject.toml
 	# CPU torch; nothing here uses them, and vLLM runs without them.
 	$(BIN)/pip uninstall -q -y torchvision torchaudio torchcodec
 	# DeepSpeed compiles its CPU communication op on first use (about a minute): here, once, rather than
-	# inside the first run. The build is cached under ~/.cache/torch_extensions, keyed by this venv's path.
-	DS_ACCELERATOR=cpu $(BIN)/python -c "from deepspeed.comm.torch import build_shm_op; build_shm_op()"
+	# inside the first run. The build is cached under ~/.cache/torch_extensions, keyed by this venv's path,
+	# and made with this venv's ninja, as the learner makes it (opd/env.py: own_ninja_first).
+	DS_ACCELERATOR=cpu $(BIN)/python -c "from opd.env import own_ninja_first; own_ninja_first(); \
+	    from deepspeed.comm.torch import build_shm_op; build_shm_op()"
 	touch $(STAMP)
 
 install: $(STAMP)

@@ -30,6 +30,7 @@ from learner import checkpoint
 from losses import LossBatch, build_loss
 from opd.batching import split_to, token_batches, weightless
 from opd.contracts import TrainBatch, trimmed
+from opd.env import own_ninja_first
 from opd.modeling import (DTYPES, actor_device, completion_hidden, completion_logits, load_named_tensors,
                           load_output_head, output_head, plain_head_problem)
 from opd.weight_sync import free_port, open_sender
@@ -137,6 +138,7 @@ class LearnerWorker:
             torch.cuda.set_device(self.device)
         if self.device.type == "cpu":  # nothing here compiles; DeepSpeed's initialize imports its Muon
             os.environ.setdefault("TORCHDYNAMO_DISABLE", "1")  # module, whose torch.compile loads inductor (~1 s)
+        own_ninja_first()  # one ninja for DeepSpeed's op builds, however this process was started
         import deepspeed
         from transformers import AutoModelForCausalLM
         deepspeed.init_distributed(dist_backend="nccl" if self.device.type == "cuda" else "gloo")

@@ -6,6 +6,7 @@ own, as it runs alone on a GPU machine with only torch."""
 from __future__ import annotations
 
 import os
+import sys
 
 QUIET_ENV = {"TRANSFORMERS_VERBOSITY": "error", "HF_HUB_OFFLINE": "1", "HF_HUB_DISABLE_PROGRESS_BARS": "1",
              "TOKENIZERS_PARALLELISM": "false"}
@@ -33,3 +34,17 @@ def set_quiet_env() -> None:
     value wins)."""
     for key, value in QUIET_ENV.items():
         os.environ.setdefault(key, value)
+
+
+def own_ninja_first() -> None:
+    """Put this interpreter's scripts folder first on PATH when it holds a `ninja` (pip's, which DeepSpeed
+    and vLLM require). torch builds DeepSpeed's JIT ops, such as the CPU communication op (30-40 s here),
+    with the first `ninja` on PATH, and caches them in ~/.cache/torch_extensions. This machine also has a
+    system ninja (1.11) beside the environment's (1.13), and each version starts the other's build log
+    over, so a run whose PATH began with the environment (a `ray job`, an activated venv) and one started
+    by the environment's python alone rebuilt the op in turn. Called before DeepSpeed builds anything: by
+    the learner (learner/worker.py) and by `make install`'s build of the op."""
+    scripts = os.path.dirname(sys.executable)
+    path = os.environ.get("PATH", "")
+    if os.path.isfile(os.path.join(scripts, "ninja")) and path.split(os.pathsep)[0] != scripts:
+        os.environ["PATH"] = scripts + os.pathsep + path
