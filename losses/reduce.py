@@ -40,19 +40,13 @@ def auto_chunk_rows(vocab: int) -> int:
     return max(1, CHUNK_BYTES // (4 * max(vocab, 1)))
 
 
-def _upcast(logits_chunk: torch.Tensor, temperature: float) -> torch.Tensor:
-    """A fresh float32 (float64 stays float64) copy of the chunk, divided by the temperature."""
-    dtype = torch.promote_types(logits_chunk.dtype, torch.float32)
-    x = logits_chunk.to(dtype, copy=True)
-    return x.div_(temperature) if temperature != 1.0 else x
-
-
-def _upcast_own(logits_chunk: torch.Tensor, temperature: float) -> torch.Tensor:
-    """_upcast of a chunk nothing else holds (the fused head's own output): copied only to widen it. The
+def _upcast(logits_chunk: torch.Tensor, temperature: float, own: bool = False) -> torch.Tensor:
+    """A float32 (float64 stays float64) chunk divided by the temperature: a fresh copy, or with `own` (a
+    chunk nothing else holds, the fused head's own output) the chunk itself unless it must be widened. That
     copy cost 2-5% of the fused loss at the realistic shape (docs/benchmarks.md)."""
-    if logits_chunk.dtype != torch.promote_types(logits_chunk.dtype, torch.float32):
-        return _upcast(logits_chunk, temperature)
-    return logits_chunk.div_(temperature) if temperature != 1.0 else logits_chunk
+    dtype = torch.promote_types(logits_chunk.dtype, torch.float32)
+    x = logits_chunk.to(dtype, copy=not own)
+    return x.div_(temperature) if temperature != 1.0 else x
 
 
 def _spans(m: int, chunk: int) -> list[slice]:
@@ -156,7 +150,7 @@ class _FusedHeadLoss(torch.autograd.Function):
         for sl in _spans(hidden.shape[0], chunk):
             sub = _chunk_rows(batch, sl, teacher_head, temperature, diags_out)
             h = hidden[sl]
-            x = _upcast_own(head(h), temperature).requires_grad_()  # forward runs under no_grad: x is a leaf
+            x = _upcast(head(h), temperature, own=True).requires_grad_()  # forward runs under no_grad: x is a leaf
             with torch.enable_grad():
                 out = fn(x, sub)
                 part = (out.per_token * sub.weights).sum()

@@ -1,7 +1,8 @@
 """The environment a run's processes share, in one place: quiet (no progress bars or info logs from
 transformers and the Hub) and offline (models and tokenizers come from local folders; nothing is
-downloaded mid-run). Read by the `opd` command (launch/cli.py), the actors Ray starts
-(launch/cluster.py), the tests (tests/conftest.py) and the benchmarks; benchmarks/gpu_smoke.py keeps its
+downloaded mid-run); how the actors' OpenMP threads wait (openmp_env); and which ninja builds DeepSpeed's
+ops (own_ninja_first). Read by the `opd` command (launch/cli.py), the actors Ray starts
+(launch/cluster.py), the learner (learner/worker.py), the tests (tests/conftest.py) and the benchmarks; benchmarks/gpu_smoke.py keeps its
 own, as it runs alone on a GPU machine with only torch."""
 from __future__ import annotations
 

@@ -91,8 +91,8 @@ def reference_run(ray_session, assets, tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def ray_session():
     import ray
-    # the workers inherit QUIET_ENV, DS_ACCELERATOR and GOMP_SPINCOUNT (set above) from this process, as a local run's do
-    # (launch/cluster.py: start_ray); a runtime_env would cost every actor a second Python start
+    # the workers inherit QUIET_ENV, DS_ACCELERATOR and GOMP_SPINCOUNT (set above) from this process, as a
+    # local run's do (launch/cluster.py: start_ray); a runtime_env would cost every actor a second Python start
     ray.init(num_cpus=2, include_dashboard=False, configure_logging=False)
     yield ray
     ray.shutdown()
