@@ -34,6 +34,7 @@ import torch.nn.functional as F
 from losses.base import LossBatch, LossFn, diagnostics_off
 
 CHUNK_BYTES = 16 * 2**20  # one [chunk, V] float32 tensor; a chunk's working set is ~10-16 of these
+TILE_BYTES = 2**18  # per thread, one row tile of a chunk's elementwise work on a CPU (row_tiles)
 
 
 def auto_chunk_rows(vocab: int) -> int:
@@ -70,6 +71,28 @@ class Head:
         return Head(self.weight.to(device), None if self.bias is None else self.bias.to(device))
 
 
+def row_tiles(x: torch.Tensor) -> list[slice]:
+    """Row tiles for elementwise passes over x [M, V]. On a CPU a few rows per thread (TILE_BYTES each), so
+    that a log-softmax, its exp and the products that follow read the core's cache rather than memory: 2-3x
+    faster than passes over a whole [131, 32000] chunk (docs/benchmarks.md). Elsewhere the whole chunk. Each
+    row's values do not depend on the tiling."""
+    if x.device.type != "cpu":
+        return [slice(0, x.shape[0])]
+    per_thread = max(1, TILE_BYTES // (x.element_size() * max(x.shape[1], 1)))
+    return _spans(x.shape[0], per_thread * torch.get_num_threads())
+
+
+def _teacher_token_stats(logq: torch.Tensor, tokens: torch.Tensor) -> dict[str, torch.Tensor]:
+    """The teacher's statistics at the sampled tokens from its log-probs [m, V] (teacher/*, as a teacher that
+    sends log-probs reports them): log q(y_t), rank (1 + tokens more likely), top-1, entropy; each [m]."""
+    at = logq.gather(-1, tokens[:, None])
+    # the comparison into a float tensor: summing a bool tensor was 7x slower
+    rank = 1 + torch.gt(logq, at, out=torch.empty_like(logq)).sum(-1)
+    return {"teacher/logprob_sampled": at.squeeze(-1), "teacher/rank_sampled": rank,
+            "teacher/top1_fraction": (rank == 1).to(logq.dtype),
+            "teacher/entropy": -torch.linalg.vecdot(logq.exp(), logq)}
+
+
 def _chunk_rows(batch: LossBatch, sl: slice, teacher_head: Optional[Head], temperature: float,
                 diags_out: Optional[dict] = None) -> LossBatch:
     """The chunk's rows; a hidden-state teacher becomes full log-probs here, one chunk at a time
@@ -83,17 +106,19 @@ def _chunk_rows(batch: LossBatch, sl: slice, teacher_head: Optional[Head], tempe
         raise ValueError("LossBatch.teacher_hidden is set but no teacher head was given: the learner loads the "
                          "teacher's output layer when teacher.full_vocab_transport is hidden_states")
     with torch.no_grad():  # the teacher is a constant (a live self-teacher's head is the student's own)
-        logq = torch.log_softmax(_upcast(teacher_head(sub.teacher_hidden), temperature), -1)
-        at = logq.gather(-1, sub.tokens[:, None])
-        if diags_out is not None:
-            rank = 1 + (logq > at).sum(-1).to(logq.dtype)
-            stats = {"teacher/logprob_sampled": at.squeeze(-1), "teacher/rank_sampled": rank,
-                     "teacher/top1_fraction": (rank == 1).to(logq.dtype),
-                     "teacher/entropy": -(logq.exp() * logq).sum(-1)}
+        logq = _upcast(teacher_head(sub.teacher_hidden), temperature, own=True)
+        parts: list[dict[str, torch.Tensor]] = []
+        for t in row_tiles(logq):  # in place, tile by tile: the logits become log-probs
+            logq[t] = torch.log_softmax(logq[t], -1)
+            if diags_out is not None:
+                parts.append(_teacher_token_stats(logq[t], sub.tokens[t]))
+        at = logq.gather(-1, sub.tokens[:, None]).squeeze(-1)
+        if diags_out is not None and parts:
+            stats = {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
             on_policy = sub.weights if sub.is_reference is None else sub.weights * ~sub.is_reference
             _add_diagnostics(diags_out, stats, on_policy, torch.promote_types(logq.dtype, torch.float32))
     # log q(y_t) as a log-prob teacher sends it, so the diagnostics (sampled_log_ratio) are the same
-    sampled = at.squeeze(-1) if sub.teacher_sampled_logprobs is None else sub.teacher_sampled_logprobs
+    sampled = at if sub.teacher_sampled_logprobs is None else sub.teacher_sampled_logprobs
     return replace(sub, teacher_full_logprobs=logq, teacher_hidden=None, teacher_sampled_logprobs=sampled)
 
 
@@ -118,15 +143,12 @@ class _ChunkedLoss(torch.autograd.Function):
         with torch.enable_grad(), diagnostics_off():
             for sl in _spans(logits.shape[0], ctx.chunk):
                 sub = _chunk_rows(ctx.batch, sl, ctx.teacher_head, ctx.temperature)
-                x = _upcast(logits[sl], ctx.temperature).requires_grad_()
-                out = ctx.fn(x, sub)
-                part = (out.per_token * sub.weights).sum()
-                if not part.requires_grad:  # the loss does not depend on these logits
+                _, gx = _loss_and_grad(ctx.fn, _upcast(logits[sl], ctx.temperature), sub, {}, logits.dtype)
+                if gx is None:  # the loss does not depend on these logits
                     grad[sl].zero_()
-                    continue
-                (gx,) = torch.autograd.grad(part, x)
-                grad[sl].copy_(gx.mul_(scale))
-                del out, part, gx, x
+                else:
+                    grad[sl].copy_(gx.mul_(scale))
+                del gx
         return grad, None, None, None, None, None, None
 
 
@@ -134,6 +156,30 @@ def _add_diagnostics(acc: dict, diags: dict, weights: torch.Tensor, dtype: torch
     for k, v in diags.items():
         d = (v.detach().to(dtype) * weights).sum()
         acc[k] = acc[k] + d if k in acc else d
+
+
+def _loss_and_grad(fn: LossFn, x: torch.Tensor, sub: LossBatch, diags_out: dict,
+                   dtype: torch.dtype) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """(sum_t w_t l_t, its gradient with respect to x, or None where x does not reach it), adding the weighted
+    diagnostics to diags_out. A loss with a closed-form gradient (`fn.value_and_grad`) runs tile by tile
+    (row_tiles) and writes the gradient over x, which the caller must own; otherwise autograd through fn."""
+    closed = getattr(fn, "value_and_grad", None)
+    if closed is None:
+        x = x.detach().requires_grad_()
+        with torch.enable_grad():
+            out = fn(x, sub)
+            part = (out.per_token * sub.weights).sum()
+            gx = torch.autograd.grad(part, x)[0] if part.requires_grad else None
+        _add_diagnostics(diags_out, out.diagnostics, sub.weights, dtype)
+        return part.detach(), gx
+    outs = []
+    for t in row_tiles(x) or [slice(0, 0)]:
+        out, x[t] = closed(x[t], sub.rows(t))
+        outs.append(out)
+    per_token = torch.cat([o.per_token for o in outs])
+    _add_diagnostics(diags_out, {k: torch.cat([o.diagnostics[k] for o in outs]) for k in outs[0].diagnostics},
+                     sub.weights, dtype)
+    return (per_token * sub.weights).sum(), x
 
 
 class _FusedHeadLoss(torch.autograd.Function):
@@ -150,20 +196,16 @@ class _FusedHeadLoss(torch.autograd.Function):
         for sl in _spans(hidden.shape[0], chunk):
             sub = _chunk_rows(batch, sl, teacher_head, temperature, diags_out)
             h = hidden[sl]
-            x = _upcast(head(h), temperature, own=True).requires_grad_()  # forward runs under no_grad: x is a leaf
-            with torch.enable_grad():
-                out = fn(x, sub)
-                part = (out.per_token * sub.weights).sum()
-                gx = torch.autograd.grad(part, x)[0] if part.requires_grad else None
-            total += part.detach()
-            _add_diagnostics(diags_out, out.diagnostics, sub.weights, total.dtype)
+            x = _upcast(head(h), temperature, own=True)
+            part, gx = _loss_and_grad(fn, x, sub, diags_out, total.dtype)
+            total += part
             if gx is not None:  # d loss / d logits = gx / temperature
                 gx = gx.div_(temperature) if temperature != 1.0 else gx
                 grad_h[sl] = gx @ weight.to(gx.dtype)
                 grad_w.addmm_(gx.T, h.to(gx.dtype))
                 if grad_b is not None:
                     grad_b += gx.sum(0)
-            del out, part, gx, x
+            del part, gx, x
         ctx.save_for_backward(grad_h.to(hidden.dtype), grad_w.to(weight.dtype),
                               None if grad_b is None else grad_b.to(bias.dtype))
         return total

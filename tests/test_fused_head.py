@@ -286,3 +286,37 @@ def test_a_learner_without_the_frozen_teachers_head_refuses_its_hidden_states(wr
                        teacher=TeacherScores(sampled_logprobs=torch.zeros(2, 3), hidden_states=torch.zeros(2, 3, 128)))
     with pytest.raises(ValueError, match="no teacher head: build LearnerWorker\\(teacher_head="):
         worker.train_step(batch, batch.token_counts)
+
+
+@pytest.mark.parametrize("fused", [False, True])
+def test_closed_form_gradient_in_row_tiles_equals_autograd_over_whole_chunks(monkeypatch, fused):
+    """full_reverse_kl's closed-form gradient, run in row tiles of one row (TILE_BYTES tiny) and of a whole chunk,
+    against autograd through the same loss (value_and_grad removed), with a hidden-state teacher whose log-probs
+    and statistics are also made tile by tile: the loss and diagnostics equal, the gradients to float64 rounding."""
+    import losses.reduce as reduce
+    _, b = synthetic_batch(4, 5, 17, seed=5, teacher_full=False)
+    h, w, _ = _hidden_and_head(20, 17, seed=6, bias=False)
+    th, tw, _ = _hidden_and_head(20, 17, hidden=9, seed=7, bias=False)
+    batch = LossBatch(**{**b.__dict__, "teacher_hidden": th})
+    loss = build_loss("full_reverse_kl", temperature=0.8, chunk_size=7)
+    closed = loss.fn.value_and_grad
+    out = {}
+    for how, tile_bytes in (("autograd", 2**30), ("one tile", 2**30), ("row tiles", 1)):
+        monkeypatch.setattr(reduce, "TILE_BYTES", tile_bytes)
+        if how == "autograd":
+            monkeypatch.delattr(loss.fn, "value_and_grad")
+        else:
+            monkeypatch.setattr(loss.fn, "value_and_grad", closed, raising=False)
+        tiles = reduce.row_tiles(torch.zeros(7, 17, dtype=torch.float64))  # one row per thread, or the chunk
+        assert len(tiles) == (-(-7 // torch.get_num_threads()) if how == "row tiles" else 1)
+        x, wx = _leaves(h, w)
+        v, d = loss.from_hidden(x, Head(wx), batch, Head(tw)) if fused else loss(x @ wx.T, batch, Head(tw))
+        v.backward()
+        out[how] = (v, d, x.grad, wx.grad)
+    v0, d0, g0, gw0 = out["autograd"]
+    assert {"entropy", "reverse_kl", "teacher/rank_sampled", "teacher/entropy"} <= set(d0)
+    for how in ("one tile", "row tiles"):
+        v, d, g, gw = out[how]
+        assert torch.equal(v, v0) and d.keys() == d0.keys() and all(torch.equal(d[k], d0[k]) for k in d)
+        torch.testing.assert_close(g, g0, rtol=1e-12, atol=1e-15)
+        torch.testing.assert_close(gw, gw0, rtol=1e-12, atol=1e-15)
