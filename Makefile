@@ -6,6 +6,12 @@ STAMP := $(VENV)/.installed
 
 .PHONY: install demo demo-vllm check test bench clean
 
+# make check and make test run the tests in this many pytest-xdist workers, each test whole in one worker and
+# each worker with its own Ray session (TEST_WORKERS=0: one process, as plain pytest). On this 2-core
+# machine 2 workers fill the gaps a lone test leaves (the README says by how much).
+TEST_WORKERS ?= 2
+PYTEST := $(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist worksteal
+
 $(STAMP): pyproject.toml
 	$(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
@@ -32,13 +38,13 @@ check: $(STAMP)  # the inner loop: lint, the import layers, types, and the fast 
 	$(BIN)/ruff check .
 	$(BIN)/lint-imports
 	$(BIN)/mypy
-	$(BIN)/python -m pytest -q -m "not slow" tests
+	$(PYTEST) -m "not slow" tests
 
 test: $(STAMP)  # CI: lint, the import layers, types, and every tier
 	$(BIN)/ruff check .
 	$(BIN)/lint-imports
 	$(BIN)/mypy
-	$(BIN)/python -m pytest -q tests
+	$(PYTEST) tests
 
 bench: $(STAMP)
 	$(BIN)/pip install -q -e ".[bench]"

@@ -8,6 +8,10 @@ divided by the global token count) and sums, which is the one place the loss is 
 A LossFn may carry an attribute `prepare(batch) -> batch`. compute_loss runs it once on the whole
 (un-chunked) batch before chunking; it is for per-sequence quantities built from stop-gradient
 inputs (discounted returns), which it stores in LossBatch.extras.
+
+A LossFn may also carry `value_and_grad(logits, batch) -> (LossOutput, d(sum_t w_t l_t)/d logits)`: its
+gradient in closed form, which compute_loss then uses instead of autograd through the loss (full_reverse_kl
+has one). tests/test_losses_reference.py holds it to a brute-force reference like any loss.
 """
 from __future__ import annotations
 
