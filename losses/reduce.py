@@ -86,7 +86,7 @@ def _teacher_token_stats(logq: torch.Tensor, tokens: torch.Tensor) -> dict[str, 
     """The teacher's statistics at the sampled tokens from its log-probs [m, V] (teacher/*, as a teacher that
     sends log-probs reports them): log q(y_t), rank (1 + tokens more likely), top-1, entropy; each [m]."""
     at = logq.gather(-1, tokens[:, None])
-    # the comparison into a float tensor: summing a bool tensor was 7x slower
+    # the comparison into a float tensor: summing a bool tensor was 6-7x slower (docs/benchmarks.md)
     rank = 1 + torch.gt(logq, at, out=torch.empty_like(logq)).sum(-1)
     return {"teacher/logprob_sampled": at.squeeze(-1), "teacher/rank_sampled": rank,
             "teacher/top1_fraction": (rank == 1).to(logq.dtype),
