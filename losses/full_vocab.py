@@ -35,26 +35,28 @@ def _student_and_teacher(b: LossBatch, logits: torch.Tensor) -> tuple[torch.Tens
     return torch.log_softmax(logits[:, :rows], -1), logq
 
 
+def _reverse_kl(b: LossBatch, logits: torch.Tensor) -> tuple[LossOutput, torch.Tensor, torch.Tensor]:
+    """(output, p, log p - log q): the exact reverse KL per position and what its gradient is made of."""
+    logp, logq = _student_and_teacher(b, logits)
+    p = logp.exp()
+    diff = logp - logq
+    kl = torch.linalg.vecdot(p, diff)
+    return LossOutput(kl, standard_diagnostics(logp, b, p=p, reverse_kl=kl)), p, diff
+
+
 @register("full_reverse_kl", needs=lambda **_: _FULL)
 def full_reverse_kl():
     """loss_t = sum_v p(v) (log p(v) - log q(v)): exact reverse KL(p||q) at each position."""
     def fn(logits: torch.Tensor, b: LossBatch) -> LossOutput:
-        logp, logq = _student_and_teacher(b, logits)
-        p = logp.exp()
-        kl = torch.linalg.vecdot(p, logp - logq)
-        return LossOutput(kl, standard_diagnostics(logp, b, p=p, reverse_kl=kl))
+        return _reverse_kl(b, logits)[0]
 
     def value_and_grad(logits: torch.Tensor, b: LossBatch) -> tuple[LossOutput, torch.Tensor]:
         """fn's output and d(sum_t w_t kl_t)/d logits in closed form, w_t p_j (log p_j - log q_j - kl_t),
         instead of autograd through log_softmax: a third of the [M, V] passes. compute_loss runs it tile by tile
         (losses/reduce.py: row_tiles)."""
         with torch.no_grad():
-            logp, logq = _student_and_teacher(b, logits)
-            p = logp.exp()
-            diff = logp - logq
-            kl = torch.linalg.vecdot(p, diff)
-            out = LossOutput(kl, standard_diagnostics(logp, b, p=p, reverse_kl=kl))
-            grad = diff.sub_(kl[:, None]).mul_(p).mul_(b.weights.to(p.dtype)[:, None])
+            out, p, diff = _reverse_kl(b, logits)
+            grad = diff.sub_(out.per_token[:, None]).mul_(p).mul_(b.weights.to(p.dtype)[:, None])
             if grad.shape[-1] != logits.shape[-1]:  # padding rows past the common ones get no gradient
                 grad = torch.cat([grad, grad.new_zeros(grad.shape[0], logits.shape[-1] - grad.shape[-1])], -1)
         return out, grad

@@ -140,7 +140,7 @@ class _ChunkedLoss(torch.autograd.Function):
         (logits,) = ctx.saved_tensors
         grad = torch.empty_like(logits, memory_format=torch.contiguous_format)
         scale = grad_total / ctx.temperature  # d x / d logits = 1 / temperature
-        with torch.enable_grad(), diagnostics_off():
+        with diagnostics_off():  # _loss_and_grad turns grad on where it uses autograd
             for sl in _spans(logits.shape[0], ctx.chunk):
                 sub = _chunk_rows(ctx.batch, sl, ctx.teacher_head, ctx.temperature)
                 _, gx = _loss_and_grad(ctx.fn, _upcast(logits[sl], ctx.temperature), sub, {}, logits.dtype)

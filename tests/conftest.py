@@ -90,8 +90,8 @@ def reference_run(ray_session, assets, tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def ray_session():
-    """One Ray session per test process: under pytest-xdist (make test) each worker starts its own local
-    cluster on its own ports."""
+    """One Ray session per test process: under pytest-xdist (TEST_WORKERS=2 make test) each worker starts its
+    own local cluster on its own ports."""
     import ray
     # the workers inherit QUIET_ENV, DS_ACCELERATOR and GOMP_SPINCOUNT (set above) from this process, as a
     # local run's do (launch/cluster.py: start_ray); a runtime_env would cost every actor a second Python start
