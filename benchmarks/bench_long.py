@@ -100,7 +100,6 @@ def learner_child(a) -> dict:
     from launch.manifest import load_manifest
     from learner.worker import LearnerWorker
     from opd.contracts import TeacherScores, TrainBatch
-    from opd.weight_sync import free_port
     lengths = json.loads(a.lengths)
     over = [f"model.path={a.student}", f"teacher.path={a.teacher}", "loss.name=sampled_token_rkl",
             f"rollout.prompts_per_step={len(lengths)}", "rollout.samples_per_prompt=1",
@@ -112,7 +111,7 @@ def learner_child(a) -> dict:
     else:
         over += [f"learner.micro_batch_size={a.micro}"]
     cfg = load_manifest(Path(a.work, "manifest.yaml"), over, check_paths=False)
-    w = LearnerWorker(cfg, 0, 1, "127.0.0.1", free_port(), rows_per_step=len(lengths))
+    w = LearnerWorker(cfg, 0, 1, rows_per_step=len(lengths))
     prompts, ids, mask = _rows(lengths)
     g = torch.Generator().manual_seed(1)
     noise = lambda: (-3 * torch.rand(ids.shape, generator=g)).masked_fill(~mask, 0)  # noqa: E731

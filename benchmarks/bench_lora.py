@@ -47,7 +47,7 @@ def measure_arm(model: str, r: int, targets: list[str]) -> dict:
     from learner.lora import optimizer_state_bytes
     from learner.worker import LearnerWorker
     from opd.contracts import TeacherScores, TrainBatch
-    from opd.weight_sync import free_port, gloo, open_sender
+    from opd.weight_sync import gloo, open_sender
     torch.manual_seed(0)
     with tempfile.TemporaryDirectory() as tmp:
         manifest = Path(tmp, "m.yaml")
@@ -58,7 +58,7 @@ def measure_arm(model: str, r: int, targets: list[str]) -> dict:
             "rollout": {"prompts_per_step": 8, "samples_per_prompt": 1}, "learner": {"micro_batch_size": 8},
             "data": {"train": manifest.name, "eval": manifest.name}}))  # never read: check_paths=False
         cfg = load_manifest(manifest, check_paths=False)
-        worker = LearnerWorker(cfg, 0, 1, "127.0.0.1", free_port(), rows_per_step=8)
+        worker = LearnerWorker(cfg, 0, 1, rows_per_step=8)
         vocab = worker.engine.module.config.vocab_size
         n, t = 8, 8
         batch = TrainBatch(prompt_ids=[[1, 5, 6, 7]] * n, completion_ids=torch.randint(4, vocab, (n, t)),
@@ -68,7 +68,7 @@ def measure_arm(model: str, r: int, targets: list[str]) -> dict:
         worker.train_step(batch, batch.denominators("token_mean", slice(0, n)))
         stream = worker.weights(torch.float32)
         engine = HFEngine(model)
-        sender = open_sender("gloo", stream, [engine], [1], rank=0, address="127.0.0.1", port=free_port())
+        sender = open_sender("gloo", stream, [engine], [1], rank=0, address="127.0.0.1")
         sent = []  # what crosses the wire: every buffer the learner (group rank 0) broadcasts in one sync
         broadcast = gloo._broadcast
         gloo._broadcast = lambda group, buffer: (group.rank() == 0 and sent.append(buffer.numel()),

@@ -39,7 +39,6 @@ import argparse
 import atexit
 import os
 import shutil
-import socket
 import statistics
 import sys
 import tempfile
@@ -65,12 +64,6 @@ TOPK = 20
 
 def peak_flops(name: str):
     return next((p for keys, p in PEAKS if all(k in name for k in keys)), None)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def error_line(e: BaseException) -> str:
@@ -211,7 +204,7 @@ def vllm_rows(args, path, dtype_name, prompts, sampling, model, hf, teacher, lea
         stream = ParamStream(model, DTYPES[dtype_name])
         largest = max(m.nbytes for m in stream.metadata())
         sender = open_sender(backend, stream, [engine], [engine.weight_sync_workers()],
-                             rank=0, address="127.0.0.1", port=free_port())
+                             rank=0, address="127.0.0.1")
         secs, _ = timed(lambda: sender.send(1), repeats=1, warmup=0)
         gb = sum(p.numel() for p in model.parameters()) * DTYPES[dtype_name].itemsize / 1e9
         rows.append((f"weight sync ({backend})", f"{secs:.3f} s", f"{gb:.3g} GB, {gb / secs:.3g} GB/s, first send; "

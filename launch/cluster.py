@@ -25,7 +25,6 @@ from opd.batching import spread_by_tokens
 from opd.contracts import (Rollout, SamplingSpec, ScoreRequest, TeacherScores, TrainBatch, concat_rollouts,
                            concat_scores)
 from opd.env import CHILD_ENV, openmp_env
-from opd.weight_sync import free_port
 from opd.weight_sync.transports import default_transport
 from teachers.kinds import TeacherStart, teacher_kind
 
@@ -79,12 +78,34 @@ def derived_seed(*parts) -> int:
     return random.Random("/".join(map(str, parts))).randrange(1 << 31)
 
 
-@ray.remote
-class _Host:
-    """Tells the driver where the learner's rank 0 lives (its IP and a free port for DeepSpeed's
-    rendezvous) on any cluster. Weight sync opens its own port later, from rank 0 itself."""
-    def address(self):
-        return ray.util.get_node_ip_address(), free_port()
+@ray.remote(num_cpus=0)
+class _MeetingPoint:
+    """A multi-rank learner's rendezvous mailbox: rank 0 posts the address of the store it bound (on a port
+    the OS picked, learner/worker.py: join_process_group), the other ranks wait for it."""
+    def __init__(self):
+        import asyncio
+        self.posted = asyncio.Event()  # async methods: a waiting rank does not block the post
+        self.address: tuple[str, int] = ("", 0)
+
+    async def post(self, host: str, port: int) -> None:
+        self.address = (host, port)
+        self.posted.set()
+
+    async def wait(self) -> tuple[str, int]:
+        await self.posted.wait()
+        return self.address
+
+
+class RayMeeting:
+    """learner/worker.py's Meeting over a _MeetingPoint actor (the worker does not see Ray)."""
+    def __init__(self, point, timeout_s: float):
+        self.point, self.timeout_s = point, timeout_s
+
+    def post(self, host: str, port: int) -> None:
+        ray.get(self.point.post.remote(host, port), timeout=self.timeout_s)
+
+    def wait(self) -> tuple[str, int]:
+        return ray.get(self.point.wait.remote(), timeout=self.timeout_s)
 
 
 def _split(n: int, parts: int) -> list[slice]:
@@ -239,14 +260,13 @@ class LearnerGroup:
         from learner.worker import LearnerWorker
         opts = [placement.options(slot) for slot in placement.layout.learner]
         n = len(opts)
-        addr, port = None, None  # one rank: it rendezvouses with itself, on a loopback port of its own
-        if n > 1:  # the ranks meet at rank 0's node: ask a throwaway actor there for its address and a port
-            host = _Host.options(num_cpus=0, scheduling_strategy=opts[0]["scheduling_strategy"]).remote()
-            (addr, port), = gather([("learner host probe.address", host.address.remote())], cfg.cluster.call_timeout_s)
-            ray.kill(host)
+        self.point, meeting = None, None  # one rank: it rendezvouses with itself, on a loopback port
+        if n > 1:  # the ranks meet through a mailbox actor (zero CPUs), which lives as long as this group
+            self.point = _MeetingPoint.remote()
+            meeting = RayMeeting(self.point, cfg.cluster.call_timeout_s)
         remote = ray.remote(LearnerWorker)
         head = teacher_head_path(cfg)
-        self.ranks = [remote.options(**o).remote(cfg, r, n, addr, port, rows_per_step, head) for r, o in enumerate(opts)]
+        self.ranks = [remote.options(**o).remote(cfg, r, n, rows_per_step, head, meeting) for r, o in enumerate(opts)]
         self.timeout_s = cfg.cluster.call_timeout_s
         self.updates, self.reduction = cfg.learner.updates_per_step, cfg.loss.reduction
         self.by_tokens = cfg.learner.max_tokens_per_micro_batch is not None

@@ -22,7 +22,7 @@ from __future__ import annotations
 import math
 import os
 import time
-from typing import Optional, Sequence
+from typing import Optional, Protocol, Sequence
 
 import torch
 
@@ -33,7 +33,7 @@ from opd.contracts import TrainBatch, trimmed
 from opd.env import own_ninja_first
 from opd.modeling import (DTYPES, actor_device, completion_hidden, completion_logits, load_named_tensors,
                           load_output_head, output_head, plain_head_problem)
-from opd.weight_sync import free_port, open_sender
+from opd.weight_sync import open_sender
 from opd.weight_sync.source import ParamStream
 
 
@@ -120,16 +120,46 @@ def _row_denominators(b: TrainBatch, counts: tuple[int, int], reduction: str = "
     return per_kind * b.completion_mask.sum(-1).clamp(min=1).float()
 
 
+class Meeting(Protocol):
+    """Where a multi-rank learner's ranks meet (launch/cluster.py gives one): rank 0 posts the address of the
+    store it bound, the other ranks wait for it."""
+    def post(self, host: str, port: int) -> None: ...
+    def wait(self) -> tuple[str, int]: ...
+
+
+def join_process_group(rank: int, world_size: int, backend: str, meeting: Optional[Meeting] = None) -> None:
+    """torch.distributed's world group, which deepspeed.init_distributed then adopts. Rank 0 binds the
+    rendezvous store on a port the OS picks while binding, so the port is held from the moment it is known;
+    a port picked free in one process and bound later by another can be taken in between (it was, by a
+    parallel test run: EADDRINUSE). Rank 0 posts it to `meeting`; the other ranks wait for it there."""
+    import datetime
+
+    import torch.distributed as dist
+    if dist.is_initialized():  # a process that hosted a learner before (in-process tests) keeps its group
+        return
+    timeout = datetime.timedelta(minutes=30)  # DeepSpeed's own default for its init
+    if rank == 0:
+        host = _node_address() if world_size > 1 else "127.0.0.1"
+        store = dist.TCPStore(host, 0, world_size, is_master=True, timeout=timeout, wait_for_workers=False)
+        if world_size > 1:
+            meeting.post(host, store.port)
+    else:
+        host, port = meeting.wait()
+        store = dist.TCPStore(host, port, world_size, is_master=False, timeout=timeout)
+    # what DeepSpeed reads to tell a launched process from one it must discover through MPI
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK="0", MASTER_ADDR=host,
+                      MASTER_PORT=str(store.port))
+    dist.init_process_group(backend, store=store, rank=rank, world_size=world_size, timeout=timeout)
+
+
 class LearnerWorker:
-    def __init__(self, cfg, rank: int, world_size: int, master_addr: Optional[str], master_port: Optional[int],
-                 rows_per_step: int, teacher_head: Optional[str] = None):
+    def __init__(self, cfg, rank: int, world_size: int, rows_per_step: int, teacher_head: Optional[str] = None,
+                 meeting: Optional[Meeting] = None):
         """teacher_head: the folder of the frozen teacher whose output layer turns the hidden states it sends
         into logits (teacher.full_vocab_transport: hidden_states); the launcher resolves it from the teacher's
-        kind (launch/capabilities.py: teacher_head_path)."""
-        if master_addr is None:  # a single rank: the rendezvous is this process alone
-            master_addr, master_port = "127.0.0.1", free_port()
-        os.environ.update(RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK="0",
-                          MASTER_ADDR=master_addr, MASTER_PORT=str(master_port))
+        kind (launch/capabilities.py: teacher_head_path). meeting: where the ranks meet (world_size > 1)."""
+        if world_size > 1 and meeting is None:
+            raise ValueError(f"LearnerWorker: world_size {world_size} needs a meeting for the ranks' rendezvous")
         if isinstance(cfg.cluster.threads_per_actor, int):  # auto: the launcher resolves it before any actor starts
             torch.set_num_threads(cfg.cluster.threads_per_actor)
         torch.manual_seed(cfg.run.seed)
@@ -141,7 +171,8 @@ class LearnerWorker:
         own_ninja_first()  # one ninja for DeepSpeed's op builds, however this process was started
         import deepspeed
         from transformers import AutoModelForCausalLM
-        deepspeed.init_distributed(dist_backend="nccl" if self.device.type == "cuda" else "gloo")
+        join_process_group(rank, world_size, "nccl" if self.device.type == "cuda" else "gloo", meeting)
+        deepspeed.init_distributed(dist_backend="nccl" if self.device.type == "cuda" else "gloo")  # adopts it
         _forget_stale_deepspeed_groups()
         self.cfg, self.rank, self.world_size = cfg, rank, world_size
         model = AutoModelForCausalLM.from_pretrained(cfg.model.path, dtype=DTYPES[cfg.model.dtype],

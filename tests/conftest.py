@@ -100,12 +100,28 @@ def ray_session():
     ray.shutdown()
 
 
+@pytest.fixture
+def placed(ray_session):
+    """Placement(cfg) for a test that starts actors by hand. Every group it made is removed at teardown, which
+    kills the actors placed in it, whatever the test raised: a failed test must not leave the shared Ray
+    session's CPUs held, so that the tests after it time out placing theirs."""
+    from launch.placement import Placement
+    made = []
+
+    def place(cfg):
+        made.append(Placement(cfg))
+        return made[-1]
+    yield place
+    for placement in made:
+        placement.remove()
+
+
 # ---------------------------------------------------------------- tiers
 # `make check` runs the fast tier (-m "not slow"): in-process tests of losses, configs, data, verifiers and
 # models. A test is slow when it starts Ray (the ray_session fixture), builds a vLLM engine or a DeepSpeed
 # learner, or runs whole experiments: those fixtures and modules mark it here, so a new test lands in the
 # right tier by what it uses. `make test` (CI) runs both tiers.
-SLOW_FIXTURES = {"ray_session", "reference_run", "chat_student", "engines", "vllm_teacher"}
+SLOW_FIXTURES = {"ray_session", "placed", "reference_run", "chat_student", "engines", "vllm_teacher"}
 SLOW_MODULES = {"test_vllm", "test_faults", "test_overlap", "test_resume", "test_end_to_end", "test_experiment",
                 "test_ray_job", "test_paper_keys_end_to_end", "test_learner_paper_keys", "test_learner_sync",
                 "test_weight_sync", "test_colocation", "test_gpu_smoke", "test_paper_cpu", "test_in_process"}

@@ -41,5 +41,5 @@ def test_a_learner_builds_with_its_environments_ninja(monkeypatch, write_manifes
     if not os.path.isfile(os.path.join(scripts, "ninja")):
         pytest.skip(f"{scripts} has no ninja (the project's install puts pip's there)")
     monkeypatch.setenv("PATH", os.pathsep.join(p for p in os.environ["PATH"].split(os.pathsep) if p != scripts))
-    LearnerWorker(load_manifest(write_manifest(learner={"micro_batch_size": 2})), 0, 1, None, None, rows_per_step=2)
+    LearnerWorker(load_manifest(write_manifest(learner={"micro_batch_size": 2})), 0, 1, rows_per_step=2)
     assert os.environ["PATH"].split(os.pathsep)[0] == scripts

@@ -189,7 +189,6 @@ def test_learner_steps_agree_across_head_paths_and_teacher_transports(write_mani
     from the same weights on the same batch: the same loss, diagnostics, gradient norm and new weights."""
     from learner.worker import LearnerWorker
     from opd.contracts import TrainBatch
-    from opd.weight_sync import free_port
     from teachers.hf_teacher import HFTeacher
     g = torch.Generator().manual_seed(0)
     ids = torch.randint(3, 50, (8, 5), generator=g)
@@ -208,7 +207,7 @@ def test_learner_steps_agree_across_head_paths_and_teacher_transports(write_mani
             request = ScoreRequest(full_vocab=transport == "logprobs", hidden_states=transport == "hidden_states")
             scores = teacher.score(prompts, ids, mask, request)
             batch = TrainBatch(prompt_ids=prompts, completion_ids=ids, completion_mask=mask, teacher=scores)
-            worker = LearnerWorker(cfg, 0, 1, "127.0.0.1", free_port(), rows_per_step=8,
+            worker = LearnerWorker(cfg, 0, 1, rows_per_step=8,
                                    teacher_head=teacher_head_path(cfg))
             assert worker.fused_head == (fused == "true")
             metrics = worker.train_step(batch, batch.token_counts)
@@ -280,7 +279,7 @@ def test_a_learner_without_the_frozen_teachers_head_refuses_its_hidden_states(wr
     cfg = load_manifest(write_manifest(model={"path": str(assets["student"])},
                                        teacher={"kind": "hf", "path": str(assets["teacher"])},
                                        loss={"name": "full_reverse_kl"}, learner={"micro_batch_size": 2}))
-    worker = LearnerWorker(cfg, 0, 1, None, None, rows_per_step=2)
+    worker = LearnerWorker(cfg, 0, 1, rows_per_step=2)
     ids, mask = torch.randint(3, 50, (2, 3)), torch.ones(2, 3, dtype=torch.bool)
     batch = TrainBatch(prompt_ids=[[1, 5], [1, 6]], completion_ids=ids, completion_mask=mask,
                        teacher=TeacherScores(sampled_logprobs=torch.zeros(2, 3), hidden_states=torch.zeros(2, 3, 128)))

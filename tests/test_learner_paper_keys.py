@@ -12,7 +12,6 @@ from launch.config import ManifestError
 from launch.manifest import load_manifest
 from learner.worker import LearnerWorker, lr_lambda
 from opd.contracts import TeacherScores, TrainBatch
-from opd.weight_sync import free_port
 
 LR = 0.5
 
@@ -61,7 +60,7 @@ def sgd_cfg(write_manifest, *extra, micro=2):
 
 
 def worker(cfg, rows=8):
-    return LearnerWorker(cfg, 0, 1, "127.0.0.1", free_port(), rows_per_step=rows)
+    return LearnerWorker(cfg, 0, 1, rows_per_step=rows)
 
 
 @pytest.mark.parametrize("updates,reduction", [(2, "token_mean"), (2, "sample_mean"), (4, "sample_mean")])

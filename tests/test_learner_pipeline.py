@@ -9,7 +9,6 @@ import torch
 from launch.manifest import load_manifest
 from learner.worker import LearnerWorker
 from opd.contracts import trimmed
-from opd.weight_sync import free_port
 from tests.test_learner_paper_keys import make_batch
 
 LR = 0.5  # plain SGD: an update is LR x the gradient
@@ -19,7 +18,7 @@ def worker(write_manifest, *extra):
     cfg = load_manifest(write_manifest(), [
         "loss.name=full_reverse_kl", "learner.optimizer=sgd", f"learner.lr={LR}", "learner.warmup_ratio=0",
         "learner.schedule=constant", "learner.grad_clip=0", "learner.micro_batch_size=2", *extra])
-    return LearnerWorker(cfg, 0, 1, "127.0.0.1", free_port(), rows_per_step=8)
+    return LearnerWorker(cfg, 0, 1, rows_per_step=8)
 
 
 def chunk_rows(n: int, chunks: int, unit: int = 2) -> list[list[int]]:

@@ -8,7 +8,6 @@ from transformers import AutoModelForCausalLM
 from actors.hf_engine import HFEngine
 from launch.cluster import LearnerGroup, connect_weight_sync
 from launch.manifest import load_manifest
-from launch.placement import Placement
 from opd.contracts import SamplingSpec, TeacherScores, TrainBatch
 
 LR = 0.05
@@ -45,8 +44,8 @@ def reference_grads(path: str, b: TrainBatch) -> dict[str, torch.Tensor]:
     # a budget of 1 token every row is a micro-batch of its own and the rank with fewer rows runs a
     # weightless one, so both ranks take part in every reduction
     (2, 1, 2, 12), (2, 1, 0, 1)])
-def test_split_gives_one_big_batch_gradient_and_sync_matches(ray_session, write_manifest, assets, ranks, micro, zero,
-                                                             budget):
+def test_split_gives_one_big_batch_gradient_and_sync_matches(ray_session, placed, write_manifest, assets, ranks, micro,
+                                                             zero, budget):
     ray = ray_session
     cfg = load_manifest(write_manifest(), [
         "loss.name=full_reverse_kl", "learner.optimizer=sgd", f"learner.lr={LR}", "learner.warmup_ratio=0",
@@ -56,7 +55,7 @@ def test_split_gives_one_big_batch_gradient_and_sync_matches(ray_session, write_
     path = str(assets["tiny"])
     w0 = dict(AutoModelForCausalLM.from_pretrained(path).named_parameters())
     batch = make_batch(w0["lm_head.weight"].shape[0])
-    placement = Placement(cfg)
+    placement = placed(cfg)
     group = LearnerGroup(cfg, rows_per_step=8, placement=placement)
     engine = ray.remote(HFEngine).options(**placement.options(placement.layout.rollout[0])).remote(path)
     try:
@@ -65,7 +64,6 @@ def test_split_gives_one_big_batch_gradient_and_sync_matches(ray_session, write_
         group.call("close_weight_sync")
         for actor in group.ranks + [engine]:
             ray.kill(actor)
-        placement.remove()
 
 
 def check(ray, cfg, group, engine, path, w0, batch):

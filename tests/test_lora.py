@@ -15,7 +15,7 @@ from launch.config import ManifestError
 from launch.manifest import load_manifest
 from learner.lora import ADAPTER_DIR, LoraStudent, optimizer_state_bytes
 from opd.contracts import SamplingSpec
-from opd.weight_sync import free_port, open_sender
+from opd.weight_sync import open_sender
 from opd.weight_sync.source import ParamStream
 from test_learner_sync import make_batch
 
@@ -39,7 +39,7 @@ def worker(ray_session, assets, tmp_path_factory):
         "model": {"path": str(assets["tiny"]), "lora": {"r": 4}}, "teacher": {"kind": "hf", "path": str(assets["tiny"])},
         "rollout": {"prompts_per_step": 4, "samples_per_prompt": 2}, "learner": {"micro_batch_size": 8},
         "loss": {"name": "full_reverse_kl"}, "data": {"train": str(assets["train"]), "eval": str(assets["eval"])}}))
-    w = LearnerWorker(load_manifest(path), 0, 1, "127.0.0.1", free_port(), rows_per_step=8)
+    w = LearnerWorker(load_manifest(path), 0, 1, rows_per_step=8)
     return w
 
 
@@ -132,19 +132,18 @@ def test_merged_export_and_saved_adapter_compute_the_adapter_models_logits(worke
 
 @pytest.mark.parametrize("ranks,micro,zero", [(1, 8, 0), (2, 4, 1), (2, 2, 2), (2, 4, 3)])
 def test_lora_split_gives_the_peft_gradient_and_an_hf_engine_syncs_to_the_export(
-        ray_session, write_manifest, assets, ranks, micro, zero):
+        ray_session, placed, write_manifest, assets, ranks, micro, zero):
     """Plain SGD: the adapters' update / lr equals the gradient of one independent peft model on the whole
     batch, for every ZeRO stage and rank split; then a partial sync (the touched modules only) makes an HF
     engine equal the merged export and generate what it generates."""
     import ray
     from launch.cluster import LearnerGroup, connect_weight_sync
-    from launch.placement import Placement
     cfg = lora_cfg(write_manifest, "learner.optimizer=sgd", f"learner.lr={LR}", "learner.warmup_ratio=0",
                    "learner.schedule=constant", "learner.grad_clip=0", f"learner.num_ranks={ranks}",
                    f"learner.micro_batch_size={micro}", f"learner.zero_stage={zero}")
     path = str(assets["tiny"])
     batch = make_batch(AutoModelForCausalLM.from_pretrained(path).config.vocab_size)
-    placement = Placement(cfg)
+    placement = placed(cfg)
     group = LearnerGroup(cfg, rows_per_step=8, placement=placement)
     engine = ray.remote(HFEngine).options(**placement.options(placement.layout.rollout[0])).remote(path)
     try:
@@ -175,7 +174,6 @@ def test_lora_split_gives_the_peft_gradient_and_an_hf_engine_syncs_to_the_export
         group.call("close_weight_sync")
         for actor in group.ranks + [engine]:
             ray.kill(actor)
-        placement.remove()
 
 
 def reference_loss(model, b):
@@ -227,7 +225,7 @@ def test_an_hf_engine_after_a_partial_sync_generates_what_the_merged_export_does
     model, lora, stream = lora_source(assets["student"], ["q_proj", "v_proj"])
     export = write_export(model, lora, assets["student"], tmp_path / "export")
     engine = HFEngine(str(assets["student"]))
-    sender = open_sender("gloo", stream, [engine], [1], rank=0, address="127.0.0.1", port=free_port())
+    sender = open_sender("gloo", stream, [engine], [1], rank=0, address="127.0.0.1")
     sender.send(3)
     sender.shutdown()
     want = AutoModelForCausalLM.from_pretrained(export).state_dict()
@@ -251,8 +249,7 @@ def test_a_vllm_engine_after_a_partial_sync_generates_what_the_merged_export_doe
     pad = AutoTokenizer.from_pretrained(assets["student"]).pad_token_id
     engine = VLLMEngine(spec(assets["student"], sync_backend="gloo"), SamplingSpec(max_new_tokens=8), pad)
     before = engine.generate(PROMPTS, GREEDY).completions()
-    sender = open_sender("gloo", stream, [engine], [engine.weight_sync_workers()], rank=0, address="127.0.0.1",
-                         port=free_port())
+    sender = open_sender("gloo", stream, [engine], [engine.weight_sync_workers()], rank=0, address="127.0.0.1")
     sender.send(2)
     sender.shutdown()
     out = engine.generate(PROMPTS, GREEDY)

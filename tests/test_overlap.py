@@ -17,7 +17,6 @@ from launch.config import ManifestError
 from launch.derived import sampling_spec
 from launch.manifest import load_manifest
 from launch.overlap import overlapped_loop
-from launch.placement import Placement
 from launch.remote import ActorPool, gather
 from opd.contracts import SamplingSpec
 from opd.modeling import completion_logits, load_model
@@ -109,12 +108,12 @@ def test_an_engine_lost_in_flight_is_replaced_and_its_step_samples_again(ray_ses
 
 
 @pytest.mark.parametrize("engine", ["hf", "vllm"])
-def test_a_sync_sent_to_an_engine_mid_generation_waits_for_it(ray_session, write_manifest, assets, engine):
+def test_a_sync_sent_to_an_engine_mid_generation_waits_for_it(ray_session, placed, write_manifest, assets, engine):
     """Engines as the driver starts them run one method at a time: a weight-sync method sent while
     generate() runs is answered after it, and the rollout carries the version it began with."""
     cfg = load_manifest(write_manifest(), [f"model.path={assets['student']}", f"rollout.engine={engine}",
                                            "rollout.vllm.kv_cache_memory_gb=0.0625", "rollout.vllm.enforce_eager=true"])
-    placement = Placement(cfg)
+    placement = placed(cfg)
     group = RolloutGroup.start(cfg, placement, sampling_spec(cfg), pad_id=0)
     try:
         gather([("engine.__ray_ready__", group.actors[0].__ray_ready__.remote())], 600)
@@ -127,7 +126,6 @@ def test_a_sync_sent_to_an_engine_mid_generation_waits_for_it(ray_session, write
     finally:
         for a in group.actors:
             ray.kill(a)
-        placement.remove()
 
 
 @ray.remote(num_cpus=0)
@@ -207,14 +205,13 @@ def test_the_learner_syncs_after_its_step_only_when_the_step_and_the_generation_
     it waits for the replies it is given, sends when the step changed the weights and every reply
     exists, and answers None (sends nothing) after a skipped step or a failed generation."""
     from learner.worker import LearnerWorker
-    from opd.weight_sync import free_port
 
     @ray.remote(num_cpus=0)
     def fails():
         raise RuntimeError("an engine died")
 
     cfg = load_manifest(write_manifest(model={"path": str(assets["student"])}))
-    worker = LearnerWorker(cfg, 0, 1, "127.0.0.1", free_port(), rows_per_step=8)
+    worker = LearnerWorker(cfg, 0, 1, rows_per_step=8)
     sent = []
     worker.sync_weights = sent.append
     slow = Napper.remote().nap.remote(1.0)

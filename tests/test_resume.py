@@ -125,10 +125,9 @@ def test_resume_truncates_what_a_killed_run_logged_after_its_checkpoint(write_ma
 def test_learner_checkpoint_restores_weights_optimizer_and_generators(ray_session, write_manifest, tmp_path):
     """Through real DeepSpeed: a sealed checkpoint restores the torch generator state too."""
     from learner.worker import LearnerWorker
-    from opd.weight_sync import free_port
     import torch.distributed as dist
     cfg = load_manifest(write_manifest())
-    worker = LearnerWorker(cfg, 0, 1, "127.0.0.1", free_port(), rows_per_step=8)
+    worker = LearnerWorker(cfg, 0, 1, rows_per_step=8)
     try:
         torch.manual_seed(7)
         state = {"step": 5, "data": {"epoch": 0, "pos": 3}, "weight_version": 5}

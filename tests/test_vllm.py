@@ -15,7 +15,7 @@ from actors.vllm_engine import VLLMEngine
 from opd.contracts import SamplingSpec, ScoreRequest
 from opd.modeling import completion_logits
 from opd.vllm_llm import LLMSpec, engine_env
-from opd.weight_sync import free_port, open_sender
+from opd.weight_sync import open_sender
 from opd.weight_sync.source import ParamStream
 from teachers.hf_teacher import HFTeacher
 from teachers.vllm_teacher import VLLMTeacher
@@ -118,7 +118,7 @@ def test_native_sync_then_greedy_equals_an_engine_loaded_from_the_export(engines
     AutoTokenizer.from_pretrained(assets["student"]).save_pretrained(tmp_path / "export")
 
     sender = open_sender("gloo", ParamStream(learner), [engine], [engine.weight_sync_workers()], rank=0,
-                         address="127.0.0.1", port=free_port())
+                         address="127.0.0.1")
     sender.send(5)
     fresh = VLLMEngine(spec(tmp_path / "export"), SamplingSpec(max_new_tokens=8), engine.pad_id)
     synced_out, fresh_out = engine.generate(PROMPTS, greedy), fresh.generate(PROMPTS, greedy)
@@ -148,7 +148,7 @@ def test_sync_into_a_model_with_tied_embeddings(assets, tmp_path):
     with torch.no_grad():
         for p in model.parameters():
             p.add_(torch.randn_like(p) * 0.5)
-    sender = open_sender("gloo", ParamStream(model), [engine], [1], rank=0, address="127.0.0.1", port=free_port())
+    sender = open_sender("gloo", ParamStream(model), [engine], [1], rank=0, address="127.0.0.1")
     sender.send(1)
     sender.shutdown()
     r = engine.generate(PROMPTS, SamplingSpec(max_new_tokens=6, seed=2))
@@ -189,17 +189,16 @@ def pushing_batch():
                       teacher=TeacherScores(sampled_logprobs=torch.full((8, 4), -0.01)))
 
 
-def test_two_engines_sync_from_two_zero3_ranks_without_deadlock(ray_session, write_manifest, assets):
+def test_two_engines_sync_from_two_zero3_ranks_without_deadlock(ray_session, placed, write_manifest, assets):
     """Ray actors, as the driver places them: two vLLM engines (one group, ranks 1 and 2) receive
     from a two-rank ZeRO-3 learner in one round; both then equal the learner's exported weights."""
     from launch.cluster import LearnerGroup, connect_weight_sync, llm_spec
     from launch.manifest import load_manifest
-    from launch.placement import Placement
     cfg = load_manifest(write_manifest(), [
         f"model.path={assets['student']}", "learner.num_ranks=2", "learner.zero_stage=3", "learner.micro_batch_size=2",
         "learner.optimizer=sgd", "learner.lr=20", "learner.grad_clip=0", "learner.warmup_ratio=0",
         "rollout.engine=vllm", "rollout.num_actors=2", "rollout.vllm.kv_cache_memory_gb=0.0625"])
-    placement = Placement(cfg)
+    placement = placed(cfg)
     learner = LearnerGroup(cfg, rows_per_step=8, placement=placement)
     sampling = SamplingSpec(max_new_tokens=4)
     engines = [ray.remote(VLLMEngine).options(**placement.options(slot)).remote(
@@ -224,11 +223,10 @@ def test_two_engines_sync_from_two_zero3_ranks_without_deadlock(ray_session, wri
         learner.call("close_weight_sync")
         for a in learner.ranks + engines:
             ray.kill(a)
-        placement.remove()
 
 
 def test_tp2_engine_in_a_placement_group_runs_the_multiprocess_executor_and_receives_weights(
-        ray_session, write_manifest, assets, tmp_path):
+        ray_session, placed, write_manifest, assets, tmp_path):
     """Engines built as the driver builds them, inside actors of the run's placement group: the TP-2 engine
     runs vLLM's multiprocess executor (left to itself, vLLM sees the placement group and picks its Ray
     executor, which refuses a bundle of several GPUs), has two receiving workers, and the TP-1 engine after
@@ -237,10 +235,9 @@ def test_tp2_engine_in_a_placement_group_runs_the_multiprocess_executor_and_rece
     from dataclasses import replace
     from launch.cluster import llm_spec
     from launch.manifest import load_manifest
-    from launch.placement import Placement
     cfg = load_manifest(write_manifest(), ["rollout.engine=vllm", "rollout.num_actors=2",
                                            "rollout.vllm.tensor_parallel_size=2", "rollout.vllm.kv_cache_memory_gb=0.0625"])
-    placement = Placement(cfg)
+    placement = placed(cfg)
     tp2 = llm_spec(cfg, "rollout", cfg.model.path, seed=0, sync_backend="gloo")
     engines = [ray.remote(VLLMEngine).options(**placement.options(slot)).remote(s, SamplingSpec(max_new_tokens=4), 0)
                for slot, s in zip(placement.layout.rollout, [tp2, replace(tp2, tensor_parallel_size=1)])]
@@ -261,8 +258,7 @@ def test_tp2_engine_in_a_placement_group_runs_the_multiprocess_executor_and_rece
         learner.save_pretrained(tmp_path / "export")
         AutoTokenizer.from_pretrained(assets["tiny"]).save_pretrained(tmp_path / "export")
         before = ray.get(engines[0].generate.remote(PROMPTS, greedy), timeout=120).completions()
-        sender = open_sender("gloo", ParamStream(learner), engines, workers, rank=0, address="127.0.0.1",
-                             port=free_port())
+        sender = open_sender("gloo", ParamStream(learner), engines, workers, rank=0, address="127.0.0.1")
         sender.send(1)
         want = VLLMEngine(spec(tmp_path / "export"), SamplingSpec(max_new_tokens=8), 0).generate(PROMPTS, greedy)
         assert want.completions() != before
@@ -273,4 +269,3 @@ def test_tp2_engine_in_a_placement_group_runs_the_multiprocess_executor_and_rece
     finally:
         for e in engines:
             ray.kill(e)
-        placement.remove()

@@ -12,7 +12,7 @@ from transformers import AutoModelForCausalLM
 
 from actors.hf_engine import HFEngine
 from opd.contracts import SamplingSpec
-from opd.weight_sync import free_port, open_sender
+from opd.weight_sync import open_sender
 from opd.weight_sync.gloo import GlooInitInfo, GlooSender, UpdateInfo, bucket_plan
 from opd.weight_sync.client import EngineGroupClient
 from opd.weight_sync.source import ParamMeta, ParamStream
@@ -41,8 +41,8 @@ def within(seconds: float, fn, *args):
 def sender_for(model, targets, dtype=None, bucket_bytes=None):
     stream = ParamStream(model, dtype)
     if bucket_bytes is None:
-        return open_sender("gloo", stream, targets, [1] * len(targets), rank=0, address="127.0.0.1", port=free_port())
-    info = GlooInitInfo("127.0.0.1", free_port(), 1 + len(targets), bucket_bytes=bucket_bytes)
+        return open_sender("gloo", stream, targets, [1] * len(targets), rank=0, address="127.0.0.1")
+    info = GlooInitInfo("127.0.0.1", 0, 1 + len(targets), bucket_bytes=bucket_bytes)
     return GlooSender(stream, EngineGroupClient(targets, [1] * len(targets)), rank=0, info=info)
 
 
@@ -109,11 +109,12 @@ def test_a_receiver_with_other_shapes_is_refused(assets):
 
 
 ZERO3_SCRIPT = """
-import os, torch, deepspeed
-os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT="{port}", RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
+import torch, deepspeed
+from learner.worker import join_process_group
+join_process_group(0, 1, "gloo")
 deepspeed.init_distributed(dist_backend="gloo")
 from opd.weight_sync.source import ParamStream
-with deepspeed.zero.Init(config_dict_or_path={{"train_batch_size": 1, "zero_optimization": {{"stage": 3}}}}):
+with deepspeed.zero.Init(config_dict_or_path={"train_batch_size": 1, "zero_optimization": {"stage": 3}}):
     model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.Linear(16, 4))
 named = list(model.named_parameters())
 assert all(p.numel() == 0 for _, p in named), "not partitioned"
@@ -132,7 +133,7 @@ print("ZERO3-OK")
 
 def test_zero3_parameters_are_gathered_per_bucket():
     """Real DeepSpeed ZeRO-3 (CPU, gloo, one rank), in a subprocess so torch.distributed stays clean."""
-    proc = subprocess.run([sys.executable, "-c", ZERO3_SCRIPT.format(port=free_port())], cwd=REPO,
+    proc = subprocess.run([sys.executable, "-c", ZERO3_SCRIPT], cwd=REPO,
                           capture_output=True, text=True, timeout=300)
     assert "ZERO3-OK" in proc.stdout, proc.stderr[-3000:]
 
@@ -158,7 +159,7 @@ def test_closing_is_bounded_and_a_receiver_stuck_in_a_broadcast_is_replaced(ray_
     model = AutoModelForCausalLM.from_pretrained(assets["tiny"])
 
     def connect(stream):
-        info = GlooInitInfo("127.0.0.1", free_port(), 3, bucket_bytes=1024)
+        info = GlooInitInfo("127.0.0.1", 0, 3, bucket_bytes=1024)
         return GlooSender(stream, EngineGroupClient(pool.actors, [1, 1], close_timeout_s=3.0), rank=0, info=info)
 
     sender = within(120, connect, ParamStream(model))

@@ -15,28 +15,19 @@ HF models, LLMWeightReceiver (opd/vllm_llm.py) for vLLM.
 """
 from __future__ import annotations
 
-import socket
 from typing import Any, Optional, Sequence
 
 from opd.weight_sync.client import CLOSE_TIMEOUT_S, EngineGroupClient
 from opd.weight_sync.source import ParamStream
-from opd.weight_sync.transports import transport
-
-
-def free_port() -> int:
-    """A port nobody listens on yet, on this node (for a rendezvous this process will host)."""
-    with socket.socket() as s:
-        s.bind(("", 0))
-        return s.getsockname()[1]
+from opd.weight_sync.transports import free_port, transport  # noqa: F401 - free_port re-exported
 
 
 def open_sender(backend: str, stream: ParamStream, targets: Sequence[Any], workers: Sequence[int], *,
                 rank: int, address: str, port: Optional[int] = None, close_timeout_s: float = CLOSE_TIMEOUT_S):
     """A sender for `targets` over `backend`, built on every learner rank (rank 0 drives the
     receivers; the others join the ZeRO-3 gathers). Rank 0 hosts the group at `address`, on `port`
-    or a free one of its own. Has send(version) and shutdown(), which waits at most close_timeout_s
+    or one of its own (0). Has send(version) and shutdown(), which waits at most close_timeout_s
     for the receivers and returns those that did not close."""
     opener = transport(backend).open  # an unknown backend is refused before any group opens
     client = EngineGroupClient(targets, workers, close_timeout_s)
-    port = port or (free_port() if rank == 0 else 0)
-    return opener(stream, client, rank=rank, address=address, port=port)
+    return opener(stream, client, rank=rank, address=address, port=port or 0)

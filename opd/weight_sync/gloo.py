@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import datetime
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import Callable, Iterator, Optional
 
 import torch
@@ -62,15 +62,22 @@ def bucket_plan(meta: list[ParamMeta], bucket_bytes: int) -> list[list[int]]:
     return [b for b in plan if b]
 
 
-def open_group(info: GlooInitInfo, rank: int):
+def open_store(info: GlooInitInfo, rank: int):
+    """The group's store: rank 0 hosts it, on info.master_port, or with 0 on a port the OS picks as it binds
+    (store.port; held from the moment it is known, so nothing else can take it before the receivers join)."""
+    from torch.distributed import TCPStore
+    return TCPStore(info.master_address, info.master_port, info.world_size, is_master=rank == 0,
+                    timeout=datetime.timedelta(seconds=info.timeout_s), wait_for_workers=False)
+
+
+def open_group(info: GlooInitInfo, rank: int, store=None):
     """A gloo process group of its own (no global torch.distributed state, so it lives beside
-    DeepSpeed's group in the learner and vLLM's in its workers). Rank 0 hosts the store."""
+    DeepSpeed's group in the learner and vLLM's in its workers), over `store` or one open_store opens."""
     from torch._C._distributed_c10d import ProcessGroupGloo
-    from torch.distributed import PrefixStore, TCPStore
-    timeout = datetime.timedelta(seconds=info.timeout_s)
-    store = TCPStore(info.master_address, info.master_port, info.world_size, is_master=rank == 0,
-                     timeout=timeout, wait_for_workers=False)
-    return ProcessGroupGloo(PrefixStore("opd-weight-sync", store), rank, info.world_size, timeout)
+    from torch.distributed import PrefixStore
+    store = store or open_store(info, rank)
+    return ProcessGroupGloo(PrefixStore("opd-weight-sync", store), rank, info.world_size,
+                            datetime.timedelta(seconds=info.timeout_s))
 
 
 def _broadcast(group, buffer: torch.Tensor) -> None:
@@ -89,9 +96,11 @@ class GlooSender:
         self.group = None
         if rank != 0:
             return
+        store = open_store(info, 0)  # bound first: the receivers are told the port it holds
+        self.info = info = replace(info, master_port=store.port)
         with ThreadPoolExecutor(1) as pool:  # receivers block in the rendezvous until rank 0 joins
             joined = pool.submit(client.init_weight_transfer_engine, asdict(info))
-            self.group = open_group(info, 0)
+            self.group = open_group(info, 0, store)
             joined.result()
 
     def send(self, version: int) -> None:

@@ -10,6 +10,7 @@ HF receivers always take gloo (opd/weight_sync/gloo.py: HFModelReceiver).
 """
 from __future__ import annotations
 
+import socket
 from dataclasses import dataclass, field
 from typing import Any, Callable, Optional
 
@@ -42,6 +43,14 @@ def default_transport(on_gpu: bool, colocate: bool) -> Transport:
                 if t.gpus == on_gpu and (t.colocated is None or t.colocated == colocate))
 
 
+def free_port() -> int:
+    """A port nobody listens on yet, on this node, for a rendezvous whose host binds it later (vLLM's NCCL
+    group). Another process can take it in between: where the host can bind port 0 itself, it does."""
+    with socket.socket() as s:
+        s.bind(("", 0))
+        return s.getsockname()[1]
+
+
 def _open_gloo(stream, client, *, rank: int, address: str, port: int):
     from opd.weight_sync.gloo import GlooInitInfo, GlooSender
     info = GlooInitInfo(master_address=address, master_port=port, world_size=1 + client.num_workers)
@@ -51,6 +60,7 @@ def _open_gloo(stream, client, *, rank: int, address: str, port: int):
 def _open_vllm_native(backend: str) -> Opener:
     def open_sender(stream, client, *, rank: int, address: str, port: int):
         from opd.weight_sync.vllm_native import VLLMNativeSender  # imports vLLM: only runs that use it
+        port = port or (free_port() if rank == 0 and backend == "nccl" else 0)  # vLLM's group binds it later
         return VLLMNativeSender(stream, client, backend=backend, rank=rank, master_address=address, master_port=port)
     return open_sender
 
