@@ -6,10 +6,10 @@ STAMP := $(VENV)/.installed
 
 .PHONY: install demo demo-vllm check test bench clean
 
-# make check and make test run the tests in one process by default. TEST_WORKERS=2 runs them in two pytest-xdist
-# workers, each test whole in one worker and each worker with its own Ray session: on this 2-core machine
-# 937 s against 995 s in one process, but the two workers' runs can race for a port (docs/benchmarks.md).
-TEST_WORKERS ?= 0
+# make check and make test run the tests in two pytest-xdist workers, each test whole in one worker and each
+# worker with its own Ray session; TEST_WORKERS=0 runs them in this one process (docs/benchmarks.md, "The
+# suite in two workers").
+TEST_WORKERS ?= 2
 PYTEST := $(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist worksteal
 
 $(STAMP): pyproject.toml
