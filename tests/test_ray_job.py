@@ -58,40 +58,48 @@ def head(tmp_path_factory):
     token_file = tmp / "home" / ".ray" / "auth_token"
     assert gen.returncode == 0 and token_file.read_text() == gen.stdout, gen.stderr
     auth = _clean_env(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN_PATH=str(token_file))
-    port, dash = free_port(), free_port()
     # Ray's session sockets live under --temp-dir, and an AF_UNIX path may not exceed 107 bytes: pytest's
     # tmp path grows with its run counter (pytest-of-root/pytest-122/...) and once pushed the dashboard's
     # socket path past that, so Ray gets a short directory of its own.
     ray_tmp = tempfile.mkdtemp(prefix="opd-ray-", dir="/tmp")
-    cmd = [RAY, "start", "--head", "--node-ip-address=127.0.0.1", f"--port={port}", "--dashboard-host=127.0.0.1",
-           f"--dashboard-port={dash}", "--include-dashboard=true", f"--ray-client-server-port={free_port()}",
-           f"--dashboard-agent-listen-port={free_port()}", "--num-cpus=4", "--num-gpus=0",
-           f"--temp-dir={ray_tmp}", "--disable-usage-stats", "--block"]
-    log = open(tmp / "head.log", "w")
-    proc = subprocess.Popen(cmd, env=auth, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    url = f"http://127.0.0.1:{dash}"
+    log, proc = open(tmp / "head.log", "w"), None
     try:
-        deadline = time.time() + 180
-        while True:                        # up once the job server answers at all (401 without a token)
-            assert proc.poll() is None, (tmp / "head.log").read_text()
-            try:
-                urllib.request.urlopen(f"{url}/api/version", timeout=5)
+        for _ in range(3):  # `ray start` takes the ports it is given: one taken since free_port() chose it (by
+            port, dash = free_port(), free_port()  # another test worker's processes) ends the head: start again
+            cmd = [RAY, "start", "--head", "--node-ip-address=127.0.0.1", f"--port={port}", "--dashboard-host=127.0.0.1",
+                   f"--dashboard-port={dash}", "--include-dashboard=true", f"--ray-client-server-port={free_port()}",
+                   f"--dashboard-agent-listen-port={free_port()}", "--num-cpus=4", "--num-gpus=0",
+                   f"--temp-dir={ray_tmp}", "--disable-usage-stats", "--block"]
+            proc = subprocess.Popen(cmd, env=auth, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+            url = f"http://127.0.0.1:{dash}"
+            if _answers(url, proc, deadline=time.time() + 180):
                 break
-            except urllib.error.HTTPError:
-                break
-            except OSError:
-                assert time.time() < deadline, (tmp / "head.log").read_text()
-                time.sleep(1)
+        assert proc.poll() is None, (tmp / "head.log").read_text()
         yield url, auth
     finally:
-        proc.send_signal(signal.SIGTERM)   # `ray start --block` drains the node and stops what it started
-        try:
-            proc.wait(timeout=90)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
+        if proc is not None and proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)   # `ray start --block` drains the node and stops what it started
+            try:
+                proc.wait(timeout=90)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
         log.close()
         shutil.rmtree(ray_tmp, ignore_errors=True)
+
+
+def _answers(url: str, proc, deadline: float) -> bool:
+    """True once the job server answers at all (401 without a token); False if the head exits first."""
+    while proc.poll() is None:
+        try:
+            urllib.request.urlopen(f"{url}/api/version", timeout=5)
+            return True
+        except urllib.error.HTTPError:
+            return True
+        except OSError:
+            assert time.time() < deadline, "the Ray head did not answer within 180 s"
+            time.sleep(1)
+    return False
 
 
 def _submit(url: str, env: dict, *entrypoint: str, working_dir: bool = False, timeout: int = 60):
