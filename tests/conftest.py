@@ -90,7 +90,7 @@ def reference_run(ray_session, assets, tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def ray_session():
-    """One Ray session per test process: under pytest-xdist (TEST_WORKERS=2 make test) each worker starts its
+    """One Ray session per test process: under pytest-xdist (make test's default) each worker starts its
     own local cluster on its own ports."""
     import ray
     # the workers inherit QUIET_ENV, DS_ACCELERATOR and GOMP_SPINCOUNT (set above) from this process, as a
