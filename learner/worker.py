@@ -137,6 +137,8 @@ def join_process_group(rank: int, world_size: int, backend: str, meeting: Option
     import torch.distributed as dist
     if dist.is_initialized():  # a process that hosted a learner before (in-process tests) keeps its group
         return
+    if world_size > 1 and meeting is None:
+        raise ValueError(f"join_process_group: world_size {world_size} needs a meeting for the ranks' rendezvous")
     timeout = datetime.timedelta(minutes=30)  # DeepSpeed's own default for its init
     if rank == 0:
         host = _node_address() if world_size > 1 else "127.0.0.1"
@@ -158,8 +160,6 @@ class LearnerWorker:
         """teacher_head: the folder of the frozen teacher whose output layer turns the hidden states it sends
         into logits (teacher.full_vocab_transport: hidden_states); the launcher resolves it from the teacher's
         kind (launch/capabilities.py: teacher_head_path). meeting: where the ranks meet (world_size > 1)."""
-        if world_size > 1 and meeting is None:
-            raise ValueError(f"LearnerWorker: world_size {world_size} needs a meeting for the ranks' rendezvous")
         if isinstance(cfg.cluster.threads_per_actor, int):  # auto: the launcher resolves it before any actor starts
             torch.set_num_threads(cfg.cluster.threads_per_actor)
         torch.manual_seed(cfg.run.seed)

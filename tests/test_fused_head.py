@@ -207,8 +207,7 @@ def test_learner_steps_agree_across_head_paths_and_teacher_transports(write_mani
             request = ScoreRequest(full_vocab=transport == "logprobs", hidden_states=transport == "hidden_states")
             scores = teacher.score(prompts, ids, mask, request)
             batch = TrainBatch(prompt_ids=prompts, completion_ids=ids, completion_mask=mask, teacher=scores)
-            worker = LearnerWorker(cfg, 0, 1, rows_per_step=8,
-                                   teacher_head=teacher_head_path(cfg))
+            worker = LearnerWorker(cfg, 0, 1, rows_per_step=8, teacher_head=teacher_head_path(cfg))
             assert worker.fused_head == (fused == "true")
             metrics = worker.train_step(batch, batch.token_counts)
             weights = {k: v.clone() for k, v in worker.engine.module.state_dict().items()}
