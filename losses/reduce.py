@@ -7,7 +7,9 @@ Two entry points share one chunk loop:
   and its output head, so the [M, V] logits never exist. Each chunk's logits are made, the loss and its
   gradient taken, and d/dhidden, d/dhead accumulated in ONE pass (the gradient is stored for backward,
   which only scales it): the loss runs once per chunk instead of twice, and peak extra memory is one
-  chunk's working set plus d/dhead. The learner's default (learner.fused_head).
+  chunk's working set plus d/dhead. The learner's default (learner.fused_head). Its chunks are twice the
+  logits path's (FUSED_CHUNK_BYTES): it holds two or three [chunk, V] tensors where autograd's backward
+  holds 10-16, and the head's matmuls run faster at more rows (docs/benchmarks.md).
 
 Either path also takes the teacher as final hidden states (LossBatch.teacher_hidden [M, Ht]) plus the
 teacher's head, and makes each chunk's full teacher log-probs on the spot: exact full-vocabulary losses
@@ -34,11 +36,12 @@ import torch.nn.functional as F
 from losses.base import LossBatch, LossFn, diagnostics_off
 
 CHUNK_BYTES = 16 * 2**20  # one [chunk, V] float32 tensor; a chunk's working set is ~10-16 of these
+FUSED_CHUNK_BYTES = 32 * 2**20  # the same for compute_loss_from_hidden: 262 rows at V = 32,000
 TILE_BYTES = 2**18  # per thread, one row tile of a chunk's elementwise work on a CPU (row_tiles)
 
 
-def auto_chunk_rows(vocab: int) -> int:
-    return max(1, CHUNK_BYTES // (4 * max(vocab, 1)))
+def auto_chunk_rows(vocab: int, budget: int = CHUNK_BYTES) -> int:
+    return max(1, budget // (4 * max(vocab, 1)))
 
 
 def _upcast(logits_chunk: torch.Tensor, temperature: float, own: bool = False) -> torch.Tensor:
@@ -232,7 +235,7 @@ def compute_loss_from_hidden(fn: LossFn, hidden: torch.Tensor, head: Head, batch
     the student's output layer (its weight may be tied to the embeddings: the gradient flows to it).
     Same value, gradient and diagnostics as compute_loss(fn, head(hidden), ...) up to float rounding."""
     batch = _checked_and_prepared(fn, batch, hidden, "compute_loss_from_hidden: hidden", "[M, H]")
-    chunk = chunk_size or auto_chunk_rows(head.weight.shape[0])
+    chunk = chunk_size or auto_chunk_rows(head.weight.shape[0], FUSED_CHUNK_BYTES)
     diags: dict[str, torch.Tensor] = {}
     total = _FusedHeadLoss.apply(hidden, head.weight, head.bias, fn, batch, float(temperature), int(chunk), diags,
                                  teacher_head)
