@@ -16,8 +16,10 @@ What is measured, per variant, each in a fresh subprocess (so no allocation of o
   peak MB     the resident-set high-water mark of that work above the state before it: the student's
               hidden states and weights and the teacher's head (a hidden-state run loads it once, like the
               model, and holds it; reported in its own column), measured as bench_losses.py does
-              (/proc/self/clear_refs, then VmHWM). It includes the received payload, the logits or the
-              chunk working set, and every gradient the loss produces (d/dhidden, d/dhead).
+              (/proc/self/clear_refs, then VmHWM), after a warm-up run whose freed memory is handed back to
+              the system first (malloc_trim), so the measured run cannot hide in it. It includes the received
+              payload, the logits or the chunk working set, and every gradient the loss produces (d/dhidden,
+              d/dhead).
   x logits    peak MB / the student's [M, V] float32 logits (the yardstick; the target is <= 1.5).
   agreement   the loss and the gradients at the student's hidden states and head against the variant
               logits + log-probs (today's default before this change), max absolute difference.
@@ -80,6 +82,7 @@ def child(a) -> dict:
         return float(value), h.grad, head_w.grad
 
     work()  # warm-up: code pages, thread pools
+    _trim()  # what the warm-up freed goes back to the system, so that the run below cannot reuse it unseen
     method = "VmHWM"
     try:
         with open("/proc/self/clear_refs", "w") as f:
@@ -96,6 +99,15 @@ def child(a) -> dict:
     head_mb = 0.0 if teacher_head is None else teacher_head.weight.nbytes / 2**20
     return {"variant": a.variant, "peak_mb": (peak_kb - base_kb) / 1024, "method": method,
             "loss_s": sorted(times)[1], "teacher_head_mb": head_mb}
+
+
+def _trim() -> None:
+    """glibc's malloc_trim(0): return freed heap pages to the system (elsewhere nothing)."""
+    try:
+        import ctypes
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
 
 
 def _timed(f) -> float:
