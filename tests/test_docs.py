@@ -202,8 +202,13 @@ def test_nothing_points_at_design_notes_outside_the_repository():
     assert hits == []
 
 
+# A section named by its title after its doc: docs/x.md, "Title" / (x.md, "Title") / docs/x.md ("Title")
+NAMED_SECTION = re.compile(r"\b((?:docs/)?[\w-]+\.md),? \(?\"([^\"]+)\"")
+
+
 def section_problems(files: list[str], root: Path = ROOT) -> list[str]:
-    """`docs/x.md §N` in any of `files` (repository-relative) where docs/x.md has no heading numbered N."""
+    """In any of `files` (repository-relative): `docs/x.md §N` where docs/x.md has no heading numbered N, and
+    `docs/x.md, "Title"` (a bare x.md is looked for in docs/) where no heading of x.md begins with Title."""
     ref = re.compile(r"\b(docs/[\w-]+\.md) §(\d+)")
     problems = []
     for f in files:
@@ -213,11 +218,18 @@ def section_problems(files: list[str], root: Path = ROOT) -> list[str]:
                 numbered = doc.is_file() and re.search(rf"^#+\s+{m.group(2)}\.\s", doc.read_text(encoding="utf-8"), re.M)
                 if not numbered:
                     problems.append(f"{f}:{n}: {m.group(0)} names no such section")
+            for m in NAMED_SECTION.finditer(line):
+                doc = root / m.group(1) if m.group(1).startswith("docs/") else root / "docs" / m.group(1)
+                titles = [] if not doc.is_file() else [
+                    h.group(2).replace("`", "") for h in map(HEADING.match, doc.read_text(encoding="utf-8").splitlines()) if h]
+                if not any(t.startswith(m.group(2).replace("`", "")) for t in titles):
+                    problems.append(f"{f}:{n}: {m.group(1)} has no section \"{m.group(2)}\"")
     return problems
 
 
-def test_every_numbered_section_reference_exists():
-    """Code and docs name design sections by number (`docs/design.md §4`); each number is a heading there."""
+def test_every_section_reference_exists():
+    """Code and docs name sections by number (`docs/design.md §4`) or by title (`docs/benchmarks.md, "A run's
+    start-up"`); each is a heading there."""
     tracked = subprocess.run(["git", "ls-files"], cwd=ROOT, capture_output=True, text=True).stdout.split()
     if not tracked:
         pytest.skip("not a git checkout")
@@ -313,3 +325,11 @@ def test_checker_fails_on_a_section_that_does_not_exist(repo):
     (repo / "launch" / "notes.py").write_text('"""See docs/design.md §4 and docs/design.md §9."""\n')
     problems = section_problems(["launch/notes.py"], repo)
     assert problems == ["launch/notes.py:1: docs/design.md §9 names no such section"]
+
+
+def test_checker_fails_on_a_section_title_that_does_not_exist(repo):
+    (repo / "docs" / "bench.md").write_text("# Bench\n\n## A run's start-up\n\n## Threads: `auto`\n")
+    (repo / "launch" / "notes.py").write_text('"""docs/bench.md, "A run\'s start-up"; (bench.md, "Threads: auto");\n'
+                                              'docs/bench.md ("The decode loop")."""\n')
+    problems = section_problems(["launch/notes.py"], repo)
+    assert problems == ['launch/notes.py:2: docs/bench.md has no section "The decode loop"']
