@@ -221,6 +221,7 @@ def run_ours(a, paths, work: Path, logs: Path, rep: int) -> dict:
     return {
         "system": "ours", "repeat": rep, "threads_resolved": manifest["cluster"]["threads_per_actor"],
         "transport": manifest["teacher"]["full_vocab_transport"],
+        "teacher_head_thread": str(manifest["learner"].get("teacher_head_thread")) == "true",
         "learner_compute_s": [r.get("time/learner_compute_s", float("nan")) for r in kept], "wall_s": wall, "peak_rss_mb": peak / 2**20,
         "step_s": [r["perf/step_s"] for r in kept],
         # perf/tokens_per_s = batch.loss_tokens / step time, so the product is the step's loss tokens
@@ -527,6 +528,10 @@ def _bench_shape(a, shape: str, threads: list[int], ours_threads: list, variants
         lines.append(f"{shape}: learner step ({v}, {t} thread(s)): {gflop:.1f} GFLOP in {compute:.3f} s = "
                      f"{gflop / compute:.1f} GFLOP/s; this machine's fp32 matmul at {t} thread(s): {peak:.1f} GFLOP/s "
                      f"({100 * gflop / compute / peak:.0f}%; issue 21's target >= 50%)")
+        if rs[0].get("teacher_head_thread") and rs[0]["transport"] == "hidden_states":  # its second thread
+            both = matmul.get(2 * t) or matmul.get(str(2 * t)) or float("nan")
+            lines.append(f"{shape}:   ({v} also ran the teacher's head on a second thread, learner.teacher_head_thread: "
+                         f"against the matmul at {2 * t} thread(s), {both:.1f} GFLOP/s: {100 * gflop / compute / both:.0f}%)")
     print("\n".join(lines), flush=True)
     return {"args": {k: v for k, v in vars(base).items() if not k.startswith("child")}, "vocab": len(tok),
             "models": sizes, "params": params, "prompt_tokens": prompt_len, "summary": s, "best": best,

@@ -185,6 +185,10 @@ class LearnerConfig:
     # by chunk (no [M, V] logits or their gradient held; the loss runs once per chunk, not twice) where
     # the model's head is a plain Linear and zero_stage < 3; else from logits. true: that path or an error.
     fused_head: str = "auto"      # auto | true | false
+    # A hidden-state teacher's log-probs made on a second CPU thread of the learner, up to two chunks ahead
+    # of the student's loss (the fused path; the same results). auto: where the learner computes on a CPU
+    # and its ranks' threads leave as many cores again (one step off or pipelined, at auto's threads).
+    teacher_head_thread: str = "auto"  # auto | true | false
     # Optimizer updates per step: the step's rows split, in order, into this many equal mini-batches, each
     # reduced over its own global counts and stepped on (slime: rollout rows / --global-batch-size). The
     # behaviour log-probs stay the rollout's, so later updates are off-policy by the earlier ones (an

@@ -17,11 +17,14 @@ def resolve(cfg: ExperimentConfig) -> None:
     it stays auto while the teacher's folder does not exist yet, and the run resolves it when it starts).
     Call it after launch/validation.py:validate, which accepts only values this can resolve."""
     cfg.learner.fused_head = str(cfg.learner.fused_head).lower()
+    cfg.learner.teacher_head_thread = str(cfg.learner.teacher_head_thread).lower()
     if isinstance(cfg.run.resume, str):
         value = cfg.run.resume.lower()
         cfg.run.resume = {"true": True, "false": False}.get(value, value)
     if cfg.cluster.threads_per_actor == "auto" and cfg.cluster.mode == "local":  # ray mode: Setup, from the nodes
         cfg.cluster.threads_per_actor = threads_per_actor(cfg)
+    if cfg.cluster.mode == "local":
+        resolve_teacher_head_thread(cfg, local_cores(cfg))
     needs = build_configured_loss(cfg).needs
     for spec in teacher_specs(cfg):
         if spec.config.full_vocab_transport == "auto":
@@ -84,6 +87,18 @@ def auto_threads(cores: int, busy: int) -> int:
     """cluster.threads_per_actor: auto: the cores shared by the actors working at once, at least one each
     (more threads than cores only oversubscribe: docs/benchmarks.md)."""
     return max(1, cores // max(1, busy))
+
+
+def resolve_teacher_head_thread(cfg: ExperimentConfig, cores: int) -> None:
+    """learner.teacher_head_thread: auto becomes "true" where the learner computes on a CPU and its ranks'
+    threads (cluster.threads_per_actor, a number by now) fill at most half of `cores`: one step off or
+    pipelined on 2 cores at auto's 1 thread an actor, where the second thread takes the teacher's output
+    layer while the student's loss runs (docs/benchmarks.md, "The teacher's head on a second thread").
+    On-policy at auto's 2 threads on 2 cores it would only oversubscribe them: "false"."""
+    if cfg.learner.teacher_head_thread != "auto":
+        return
+    threads = cfg.cluster.threads_per_actor * cfg.learner.num_ranks
+    cfg.learner.teacher_head_thread = "true" if cfg.cluster.num_gpus == 0 and 2 * threads <= cores else "false"
 
 
 def local_cores(cfg: ExperimentConfig) -> int:

@@ -16,7 +16,8 @@ from launch.batches import score_request, sft_batch
 from launch.capabilities import build_configured_loss, check_built_teacher, check_loss
 from launch.cluster import LearnerGroup, RolloutGroup, connect_weight_sync, derived_seed, start_ray
 from launch.config import ExperimentConfig
-from launch.derived import reference_rows, resolve, rows_per_step, sampling_spec, threads_per_actor
+from launch.derived import (reference_rows, resolve, resolve_teacher_head_thread, rows_per_step, sampling_spec,
+                            threads_per_actor)
 from launch.evaluation import Evaluator
 from launch.inputs import Inputs
 from launch.placement import Placement
@@ -40,9 +41,12 @@ class Setup:
         self.skipped_rows = inputs.skipped_rows
         self.train = PromptStream(self.train_data.rows, cfg.run.seed)
         start_ray(cfg)
-        if cfg.cluster.threads_per_actor == "auto":  # ray mode (local mode resolved it with the manifest)
+        if cfg.cluster.mode == "ray":  # the autos from the nodes (local mode resolved them with the manifest)
             cpus = [n["Resources"].get("CPU", 0) for n in ray.nodes() if n.get("Alive")]
-            cfg.cluster.threads_per_actor = threads_per_actor(cfg, int(min(cpus)) if cpus else 1)
+            cores = int(min(cpus)) if cpus else 1
+            if cfg.cluster.threads_per_actor == "auto":
+                cfg.cluster.threads_per_actor = threads_per_actor(cfg, cores)
+            resolve_teacher_head_thread(cfg, cores)
         self.verifier = get_verifier(cfg.eval.verifier, cfg.eval.verify_timeout_s)  # GRPO's rewards
         self.evaluator = Evaluator(inputs.eval_sets, cfg.run.seed, cfg.eval.verify_timeout_s,
                                    named=bool(cfg.eval.sets), stop_ids=inputs.special.stop)

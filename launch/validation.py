@@ -47,6 +47,7 @@ def validate(cfg: ExperimentConfig) -> None:
     if fused_head == "true" and cfg.learner.zero_stage == 3:
         raise ManifestError("learner.fused_head: true needs the whole output layer on every rank; ZeRO stage 3 "
                             "partitions it (use auto or false with learner.zero_stage: 3)")
+    _choice("learner.teacher_head_thread", str(cfg.learner.teacher_head_thread).lower(), ("auto", "true", "false"))
     if cfg.learner.max_tokens_per_micro_batch is not None:
         _positive("learner.max_tokens_per_micro_batch", cfg.learner.max_tokens_per_micro_batch)
     _choice("learner.schedule", cfg.learner.schedule, ("cosine", "linear", "constant"))
@@ -84,6 +85,7 @@ def validate(cfg: ExperimentConfig) -> None:
                             f"mini-batches; use a divisor of {rows}")
     rows //= updates  # the rows of one optimizer update
     per_pass = cfg.learner.micro_batch_size * cfg.learner.num_ranks
+    _choice("learner.teacher_head_thread", str(cfg.learner.teacher_head_thread).lower(), ("auto", "true", "false"))
     if cfg.learner.max_tokens_per_micro_batch is not None:
         if rows < cfg.learner.num_ranks:
             raise ManifestError(f"learner.num_ranks: {cfg.learner.num_ranks} ranks but {rows} rows per update; "

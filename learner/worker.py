@@ -207,6 +207,8 @@ class LearnerWorker:
         self.reference = _frozen_reference(cfg, self.device) if self.loss.needs.frozen_reference_logprobs else None
         self.pad_id = model.config.pad_token_id or 0
         self.fused_head = _use_fused_head(lc.fused_head, lc.zero_stage, model)
+        # resolved by the launcher (launch/derived.py: resolve_teacher_head_thread); a CPU's cores only
+        self.teacher_thread = str(lc.teacher_head_thread).lower() == "true" and self.device.type == "cpu"
         self.frozen_teacher_head = (None if teacher_head is None
                                     else load_output_head(teacher_head, cfg.model.dtype).to(self.device))
         first = cfg.teachers[0] if cfg.teachers else cfg.teacher  # hidden states come from one teacher (launch/routing.py)
@@ -230,7 +232,8 @@ class LearnerWorker:
             hidden = completion_hidden(self.engine, micro.prompt_ids, micro.completion_ids, micro.completion_mask,
                                        self.pad_id)
             head = output_head(self.engine.module)
-            return self.loss.from_hidden(hidden.reshape(-1, hidden.shape[-1]), head, batch, teacher_head)
+            return self.loss.from_hidden(hidden.reshape(-1, hidden.shape[-1]), head, batch, teacher_head,
+                                         self.teacher_thread)
         logits = self.student_logits(micro)
         return self.loss(logits.reshape(-1, logits.shape[-1]), batch, teacher_head)
 

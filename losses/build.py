@@ -26,9 +26,12 @@ class Loss:
         teacher_head: the teacher's output layer, when the batch carries teacher_hidden."""
         return compute_loss(self.fn, logits, batch, self.temperature, self.chunk_size, teacher_head)
 
-    def from_hidden(self, hidden: torch.Tensor, head: Head, batch: LossBatch, teacher_head: Optional[Head] = None):
-        """The same from the student's final hidden states [M, H] and output layer: no [M, V] logits held."""
-        return compute_loss_from_hidden(self.fn, hidden, head, batch, self.temperature, self.chunk_size, teacher_head)
+    def from_hidden(self, hidden: torch.Tensor, head: Head, batch: LossBatch, teacher_head: Optional[Head] = None,
+                    teacher_thread: bool = False):
+        """The same from the student's final hidden states [M, H] and output layer: no [M, V] logits held.
+        teacher_thread: make a hidden-state teacher's log-probs on a second thread (same results)."""
+        return compute_loss_from_hidden(self.fn, hidden, head, batch, self.temperature, self.chunk_size, teacher_head,
+                                        teacher_thread)
 
 
 def build_loss(name: str, params: dict[str, Any] | None = None, temperature: float = 1.0,

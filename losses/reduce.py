@@ -27,8 +27,11 @@ CHUNK_BYTES per [chunk, V] float32 tensor. The price is running the loss twice p
 """
 from __future__ import annotations
 
+import os
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
-from typing import Optional
+from typing import Callable, Iterator, Optional, TypeVar
 
 import torch
 import torch.nn.functional as F
@@ -38,6 +41,7 @@ from losses.base import LossBatch, LossFn, diagnostics_off
 CHUNK_BYTES = 16 * 2**20  # one [chunk, V] float32 tensor; a chunk's working set is ~10-16 of these
 FUSED_CHUNK_BYTES = 32 * 2**20  # the same for compute_loss_from_hidden: 262 rows at V = 32,000
 TILE_BYTES = 2**18  # per thread, one row tile of a chunk's elementwise work on a CPU (row_tiles)
+TEACHER_AHEAD = 2  # chunks whose teacher log-probs the teacher-head thread may have made before they are used
 
 
 def auto_chunk_rows(vocab: int, budget: int = CHUNK_BYTES) -> int:
@@ -97,14 +101,15 @@ def _teacher_token_stats(logq: torch.Tensor, tokens: torch.Tensor) -> dict[str, 
 
 
 def _chunk_rows(batch: LossBatch, sl: slice, teacher_head: Optional[Head], temperature: float,
-                diags_out: Optional[dict] = None) -> LossBatch:
+                stats: bool = False) -> tuple[LossBatch, Optional[dict[str, torch.Tensor]]]:
     """The chunk's rows; a hidden-state teacher becomes full log-probs here, one chunk at a time
-    (log softmax(teacher_head(h) / temperature), as the teacher itself computes them). With diags_out,
-    the teacher's token statistics over on-policy rows are added to it (teacher/*: what the driver
-    reports from a teacher that sends log-probs)."""
+    (log softmax(teacher_head(h) / temperature), as the teacher itself computes them). With `stats`, also
+    the teacher's token statistics at the chunk's rows (teacher/*: what the driver reports from a teacher
+    that sends log-probs; None without a hidden-state teacher), for the caller to add to its diagnostics.
+    Reads nothing but its arguments, so it may run on another thread (_made_ahead)."""
     sub = batch.rows(sl)
     if sub.teacher_hidden is None:
-        return sub
+        return sub, None
     if teacher_head is None:
         raise ValueError("LossBatch.teacher_hidden is set but no teacher head was given: the learner loads the "
                          "teacher's output layer when teacher.full_vocab_transport is hidden_states")
@@ -113,16 +118,48 @@ def _chunk_rows(batch: LossBatch, sl: slice, teacher_head: Optional[Head], tempe
         parts: list[dict[str, torch.Tensor]] = []
         for t in row_tiles(logq):  # in place, tile by tile: the logits become log-probs
             logq[t] = torch.log_softmax(logq[t], -1)
-            if diags_out is not None:
+            if stats:
                 parts.append(_teacher_token_stats(logq[t], sub.tokens[t]))
         at = logq.gather(-1, sub.tokens[:, None]).squeeze(-1)
-        if diags_out is not None and parts:
-            stats = {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
-            on_policy = sub.weights if sub.is_reference is None else sub.weights * ~sub.is_reference
-            _add_diagnostics(diags_out, stats, on_policy, torch.promote_types(logq.dtype, torch.float32))
     # log q(y_t) as a log-prob teacher sends it, so the diagnostics (sampled_log_ratio) are the same
     sampled = at if sub.teacher_sampled_logprobs is None else sub.teacher_sampled_logprobs
-    return replace(sub, teacher_full_logprobs=logq, teacher_hidden=None, teacher_sampled_logprobs=sampled)
+    sub = replace(sub, teacher_full_logprobs=logq, teacher_hidden=None, teacher_sampled_logprobs=sampled)
+    return sub, ({k: torch.cat([p[k] for p in parts]) for k in parts[0]} if parts else None)
+
+
+def _add_teacher_stats(acc: dict, sub: LossBatch, teacher_stats: Optional[dict[str, torch.Tensor]]) -> None:
+    """_chunk_rows' teacher statistics, weighted over the chunk's on-policy rows, into the diagnostics."""
+    if teacher_stats is None:
+        return
+    on_policy = sub.weights if sub.is_reference is None else sub.weights * ~sub.is_reference
+    dtype = torch.promote_types(sub.teacher_full_logprobs.dtype, torch.float32)
+    _add_diagnostics(acc, teacher_stats, on_policy, dtype)
+
+
+_T = TypeVar("_T")
+_THREAD: tuple[int, Optional[ThreadPoolExecutor]] = (0, None)  # (pid, the teacher-head thread), started on first use
+
+
+def _made_ahead(make: Callable[[slice], _T], spans: list[slice], ahead: int) -> Iterator[_T]:
+    """make(span) for each span, in order; with ahead > 0, made on the teacher-head thread, at most `ahead`
+    spans before the caller takes them (each is a [chunk, V] tensor held meanwhile). The same calls in the
+    same order with the same torch threads: the results do not depend on `ahead`. A failure in `make`
+    is raised where its result is taken."""
+    global _THREAD
+    if ahead <= 0 or len(spans) == 0:
+        return (make(sl) for sl in spans)
+    pid, thread = _THREAD
+    if thread is None or pid != os.getpid():  # first use, or a forked child, which has no copy of the thread
+        thread = ThreadPoolExecutor(1, thread_name_prefix="opd-teacher-head")
+        _THREAD = (os.getpid(), thread)
+    pending = deque(thread.submit(make, sl) for sl in spans[:ahead])  # started now, before the caller's next step
+
+    def results() -> Iterator[_T]:
+        for i in range(len(spans)):
+            if i + ahead < len(spans):
+                pending.append(thread.submit(make, spans[i + ahead]))
+            yield pending.popleft().result()
+    return results()
 
 
 class _ChunkedLoss(torch.autograd.Function):
@@ -130,7 +167,8 @@ class _ChunkedLoss(torch.autograd.Function):
     def forward(ctx, logits, fn, batch, temperature, chunk, diags_out, teacher_head):
         total = torch.zeros((), dtype=torch.promote_types(logits.dtype, torch.float32))
         for sl in _spans(logits.shape[0], chunk):
-            sub = _chunk_rows(batch, sl, teacher_head, temperature, diags_out)
+            sub, teacher_stats = _chunk_rows(batch, sl, teacher_head, temperature, stats=True)
+            _add_teacher_stats(diags_out, sub, teacher_stats)
             out = fn(_upcast(logits[sl], temperature), sub)
             total += (out.per_token * sub.weights).sum()
             _add_diagnostics(diags_out, out.diagnostics, sub.weights, total.dtype)
@@ -145,7 +183,7 @@ class _ChunkedLoss(torch.autograd.Function):
         scale = grad_total / ctx.temperature  # d x / d logits = 1 / temperature
         with diagnostics_off():  # _loss_and_grad turns grad on where it uses autograd
             for sl in _spans(logits.shape[0], ctx.chunk):
-                sub = _chunk_rows(ctx.batch, sl, ctx.teacher_head, ctx.temperature)
+                sub, _ = _chunk_rows(ctx.batch, sl, ctx.teacher_head, ctx.temperature)
                 _, gx = _loss_and_grad(ctx.fn, _upcast(logits[sl], ctx.temperature), sub, {}, logits.dtype)
                 if gx is None:  # the loss does not depend on these logits
                     grad[sl].zero_()
@@ -189,15 +227,19 @@ class _FusedHeadLoss(torch.autograd.Function):
     """loss(head(hidden)) with the gradient computed during forward, chunk by chunk."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, bias, fn, batch, temperature, chunk, diags_out, teacher_head):
+    def forward(ctx, hidden, weight, bias, fn, batch, temperature, chunk, diags_out, teacher_head, ahead):
         total = torch.zeros((), dtype=torch.promote_types(hidden.dtype, torch.float32))
         # float32 accumulators whatever the model's dtype: a bf16 sum over chunks would round every chunk
         grad_h = torch.zeros(hidden.shape, dtype=total.dtype, device=hidden.device)
         grad_w = torch.zeros(weight.shape, dtype=total.dtype, device=weight.device)
         grad_b = None if bias is None else torch.zeros(bias.shape, dtype=total.dtype, device=bias.device)
         head = Head(weight, bias)
-        for sl in _spans(hidden.shape[0], chunk):
-            sub = _chunk_rows(batch, sl, teacher_head, temperature, diags_out)
+        spans = _spans(hidden.shape[0], chunk)
+        if batch.teacher_hidden is None:
+            ahead = 0  # nothing to make ahead: the rows are slices
+        rows = _made_ahead(lambda sl: _chunk_rows(batch, sl, teacher_head, temperature, stats=True), spans, ahead)
+        for sl, (sub, teacher_stats) in zip(spans, rows):
+            _add_teacher_stats(diags_out, sub, teacher_stats)
             h = hidden[sl]
             x = _upcast(head(h), temperature, own=True)
             part, gx = _loss_and_grad(fn, x, sub, diags_out, total.dtype)
@@ -217,7 +259,7 @@ class _FusedHeadLoss(torch.autograd.Function):
     def backward(ctx, grad_total):
         grad_h, grad_w, grad_b = ctx.saved_tensors
         scale = lambda g: None if g is None else g * grad_total.to(g.dtype)  # noqa: E731
-        return scale(grad_h), scale(grad_w), scale(grad_b), None, None, None, None, None, None
+        return scale(grad_h), scale(grad_w), scale(grad_b), None, None, None, None, None, None, None
 
 
 def _checked_and_prepared(fn: LossFn, batch: LossBatch, x: torch.Tensor, what: str, shape: str) -> LossBatch:
@@ -230,15 +272,18 @@ def _checked_and_prepared(fn: LossFn, batch: LossBatch, x: torch.Tensor, what: s
 
 def compute_loss_from_hidden(fn: LossFn, hidden: torch.Tensor, head: Head, batch: LossBatch,
                              temperature: float = 1.0, chunk_size: Optional[int] = None,
-                             teacher_head: Optional[Head] = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+                             teacher_head: Optional[Head] = None,
+                             teacher_thread: bool = False) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """compute_loss on logits = head(hidden), without ever holding them: hidden [M, H] (with grad), head
     the student's output layer (its weight may be tied to the embeddings: the gradient flows to it).
-    Same value, gradient and diagnostics as compute_loss(fn, head(hidden), ...) up to float rounding."""
+    Same value, gradient and diagnostics as compute_loss(fn, head(hidden), ...) up to float rounding.
+    teacher_thread: a hidden-state teacher's log-probs are made on a second thread, up to TEACHER_AHEAD
+    chunks ahead of the student's (learner.teacher_head_thread); the results are the same bits."""
     batch = _checked_and_prepared(fn, batch, hidden, "compute_loss_from_hidden: hidden", "[M, H]")
     chunk = chunk_size or auto_chunk_rows(head.weight.shape[0], FUSED_CHUNK_BYTES)
     diags: dict[str, torch.Tensor] = {}
     total = _FusedHeadLoss.apply(hidden, head.weight, head.bias, fn, batch, float(temperature), int(chunk), diags,
-                                 teacher_head)
+                                 teacher_head, TEACHER_AHEAD if teacher_thread else 0)
     return total, diags
 
 

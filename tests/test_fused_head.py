@@ -1,6 +1,8 @@
 """The fused output layer (the loss from hidden states: learner.fused_head) and the hidden-state teacher
 (teacher.full_vocab_transport: hidden_states) against the logits / log-prob paths they replace."""
 import json
+import threading
+import dataclasses
 
 import pytest
 import torch
@@ -120,6 +122,51 @@ def test_hidden_state_teacher_equals_full_logprob_teacher(name, fused):
         torch.testing.assert_close(d2[k], v, rtol=1e-10, atol=1e-12)
 
 
+@dataclasses.dataclass(frozen=True)
+class _ThreadRecordingHead(Head):
+    """A teacher head that notes the thread each call runs on."""
+    threads: list = dataclasses.field(default_factory=list)
+
+    def __call__(self, hidden):
+        self.threads.append(threading.get_ident())
+        return super().__call__(hidden)
+
+
+@pytest.mark.parametrize("name", ["full_reverse_kl", "generalized_jsd", "topk_reverse_kl_sg"])
+def test_teacher_head_thread_gives_the_same_bits(name):
+    """learner.teacher_head_thread: the teacher's log-probs made on a second thread, chunks ahead, give the
+    same loss, gradients and diagnostics (teacher/* included) to the bit, over several chunks; the head
+    really runs on that thread (and on the caller's without it)."""
+    _, b = synthetic_batch(4, 5, 17, seed=2, teacher_full=False)
+    b.is_reference = torch.arange(20) % 7 == 0  # the teacher's statistics count on-policy rows only
+    th, tw, tb = _hidden_and_head(20, 17, hidden=9, seed=8)
+    h, w, _ = _hidden_and_head(20, 17, seed=4)
+    fn = build_loss(name, {"k": 4} if name.startswith("topk") else {}).fn
+    out = {}
+    for thread in (False, True):
+        head = _ThreadRecordingHead(tw, tb)
+        x, wx = _leaves(h, w)
+        v, d = compute_loss_from_hidden(fn, x, Head(wx), LossBatch(**{**b.__dict__, "teacher_hidden": th}), 0.8, 3,
+                                        head, teacher_thread=thread)
+        v.backward()
+        out[thread] = v, d, x.grad, wx.grad
+        assert len(head.threads) == 7  # one call a chunk of 3 rows
+        assert (threading.get_ident() in head.threads) != thread
+    (v1, d1, g1, gw1), (v2, d2, g2, gw2) = out[False], out[True]
+    assert torch.equal(v1, v2) and torch.equal(g1, g2) and torch.equal(gw1, gw2)
+    assert list(d1) == list(d2) and "teacher/entropy" in d1
+    assert all(torch.equal(d1[k], d2[k]) for k in d1)
+
+
+def test_a_failure_on_the_teacher_head_thread_is_raised_to_the_caller():
+    _, b = synthetic_batch(2, 3, 7, seed=1, teacher_full=False)
+    b.teacher_hidden = torch.zeros(6, 4, dtype=torch.float64)
+    hidden = torch.zeros(6, 5, dtype=torch.float64, requires_grad=True)
+    with pytest.raises(ValueError, match="no teacher head"):
+        compute_loss_from_hidden(build_loss("full_reverse_kl").fn, hidden, Head(torch.zeros(7, 5, dtype=torch.float64)),
+                                 b, chunk_size=2, teacher_thread=True)
+
+
 def test_hidden_teacher_without_a_head_is_a_clear_error():
     _, b = synthetic_batch(2, 3, 7, seed=1, teacher_full=False)
     b.teacher_hidden = torch.zeros(6, 4, dtype=torch.float64)
@@ -186,7 +233,8 @@ def test_bad_transport_or_fused_settings_stop_before_work(write_manifest, over, 
 
 def test_learner_steps_agree_across_head_paths_and_teacher_transports(write_manifest, assets, tmp_path):
     """One real DeepSpeed learner step, four ways (logits or fused head x log-prob or hidden-state teacher),
-    from the same weights on the same batch: the same loss, diagnostics, gradient norm and new weights."""
+    from the same weights on the same batch: the same loss, diagnostics, gradient norm and new weights;
+    and the fused head with a hidden-state teacher with and without the teacher-head thread: the same bits."""
     from learner.worker import LearnerWorker
     from opd.contracts import TrainBatch
     from teachers.hf_teacher import HFTeacher
@@ -197,22 +245,26 @@ def test_learner_steps_agree_across_head_paths_and_teacher_transports(write_mani
     prompts = [[1, 5 + i, 6] for i in range(8)]
     teacher = HFTeacher(str(assets["teacher"]), student_path=str(assets["student"]))
     results = {}
-    for fused in ("false", "true"):
-        for transport in ("logprobs", "hidden_states"):
-            cfg = load_manifest(write_manifest(
-                model={"path": str(assets["student"])}, teacher={"kind": "hf", "path": str(assets["teacher"]),
-                                                                 "full_vocab_transport": transport},
-                loss={"name": "full_reverse_kl"},  # SGD: the weight change is lr x the gradient
-                learner={"micro_batch_size": 4, "lr": 1.0, "optimizer": "sgd", "fused_head": fused}))
-            request = ScoreRequest(full_vocab=transport == "logprobs", hidden_states=transport == "hidden_states")
-            scores = teacher.score(prompts, ids, mask, request)
-            batch = TrainBatch(prompt_ids=prompts, completion_ids=ids, completion_mask=mask, teacher=scores)
-            worker = LearnerWorker(cfg, 0, 1, rows_per_step=8, teacher_head=teacher_head_path(cfg))
-            assert worker.fused_head == (fused == "true")
-            metrics = worker.train_step(batch, batch.token_counts)
-            weights = {k: v.clone() for k, v in worker.engine.module.state_dict().items()}
-            results[fused, transport] = metrics, weights
-            del worker
+    ways = [(f, t, "false") for f in ("false", "true") for t in ("logprobs", "hidden_states")]
+    for fused, transport, thread in ways + [("true", "hidden_states", "true")]:
+        cfg = load_manifest(write_manifest(
+            model={"path": str(assets["student"])}, teacher={"kind": "hf", "path": str(assets["teacher"]),
+                                                             "full_vocab_transport": transport},
+            loss={"name": "full_reverse_kl"},  # SGD: the weight change is lr x the gradient
+            learner={"micro_batch_size": 4, "lr": 1.0, "optimizer": "sgd", "fused_head": fused,
+                     "teacher_head_thread": thread}))
+        request = ScoreRequest(full_vocab=transport == "logprobs", hidden_states=transport == "hidden_states")
+        scores = teacher.score(prompts, ids, mask, request)
+        batch = TrainBatch(prompt_ids=prompts, completion_ids=ids, completion_mask=mask, teacher=scores)
+        worker = LearnerWorker(cfg, 0, 1, rows_per_step=8, teacher_head=teacher_head_path(cfg))
+        assert worker.fused_head == (fused == "true") and worker.teacher_thread == (thread == "true")
+        metrics = worker.train_step(batch, batch.token_counts)
+        weights = {k: v.clone() for k, v in worker.engine.module.state_dict().items()}
+        results[fused, transport, thread] = metrics, weights
+        del worker
+    (m1, w1), (m2, w2) = results["true", "hidden_states", "false"], results.pop(("true", "hidden_states", "true"))
+    assert m2 == {k: v for k, v in m1.items() if k != "compute_s"} | {"compute_s": m2["compute_s"]}
+    assert all(torch.equal(w1[k], w2[k]) for k in w1)
     (m0, w0), *others = results.values()
     assert m0["loss"] > 0 and m0["grad_norm"] > 0
     for m, w in others:

@@ -208,9 +208,10 @@ def test_prompts_render_as_the_scripts_do(qwen3_assets):
 
 # ---------------------------------------------------------------- cpu.yaml
 
-# cluster.threads_per_actor: auto in both; local mode resolves it to a number on load, ray mode at the run
+# cluster.threads_per_actor and learner.teacher_head_thread: auto in both; local mode resolves them on load,
+# ray mode at the run
 CPU_KEYS = {"run.output_dir", "run.steps", "cluster.mode", "cluster.num_gpus", "cluster.placement_timeout_s",
-            "cluster.threads_per_actor",
+            "cluster.threads_per_actor", "learner.teacher_head_thread",
             "model.path", "model.dtype", "teacher.path", "teacher.num_actors", "teacher.vllm.tensor_parallel_size",
             "teacher.vllm.max_model_len", "rollout.num_actors", "rollout.prompts_per_step", "rollout.max_new_tokens",
             "rollout.vllm.tensor_parallel_size", "rollout.vllm.max_model_len", "learner.num_ranks", "data.train",

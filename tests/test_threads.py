@@ -8,7 +8,7 @@ import yaml
 
 import launch.derived
 from launch.config import ManifestError
-from launch.derived import actors_at_once, auto_threads, local_cores
+from launch.derived import actors_at_once, auto_threads, local_cores, resolve_teacher_head_thread
 from launch.manifest import load_manifest
 from opd.env import openmp_env
 
@@ -43,6 +43,38 @@ def test_auto_is_resolved_from_the_cores_and_numbers_are_kept(write_manifest, mo
     assert load_manifest(write_manifest(), ["cluster.threads_per_actor=3"]).cluster.threads_per_actor == 3
     cfg = load_manifest(write_manifest(), ["cluster.threads_per_actor=auto", "cluster.mode=ray"])
     assert cfg.cluster.threads_per_actor == "auto"  # ray mode: resolved by the run from the nodes' CPUs
+
+
+@pytest.mark.parametrize("over,thread", [
+    ([], "false"),  # on-policy: auto gives the learner both cores
+    (["rollout.max_lag=1"], "true"),  # 1 thread an actor, and a core the learner's second thread can have
+    (["rollout.pipeline_chunks=2", "learner.micro_batch_size=2"], "true"),
+    (["rollout.max_lag=1", "learner.num_ranks=2", "learner.micro_batch_size=2"], "false"),  # 2 ranks: 2 cores
+    (["cluster.threads_per_actor=1"], "true"),
+    (["learner.teacher_head_thread=false", "rollout.max_lag=1"], "false"),  # a user's choice is kept
+    (["learner.teacher_head_thread=true"], "true"),
+    (["cluster.mode=ray"], "auto"),  # resolved by the run, from the nodes' CPUs (launch/session.py)
+])
+def test_teacher_head_thread_auto(write_manifest, monkeypatch, over, thread):
+    """learner.teacher_head_thread: auto is on where the learner's threads leave as many cores again."""
+    monkeypatch.setattr(launch.derived.os, "sched_getaffinity", lambda pid: set(range(2)), raising=False)
+    cfg = load_manifest(write_manifest(), ["cluster.threads_per_actor=auto", "cluster.num_cpus=2", *over])
+    assert cfg.learner.teacher_head_thread == thread
+
+
+def test_teacher_head_thread_auto_is_off_for_a_learner_on_a_gpu(write_manifest):
+    cfg = load_manifest(write_manifest(), ["cluster.mode=ray", "rollout.max_lag=1", "cluster.threads_per_actor=1"])
+    cfg.cluster.num_gpus = 1  # (local mode refuses GPUs this machine lacks; ray mode resolves it in the run)
+    resolve_teacher_head_thread(cfg, 16)
+    assert cfg.learner.teacher_head_thread == "false"
+    cfg.cluster.num_gpus, cfg.learner.teacher_head_thread = 0, "auto"
+    resolve_teacher_head_thread(cfg, 16)
+    assert cfg.learner.teacher_head_thread == "true"
+
+
+def test_a_bad_teacher_head_thread_is_refused(write_manifest):
+    with pytest.raises(ManifestError, match=r"^learner.teacher_head_thread: "):
+        load_manifest(write_manifest(), ["learner.teacher_head_thread=sometimes"])
 
 
 @pytest.mark.parametrize("value", ["0", "-1", "fast", "1.5", "true"])
