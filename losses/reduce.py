@@ -144,9 +144,9 @@ def _made_ahead(make: Callable[[slice], _T], spans: list[slice], ahead: int) -> 
     """make(span) for each span, in order; with ahead > 0, made on the teacher-head thread, at most `ahead`
     spans before the caller takes them (each is a [chunk, V] tensor held meanwhile). The same calls in the
     same order with the same torch threads: the results do not depend on `ahead`. A failure in `make`
-    is raised where its result is taken."""
+    is raised where its result is taken. One span is made on the caller's thread: nothing would overlap."""
     global _THREAD
-    if ahead <= 0 or len(spans) == 0:
+    if ahead <= 0 or len(spans) < 2:
         return (make(sl) for sl in spans)
     pid, thread = _THREAD
     if thread is None or pid != os.getpid():  # first use, or a forked child, which has no copy of the thread
