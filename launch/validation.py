@@ -85,7 +85,6 @@ def validate(cfg: ExperimentConfig) -> None:
                             f"mini-batches; use a divisor of {rows}")
     rows //= updates  # the rows of one optimizer update
     per_pass = cfg.learner.micro_batch_size * cfg.learner.num_ranks
-    _choice("learner.teacher_head_thread", str(cfg.learner.teacher_head_thread).lower(), ("auto", "true", "false"))
     if cfg.learner.max_tokens_per_micro_batch is not None:
         if rows < cfg.learner.num_ranks:
             raise ManifestError(f"learner.num_ranks: {cfg.learner.num_ranks} ranks but {rows} rows per update; "
