@@ -235,8 +235,6 @@ class _FusedHeadLoss(torch.autograd.Function):
         grad_b = None if bias is None else torch.zeros(bias.shape, dtype=total.dtype, device=bias.device)
         head = Head(weight, bias)
         spans = _spans(hidden.shape[0], chunk)
-        if batch.teacher_hidden is None:
-            ahead = 0  # nothing to make ahead: the rows are slices
         rows = _made_ahead(lambda sl: _chunk_rows(batch, sl, teacher_head, temperature, stats=True), spans, ahead)
         for sl, (sub, teacher_stats) in zip(spans, rows):
             _add_teacher_stats(diags_out, sub, teacher_stats)
@@ -282,8 +280,9 @@ def compute_loss_from_hidden(fn: LossFn, hidden: torch.Tensor, head: Head, batch
     batch = _checked_and_prepared(fn, batch, hidden, "compute_loss_from_hidden: hidden", "[M, H]")
     chunk = chunk_size or auto_chunk_rows(head.weight.shape[0], FUSED_CHUNK_BYTES)
     diags: dict[str, torch.Tensor] = {}
+    ahead = TEACHER_AHEAD if teacher_thread and batch.teacher_hidden is not None else 0  # else the rows are slices
     total = _FusedHeadLoss.apply(hidden, head.weight, head.bias, fn, batch, float(temperature), int(chunk), diags,
-                                 teacher_head, TEACHER_AHEAD if teacher_thread else 0)
+                                 teacher_head, ahead)
     return total, diags
 
 
